@@ -1,0 +1,105 @@
+"""`rtnode` command line. Each command fails with one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+from node import __version__
+from node.config import Config, ConfigError, load_config
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad input): printed as one line, exit 2."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom narrates every PDU at INFO; its warnings and errors are what an admin needs.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _open(config: Config):
+    from node.database import open_database
+
+    return open_database(config.node.database_url, fsync=config.node.fsync)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.scp import StorageSCP, serve_until
+    from node.store import InstanceStore
+
+    config = _config(args)
+    sessions = _open(config)
+    scp = StorageSCP(config, InstanceStore(sessions, config.incoming_dir, fsync=config.node.fsync))
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    serve_until(stop, scp)
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from node.inventory import list_studies
+
+    studies = list_studies(_open(_config(args)))
+    if args.json:
+        print(json.dumps([study.to_json() for study in studies], indent=2))
+        return 0
+    if not studies:
+        print("no studies received")
+    for study in studies:
+        print(f"study {study.study_instance_uid}  patient {study.patient_id!r} {study.patient_name!r}  date {study.study_date}")
+        for series in study.series:
+            print(
+                f"  series {series.series_instance_uid}  {series.modality:<8} {series.instances:>5} instances"
+                f"  {series.description!r}  received {series.first_received_at:%Y-%m-%d %H:%M:%S}"
+                f" .. {series.last_received_at:%H:%M:%S} UTC"
+            )
+    return 0
+
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtnode", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"rtnode {__version__}")
+    parser.add_argument("--config", help="configuration file (default: $RTNODE_CONFIG or config/node.toml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add("serve", cmd_serve, "run the DICOM node in the foreground (SIGTERM/SIGINT stop it cleanly)")
+    studies = add("studies", cmd_studies, "list received studies and their series")
+    studies.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except (ConfigError, UserError) as exc:
+        print(f"rtnode: {exc}", file=sys.stderr)
+        return 2

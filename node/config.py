@@ -1,0 +1,170 @@
+"""The node's configuration: one TOML file, validated once at start-up.
+
+Every key is checked before anything listens on a port, so a typo in
+`config/node.toml` stops the node with a message naming the key and the value
+instead of surfacing hours later as a refused association or a lost series.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.engine import make_url
+
+DEFAULT_CONFIG_PATH = Path("config/node.toml")
+CONFIG_ENV_VAR = "RTNODE_CONFIG"
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: no backslash, no control chars
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+def _ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError("an AE title is 1 to 16 printable characters, not all spaces, no backslash")
+    return value.strip()
+
+
+def _ip_address(value: str | None) -> str | None:
+    if value is None:
+        return None
+    return str(ipaddress.ip_address(value))
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    ae_title: AETitle = "RTNODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    data_dir: Path = Path("data")
+    database_url: str = "sqlite:///db/rtnode.sqlite3"
+    # fsync each received file, its directory and each database commit before answering Success.
+    fsync: bool = True
+    max_associations: Annotated[int, Field(ge=1)] = 32
+    # Largest P-DATA PDU we accept; larger PDUs mean fewer round trips per slice.
+    max_pdu_bytes: Annotated[int, Field(ge=0)] = 1_048_576
+    # Seconds without traffic after which an idle association is dropped.
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # On SIGTERM/SIGINT, how long in-flight associations may take to finish.
+    shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 30.0
+
+
+class AllowedCaller(_Section):
+    ae_title: Literal["*"] | AETitle
+    host: Annotated[str | None, AfterValidator(_ip_address)] = None
+
+    def admits(self, calling_ae_title: str, address: str) -> bool:
+        title_ok = self.ae_title == "*" or self.ae_title == calling_ae_title.strip()
+        host_ok = self.host is None or self.host == _normalise_address(address)
+        return title_ok and host_ok
+
+
+def _normalise_address(address: str) -> str:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+class SecuritySection(_Section):
+    allowed_callers: list[AllowedCaller] = [AllowedCaller(ae_title="*", host="127.0.0.1")]
+
+    def admits(self, calling_ae_title: str, address: str) -> bool:
+        return any(caller.admits(calling_ae_title, address) for caller in self.allowed_callers)
+
+
+class CompletionSection(_Section):
+    quiet_seconds: Annotated[float, Field(gt=0)] = 10.0
+    min_slices: Annotated[int, Field(ge=2)] = 20
+
+
+class ModelSection(_Section):
+    weights: Path = Path("weights/ctv-unet3d.safetensors")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Destination(_Section):
+    name: Annotated[str, Field(min_length=1)]
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class Config(_Section):
+    node: NodeSection = NodeSection()
+    security: SecuritySection = SecuritySection()
+    completion: CompletionSection = CompletionSection()
+    model: ModelSection = ModelSection()
+    destinations: list[Destination] = []
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.node.data_dir / "incoming"
+
+
+def _resolve_paths(config: Config) -> Config:
+    """Anchor relative paths at the working directory once, so later chdirs cannot move them."""
+    url = make_url(config.node.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        url = url.set(database=str(Path(url.database).resolve()))
+    node = config.node.model_copy(
+        update={
+            "data_dir": config.node.data_dir.resolve(),
+            "database_url": url.render_as_string(hide_password=False),
+        }
+    )
+    model = config.model.model_copy(update={"weights": config.model.weights.resolve()})
+    return config.model_copy(update={"node": node, "model": model})
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key} = {item['input']!r}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
+    try:
+        return _resolve_paths(Config.model_validate(raw))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """--config wins over RTNODE_CONFIG, which wins over config/node.toml."""
+    if explicit is not None:
+        return Path(explicit)
+    return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    path = config_path(explicit)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    return parse_config(text, str(path))

@@ -1,0 +1,77 @@
+"""What the node holds: studies and their series, for `rtnode studies`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.models import Instance, Series, Study
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    description: str
+    instances: int
+    first_received_at: datetime
+    last_received_at: datetime
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    study_instance_uid: str
+    patient_id: str
+    patient_name: str
+    study_date: str
+    description: str
+    series: list[SeriesSummary]
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        for item in data["series"]:
+            item["first_received_at"] = item["first_received_at"].isoformat()
+            item["last_received_at"] = item["last_received_at"].isoformat()
+        return data
+
+
+def list_studies(sessions: sessionmaker[Session]) -> list[StudySummary]:
+    counts = (
+        select(Instance.series_id, func.count(Instance.id).label("n")).group_by(Instance.series_id).subquery()
+    )
+    with sessions() as session:
+        rows = session.execute(
+            select(Study, Series, func.coalesce(counts.c.n, 0))
+            .join(Series, Series.study_id == Study.id)
+            .outerjoin(counts, counts.c.series_id == Series.id)
+            .order_by(Study.first_received_at, Study.id, Series.first_received_at, Series.id)
+        ).all()
+    studies: dict[int, StudySummary] = {}
+    for study, series, count in rows:
+        summary = studies.setdefault(
+            study.id,
+            StudySummary(
+                study_instance_uid=study.study_instance_uid,
+                patient_id=study.patient_id,
+                patient_name=study.patient_name,
+                study_date=study.study_date,
+                description=study.study_description,
+                series=[],
+            ),
+        )
+        summary.series.append(
+            SeriesSummary(
+                series_instance_uid=series.series_instance_uid,
+                modality=series.modality,
+                series_number=series.series_number,
+                description=series.series_description,
+                instances=count,
+                first_received_at=series.first_received_at,
+                last_received_at=series.last_received_at,
+            )
+        )
+    return list(studies.values())

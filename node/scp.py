@@ -1,0 +1,198 @@
+"""The receiving side: a pynetdicom Verification and Storage SCP.
+
+Small event handlers, the AE configured declaratively (after pynetdicom's
+`apps/storescp`). Every decision about an association or an instance is logged
+with the peer's AE title and address so an admin can tell who sent what.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    EnhancedPETImageStorage,
+    MRImageStorage,
+    PositronEmissionTomographyImageStorage,
+    RTDoseStorage,
+    RTImageStorage,
+    RTIonPlanStorage,
+    RTPlanStorage,
+    RTStructureSetStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+    SpatialRegistrationStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.config import Config
+from node.store import STATUS_OUT_OF_RESOURCES, InstanceStore, Sender, StoreRefused
+
+log = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES = [
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    MRImageStorage,
+    EnhancedMRImageStorage,
+    PositronEmissionTomographyImageStorage,
+    EnhancedPETImageStorage,
+    RTStructureSetStorage,
+    RTPlanStorage,
+    RTIonPlanStorage,
+    RTDoseStorage,
+    RTImageStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+    SpatialRegistrationStorage,
+]
+
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+# A-ASSOCIATE-RJ: rejected-permanent, by the service user, with the reason (PS3.8 9.3.4).
+_REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+_REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+
+class StorageSCP:
+    """Accepts associations from allowed callers and stores what they send."""
+
+    def __init__(self, config: Config, store: InstanceStore) -> None:
+        self._config = config
+        self._store = store
+        self._server: ThreadedAssociationServer | None = None
+        self._ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        node = self._config.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu_bytes
+        ae.network_timeout = node.network_timeout_seconds
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.add_supported_context(Verification)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the SCP is not running")
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        """Listen in background threads; returns once the port is bound."""
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        address = (self._config.node.host, self._config.node.port)
+        self._server = self._ae.start_server(address, block=False, evt_handlers=handlers)
+        log.info(
+            "listening as %s on %s:%d (%d storage SOP classes)",
+            self._config.node.ae_title,
+            address[0],
+            self.port,
+            len(STORAGE_SOP_CLASSES),
+        )
+
+    def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop accepting, let in-flight associations finish, then abort what is left."""
+        if self._server is None:
+            return
+        grace = self._config.node.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        self._server.shutdown()
+        self._server = None
+        deadline = time.monotonic() + grace
+        while self._established() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self._established():
+            log.warning("aborting association from %s after %.0f s shutdown grace", assoc.requestor.ae_title, grace)
+        # Also drops connections that never completed negotiation: they carry no stores.
+        self._ae.shutdown()
+
+    def _established(self) -> list:
+        return [assoc for assoc in self._ae.active_associations if assoc.is_established]
+
+    def _on_requested(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        calling = requestor.primitive.calling_ae_title.strip()
+        called = requestor.primitive.called_ae_title.strip()
+        address = requestor.address
+        if called != self._config.node.ae_title:
+            log.warning(
+                "rejected association from %s@%s: called AE title %r is not ours (%r)",
+                calling,
+                address,
+                called,
+                self._config.node.ae_title,
+            )
+            self._reject(event, _REJECT_CALLED_AE)
+        elif not self._config.security.admits(calling, address):
+            log.warning("rejected association from %s@%s: caller not in security.allowed_callers", calling, address)
+            self._reject(event, _REJECT_CALLING_AE)
+        else:
+            log.debug("association requested by %s@%s", calling, address)
+
+    @staticmethod
+    def _reject(event: Event, reason: tuple[int, int, int]) -> None:
+        # As pynetdicom's own ACSE does: kill() waits until the A-ASSOCIATE-RJ has gone out.
+        event.assoc.acse.send_reject(*reason)
+        event.assoc.kill()
+
+    def _on_c_echo(self, event: Event) -> int:
+        log.debug("C-ECHO from %s@%s", event.assoc.requestor.ae_title, event.assoc.requestor.address)
+        return 0x0000
+
+    def _on_aborted(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        log.warning("association from %s@%s aborted", requestor.ae_title, requestor.address)
+
+    def _on_c_store(self, event: Event) -> int:
+        requestor = event.assoc.requestor
+        sender = Sender(ae_title=requestor.ae_title.strip(), address=requestor.address)
+        try:
+            self._store.save(event.encoded_dataset(), event.context.transfer_syntax, sender)
+        except StoreRefused as exc:
+            log.error(
+                "refused instance %s from %s@%s: %s (status 0x%04X)",
+                event.request.AffectedSOPInstanceUID,
+                sender.ae_title,
+                sender.address,
+                exc,
+                exc.status,
+            )
+            return exc.status
+        except Exception:
+            log.exception("unexpected error storing an instance from %s@%s", sender.ae_title, sender.address)
+            return STATUS_OUT_OF_RESOURCES
+        return 0x0000
+
+
+def serve_until(stop: threading.Event, scp: StorageSCP) -> None:
+    scp.start()
+    stop.wait()
+    log.info("stopping: no new associations, waiting for in-flight ones")
+    scp.stop()

@@ -1,0 +1,306 @@
+"""Durable storage of received instances: bytes on disk first, then a committed row.
+
+The SCP answers Success only after `InstanceStore.save` returns, so everything it
+acknowledged survives a SIGKILL the next instant: the file was written under a
+temporary name, fsynced and renamed into place, and its row committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.models import Instance, Series, Study, utcnow
+
+log = logging.getLogger(__name__)
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# DICOM C-STORE statuses (PS3.4 B.2.3). The 0xC0xx codes are ours within the
+# "Cannot understand" range, so a PACS log tells the three apart.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_DECODE = 0xC000
+STATUS_MISSING_UID = 0xC001
+STATUS_INVALID_UID = 0xC002
+
+_HEADER_TAGS = [
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "PatientID",
+    "PatientName",
+    "StudyDate",
+    "StudyDescription",
+    "AccessionNumber",
+    "SeriesNumber",
+    "SeriesDescription",
+    "InstanceNumber",
+]
+
+
+class StoreRefused(Exception):
+    """The instance cannot be accepted; `status` is the DICOM failure status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Sender:
+    ae_title: str
+    address: str
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The attributes the database keeps about one instance, read without its pixels."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    modality: str
+    patient_id: str
+    patient_name: str
+    study_date: str
+    study_description: str
+    accession_number: str
+    series_number: int | None
+    series_description: str
+    instance_number: int | None
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    header: InstanceHeader
+    path: Path
+    duplicate: bool
+
+
+def _text(ds, keyword: str, limit: int = 64) -> str:
+    """A stripped string cut to its column's length, so over-long values cannot fail a commit."""
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()[:limit]
+
+
+def _int(ds, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_header(encoded: bytes) -> InstanceHeader:
+    """Parse the identifying attributes of a Part 10 byte stream; raise StoreRefused if unusable."""
+    try:
+        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        uids = {
+            keyword: _text(ds, keyword, 1024)
+            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        }
+        header_fields = {
+            "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
+            "modality": _text(ds, "Modality", 16),
+            "patient_id": _text(ds, "PatientID"),
+            "patient_name": _text(ds, "PatientName", 324),
+            "study_date": _text(ds, "StudyDate", 8),
+            "study_description": _text(ds, "StudyDescription"),
+            "accession_number": _text(ds, "AccessionNumber", 16),
+            "series_number": _int(ds, "SeriesNumber"),
+            "series_description": _text(ds, "SeriesDescription"),
+            "instance_number": _int(ds, "InstanceNumber"),
+        }
+    except (InvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError, NotImplementedError) as exc:
+        raise StoreRefused(STATUS_CANNOT_DECODE, f"dataset cannot be decoded: {exc}") from exc
+    missing = [keyword for keyword, value in uids.items() if not value]
+    if missing:
+        raise StoreRefused(STATUS_MISSING_UID, f"dataset lacks {', '.join(missing)}")
+    invalid = [f"{keyword}={value!r}" for keyword, value in uids.items() if len(value) > 64 or not _UID.match(value)]
+    if invalid:
+        raise StoreRefused(STATUS_INVALID_UID, f"dataset has malformed UIDs: {', '.join(invalid)}")
+    return InstanceHeader(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        **header_fields,
+    )
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes, *, fsync: bool) -> None:
+    """Write-to-temporary then rename: readers never see a half-written file under `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_directory(path.parent)
+
+
+class InstanceStore:
+    """Files under `<data_dir>/incoming/<study>/<series>/<sop>.dcm`, rows in the database."""
+
+    def __init__(self, sessions: sessionmaker[Session], incoming_dir: Path, *, fsync: bool = True) -> None:
+        self._sessions = sessions
+        self._incoming_dir = incoming_dir
+        self._fsync = fsync
+        # SQLite has one writer at a time anyway; serialising here avoids get-or-create races.
+        self._db_lock = threading.Lock()
+
+    def path_for(self, header: InstanceHeader) -> Path:
+        return (
+            self._incoming_dir / header.study_instance_uid / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
+        )
+
+    def save(self, encoded: bytes, transfer_syntax_uid: str, sender: Sender) -> StoredInstance:
+        """Store one Part 10 byte stream; return only when it is durable. Raises StoreRefused."""
+        header = read_header(encoded)
+        path = self.path_for(header)
+        try:
+            if self._count_repeat(header, sender):
+                return StoredInstance(header, path, duplicate=True)
+            write_durably(path, encoded, fsync=self._fsync)
+        except OSError as exc:
+            raise StoreRefused(STATUS_OUT_OF_RESOURCES, f"cannot write {path}: {exc.strerror or exc}") from exc
+        except SQLAlchemyError as exc:
+            raise StoreRefused(STATUS_OUT_OF_RESOURCES, f"database error: {exc}") from exc
+        try:
+            duplicate = self._record(header, path, len(encoded), transfer_syntax_uid, sender)
+        except SQLAlchemyError as exc:
+            path.unlink(missing_ok=True)
+            raise StoreRefused(STATUS_OUT_OF_RESOURCES, f"database error: {exc}") from exc
+        return StoredInstance(header, path, duplicate=duplicate)
+
+    def _count_repeat(self, header: InstanceHeader, sender: Sender) -> bool:
+        """True when this SOP Instance is already held (file and row): count it, write nothing."""
+        with self._db_lock, self._sessions.begin() as session:
+            instance = session.scalars(
+                select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
+            ).one_or_none()
+            if instance is None or not Path(instance.path).is_file():
+                return False
+            self._mark_repeat(instance, sender)
+            return True
+
+    @staticmethod
+    def _mark_repeat(instance: Instance, sender: Sender) -> None:
+        now = utcnow()
+        instance.times_received += 1
+        instance.last_received_at = now
+        instance.series.last_received_at = now
+        instance.series.study.last_received_at = now
+        log.info(
+            "repeat of SOP Instance %s from %s@%s (received %d times)",
+            instance.sop_instance_uid,
+            sender.ae_title,
+            sender.address,
+            instance.times_received,
+        )
+
+    def _record(
+        self, header: InstanceHeader, path: Path, size: int, transfer_syntax_uid: str, sender: Sender
+    ) -> bool:
+        now = utcnow()
+        with self._db_lock, self._sessions.begin() as session:
+            study = self._study(session, header, now)
+            series = self._series(session, study, header, now)
+            instance = session.scalars(
+                select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
+            ).one_or_none()
+            if instance is not None:  # the row survived but its file had gone: file rewritten above
+                instance.path = str(path)
+                self._mark_repeat(instance, sender)
+                return True
+            session.add(
+                Instance(
+                    sop_instance_uid=header.sop_instance_uid,
+                    sop_class_uid=header.sop_class_uid,
+                    series=series,
+                    instance_number=header.instance_number,
+                    path=str(path),
+                    size_bytes=size,
+                    transfer_syntax_uid=transfer_syntax_uid,
+                    calling_ae_title=sender.ae_title,
+                    peer_address=sender.address,
+                    received_at=now,
+                    times_received=1,
+                    last_received_at=now,
+                )
+            )
+            return False
+
+    @staticmethod
+    def _study(session: Session, header: InstanceHeader, now) -> Study:
+        study = session.scalars(
+            select(Study).where(Study.study_instance_uid == header.study_instance_uid)
+        ).one_or_none()
+        if study is None:
+            study = Study(
+                study_instance_uid=header.study_instance_uid,
+                patient_id=header.patient_id,
+                patient_name=header.patient_name,
+                study_date=header.study_date,
+                study_description=header.study_description,
+                accession_number=header.accession_number,
+                first_received_at=now,
+                last_received_at=now,
+            )
+            session.add(study)
+        study.last_received_at = now
+        return study
+
+    @staticmethod
+    def _series(session: Session, study: Study, header: InstanceHeader, now) -> Series:
+        series = session.scalars(
+            select(Series).where(Series.series_instance_uid == header.series_instance_uid)
+        ).one_or_none()
+        if series is None:
+            series = Series(
+                series_instance_uid=header.series_instance_uid,
+                study=study,
+                modality=header.modality,
+                series_number=header.series_number,
+                series_description=header.series_description,
+                frame_of_reference_uid=header.frame_of_reference_uid,
+                first_received_at=now,
+                last_received_at=now,
+            )
+            session.add(series)
+        series.last_received_at = now
+        return series

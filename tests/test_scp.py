@@ -1,0 +1,237 @@
+"""The receiving node against real DCMTK peers on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from tests.conftest import DCMTK_ENV, require_tool, run_tool, shared_data, write_ct
+
+
+def echo(port: int, calling: str = "ECHOSCU", called: str = "RTNODE") -> subprocess.CompletedProcess:
+    return run_tool(require_tool("echoscu"), "-aet", calling, "-aec", called, "127.0.0.1", str(port), timeout=30)
+
+
+def storescu(port: int, files: list[Path] | Path, *options: str, calling: str = "SCANNER") -> subprocess.CompletedProcess:
+    paths = [str(files)] if isinstance(files, Path) else [str(p) for p in files]
+    return run_tool(
+        require_tool("storescu"), "-aet", calling, "-aec", "RTNODE", *options, "127.0.0.1", str(port), *paths
+    )
+
+
+def rows(database: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(database) as connection:
+        return connection.execute(sql).fetchall()
+
+
+def stored_files(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "incoming").rglob("*.dcm"))
+
+
+def test_echo(node):
+    result = echo(node.port)
+    assert result.returncode == 0, result.stderr
+
+
+def test_store_series_identical_files_and_rows(node, tmp_path):
+    sent = write_ct(tmp_path / "ct", slices=50)
+    result = storescu(node.port, tmp_path / "ct", "+sd")
+    assert result.returncode == 0, result.stderr
+
+    files = stored_files(node.data_dir)
+    assert len(files) == 50
+    assert rows(node.database, "select count(*), sum(times_received) from instances") == [(50, 50)]
+    by_uid = {dcmread(p).SOPInstanceUID: p for p in sent}
+    for stored_path in files:
+        stored = dcmread(stored_path)
+        original = dcmread(by_uid[stored.SOPInstanceUID])
+        assert stored == original
+        assert stored.PixelData == original.PixelData
+        assert stored.file_meta.MediaStorageSOPInstanceUID == stored.SOPInstanceUID
+    (path, size, ae, peer), *_ = rows(
+        node.database, "select path, size_bytes, calling_ae_title, peer_address from instances"
+    )
+    assert Path(path).stat().st_size == size
+    assert (ae, peer) == ("SCANNER", "127.0.0.1")
+
+    listing = json.loads(node.rtnode("studies", "--json").stdout)
+    assert [s["instances"] for study in listing for s in study["series"]] == [50]
+    assert listing[0]["series"][0]["modality"] == "CT"
+    assert listing[0]["series"][0]["series_instance_uid"] == original.SeriesInstanceUID
+
+
+def test_repeat_is_idempotent(node, tmp_path):
+    write_ct(tmp_path / "ct", slices=5)
+    assert storescu(node.port, tmp_path / "ct", "+sd").returncode == 0
+    assert storescu(node.port, tmp_path / "ct", "+sd").returncode == 0
+    assert len(stored_files(node.data_dir)) == 5
+    assert rows(node.database, "select count(*), sum(times_received) from instances") == [(5, 10)]
+
+
+def test_jpeg2000_series_stored_intact(node):
+    source = shared_data("abdomen-ct-j2k/CT")
+    result = storescu(node.port, source, "+sd", "-xv")
+    assert result.returncode == 0, result.stderr
+    files = stored_files(node.data_dir)
+    originals = {dcmread(p).SOPInstanceUID: dcmread(p) for p in source.iterdir()}
+    assert len(files) == len(originals) == 20
+    for path in files:
+        stored = dcmread(path)
+        assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
+        assert stored.PixelData == originals[stored.SOPInstanceUID].PixelData
+        assert stored.pixel_array.shape == (512, 512)  # decodable: the JPEG 2000 decoder is installed
+
+
+def test_missing_uids_refused_with_failure_status(node):
+    source = shared_data("abdomen-ct-j2k-missing-uids/CT")
+    dataset = dcmread(sorted(source.iterdir())[0])
+    # A C-STORE request needs the SOP Class/Instance UIDs: a sender takes them from the file meta.
+    # The Study and Series UIDs stay empty, as published.
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.4.90")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="RTNODE")
+    assert assoc.is_established
+    status = assoc.send_c_store(dataset)
+    assoc.release()
+    assert status.Status == 0xC001
+    assert "dataset lacks StudyInstanceUID, SeriesInstanceUID (status 0xC001)" in node.log()
+    assert stored_files(node.data_dir) == []
+    assert echo(node.port).returncode == 0
+
+
+def test_unknown_caller_and_wrong_called_title_rejected(node_factory):
+    node = node_factory(allowed_callers='[{ ae_title = "SCANNER", host = "127.0.0.1" }]').start()
+    assert echo(node.port, calling="SCANNER").returncode == 0
+
+    stranger = echo(node.port, calling="STRANGER")
+    assert stranger.returncode != 0
+    assert "Calling AE Title Not Recognized" in stranger.stderr or "Rejected" in stranger.stderr
+    wrong_called = echo(node.port, calling="SCANNER", called="NOTRTNODE")
+    assert wrong_called.returncode != 0
+    log = node.log()
+    assert "rejected association from STRANGER@127.0.0.1: caller not in security.allowed_callers" in log
+    assert "rejected association from SCANNER@127.0.0.1: called AE title 'NOTRTNODE' is not ours" in log
+
+
+def test_caller_from_other_host_rejected(node_factory):
+    node = node_factory(allowed_callers='[{ ae_title = "*", host = "10.1.2.3" }]').start()
+    assert echo(node.port).returncode != 0
+    assert "rejected association from ECHOSCU@127.0.0.1" in node.log()
+
+
+def test_sigkill_after_success_loses_nothing(node_factory, tmp_path):
+    node = node_factory().start()
+    write_ct(tmp_path / "ct", slices=30)
+    assert storescu(node.port, tmp_path / "ct", "+sd").returncode == 0
+    node.kill()
+    assert len(stored_files(node.data_dir)) == 30
+    node.start()
+    listing = json.loads(node.rtnode("studies", "--json").stdout)
+    assert listing[0]["series"][0]["instances"] == 30
+    for (path,) in rows(node.database, "select path from instances"):
+        assert dcmread(path).SOPInstanceUID in path
+    assert list((node.data_dir / "incoming").rglob("*.part")) == []
+
+
+def test_garbage_and_truncated_pdu_do_not_stop_the_node(node):
+    with socket.create_connection(("127.0.0.1", node.port)) as sock:
+        sock.sendall(os.urandom(4096))
+    with socket.create_connection(("127.0.0.1", node.port)) as sock:
+        # An A-ASSOCIATE-RQ header announcing 200 bytes, then only 10 of them.
+        sock.sendall(bytes([0x01, 0x00, 0x00, 0x00, 0x00, 0xC8]) + b"\x00\x01" + b"\x00" * 8)
+    assert echo(node.port).returncode == 0
+
+
+def test_association_never_released_is_dropped(node):
+    ae = AE(ae_title="HANGER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="RTNODE")
+    assert assoc.is_established
+    assert echo(node.port).returncode == 0  # others are served meanwhile
+    deadline = time.monotonic() + 15
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not assoc.is_established, "idle association was not dropped after network_timeout_seconds"
+    assert echo(node.port).returncode == 0
+
+
+def test_ten_simultaneous_associations(node, tmp_path):
+    for i in range(10):
+        write_ct(tmp_path / f"ct{i}", slices=8, rows=64, columns=64)
+    processes = [
+        subprocess.Popen(
+            [require_tool("storescu"), "-aet", f"SCANNER{i}", "-aec", "RTNODE", "+sd", "127.0.0.1", str(node.port), str(tmp_path / f"ct{i}")],
+            env=DCMTK_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(10)
+    ]
+    assert [p.wait(timeout=120) for p in processes] == [0] * 10
+    assert rows(node.database, "select count(*) from instances") == [(80,)]
+    assert rows(node.database, "select count(distinct calling_ae_title) from instances") == [(10,)]
+
+
+def test_sigterm_lets_in_flight_association_finish(node, tmp_path):
+    paths = write_ct(tmp_path / "ct", slices=3, rows=64, columns=64)
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="RTNODE")
+    assert assoc.is_established
+    assert assoc.send_c_store(paths[0]).Status == 0
+    node.process.send_signal(15)
+    time.sleep(1.0)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", node.port), timeout=1).close()
+    assert [assoc.send_c_store(p).Status for p in paths[1:]] == [0, 0]
+    assoc.release()
+    assert node.process.wait(timeout=15) == 0
+    assert rows(node.database, "select count(*) from instances") == [(3,)]
+
+
+def test_store_failure_answers_out_of_resources_and_node_keeps_serving(node, tmp_path):
+    (node.data_dir).mkdir(parents=True, exist_ok=True)
+    (node.data_dir / "incoming").write_text("not a directory")  # every file write now fails
+    write_ct(tmp_path / "ct", slices=2, rows=32, columns=32)
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="RTNODE")
+    statuses = [assoc.send_c_store(p).Status for p in sorted((tmp_path / "ct").iterdir())]
+    assoc.release()
+    assert statuses == [0xA700, 0xA700]
+    assert rows(node.database, "select count(*) from instances") == [(0,)]
+    assert "cannot write" in node.log()
+    assert echo(node.port).returncode == 0
+
+
+def test_concurrent_repeats_make_one_row(node, tmp_path):
+    paths = write_ct(tmp_path / "ct", slices=4, rows=32, columns=32)
+
+    def send() -> None:
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="RTNODE")
+        for path in paths:
+            assert assoc.send_c_store(path).Status == 0
+        assoc.release()
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert rows(node.database, "select count(*), sum(times_received) from instances") == [(4, 16)]
+    assert len(stored_files(node.data_dir)) == 4
