@@ -44,8 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.store import InstanceStore
 
     config = _config(args)
-    sessions = _open(config)
-    scp = StorageSCP(config, InstanceStore(sessions, config.incoming_dir, fsync=config.node.fsync))
+    scp = StorageSCP(config, InstanceStore(_open(config), config.incoming_dir, fsync=config.node.fsync))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

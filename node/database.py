@@ -11,7 +11,6 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import sessionmaker
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def migrate(engine: Engine) -> None:
     log.info("database %s upgraded from schema %s to %s", engine.url.render_as_string(), current, head)
 
 
-def open_database(database_url: str, *, fsync: bool = True) -> sessionmaker:
+def open_database(database_url: str, *, fsync: bool = True) -> Engine:
     engine = make_engine(database_url, fsync=fsync)
     migrate(engine)
-    return sessionmaker(engine, expire_on_commit=False)
+    return engine

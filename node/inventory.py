@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine, func, select, type_coerce
+from sqlalchemy.orm import Session
 
-from node.models import Instance, Series, Study
+from node.models import Instance, Series, Study, UTCDateTime
 
 
 @dataclass(frozen=True)
@@ -39,19 +39,28 @@ class StudySummary:
         return data
 
 
-def list_studies(sessions: sessionmaker[Session]) -> list[StudySummary]:
-    counts = (
-        select(Instance.series_id, func.count(Instance.id).label("n")).group_by(Instance.series_id).subquery()
+def list_studies(engine: Engine) -> list[StudySummary]:
+    arrivals = (
+        select(
+            Instance.series_id,
+            func.count(Instance.id).label("count"),
+            func.min(Instance.received_at).label("first"),
+            func.max(Instance.last_received_at).label("last"),
+        )
+        .group_by(Instance.series_id)
+        .subquery()
     )
-    with sessions() as session:
+    first = type_coerce(arrivals.c.first, UTCDateTime())
+    last = type_coerce(arrivals.c.last, UTCDateTime())
+    with Session(engine) as session:
         rows = session.execute(
-            select(Study, Series, func.coalesce(counts.c.n, 0))
+            select(Study, Series, arrivals.c.count, first, last)
             .join(Series, Series.study_id == Study.id)
-            .outerjoin(counts, counts.c.series_id == Series.id)
-            .order_by(Study.first_received_at, Study.id, Series.first_received_at, Series.id)
+            .join(arrivals, arrivals.c.series_id == Series.id)
+            .order_by(Study.id, Series.id)
         ).all()
     studies: dict[int, StudySummary] = {}
-    for study, series, count in rows:
+    for study, series, count, first_received_at, last_received_at in rows:
         summary = studies.setdefault(
             study.id,
             StudySummary(
@@ -70,8 +79,8 @@ def list_studies(sessions: sessionmaker[Session]) -> list[StudySummary]:
                 series_number=series.series_number,
                 description=series.series_description,
                 instances=count,
-                first_received_at=series.first_received_at,
-                last_received_at=series.last_received_at,
+                first_received_at=first_received_at,
+                last_received_at=last_received_at,
             )
         )
     return list(studies.values())

@@ -45,6 +45,10 @@ class Base(DeclarativeBase):
     )
 
 
+# Studies and series carry no timestamps: first and last arrival derive from their instances,
+# so receiving a slice is one INSERT, not three writes.
+
+
 class Study(Base):
     __tablename__ = "studies"
 
@@ -55,8 +59,6 @@ class Study(Base):
     study_date: Mapped[str] = mapped_column(String(8), default="")
     study_description: Mapped[str] = mapped_column(String(64), default="")
     accession_number: Mapped[str] = mapped_column(String(16), default="")
-    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
@@ -71,8 +73,6 @@ class Series(Base):
     series_number: Mapped[int | None] = mapped_column(Integer)
     series_description: Mapped[str] = mapped_column(String(64), default="")
     frame_of_reference_uid: Mapped[str] = mapped_column(UID, default="")
-    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")

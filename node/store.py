@@ -18,13 +18,16 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
 from node.models import Instance, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
+
+_instances = Instance.__table__
+_series = Series.__table__
+_studies = Study.__table__
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -176,12 +179,14 @@ def write_durably(path: Path, data: bytes, *, fsync: bool) -> None:
 class InstanceStore:
     """Files under `<data_dir>/incoming/<study>/<series>/<sop>.dcm`, rows in the database."""
 
-    def __init__(self, sessions: sessionmaker[Session], incoming_dir: Path, *, fsync: bool = True) -> None:
-        self._sessions = sessions
+    def __init__(self, engine: Engine, incoming_dir: Path, *, fsync: bool = True) -> None:
+        self._engine = engine
         self._incoming_dir = incoming_dir
         self._fsync = fsync
         # SQLite has one writer at a time anyway; serialising here avoids get-or-create races.
         self._db_lock = threading.Lock()
+        # Committed series rows by UID: a series' slices then cost one INSERT each.
+        self._series_ids: dict[str, int] = {}
 
     def path_for(self, header: InstanceHeader) -> Path:
         return (
@@ -209,49 +214,49 @@ class InstanceStore:
 
     def _count_repeat(self, header: InstanceHeader, sender: Sender) -> bool:
         """True when this SOP Instance is already held (file and row): count it, write nothing."""
-        with self._db_lock, self._sessions.begin() as session:
-            instance = session.scalars(
-                select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-            ).one_or_none()
-            if instance is None or not Path(instance.path).is_file():
-                return False
-            self._mark_repeat(instance, sender)
+        with self._db_lock, self._engine.connect() as connection:
+            row = connection.execute(
+                select(_instances.c.id, _instances.c.path).where(
+                    _instances.c.sop_instance_uid == header.sop_instance_uid
+                )
+            ).first()
+            if row is None or not Path(row.path).is_file():
+                return False  # read-only: rolled back on close, no commit to sync
+            self._mark_repeat(connection, row.id, row.path, header, sender)
+            connection.commit()
             return True
 
     @staticmethod
-    def _mark_repeat(instance: Instance, sender: Sender) -> None:
-        now = utcnow()
-        instance.times_received += 1
-        instance.last_received_at = now
-        instance.series.last_received_at = now
-        instance.series.study.last_received_at = now
+    def _mark_repeat(connection: Connection, instance_id: int, path: str, header: InstanceHeader, sender: Sender) -> None:
+        times = connection.execute(
+            update(_instances)
+            .where(_instances.c.id == instance_id)
+            .values(times_received=_instances.c.times_received + 1, last_received_at=utcnow(), path=path)
+            .returning(_instances.c.times_received)
+        ).scalar_one()
         log.info(
             "repeat of SOP Instance %s from %s@%s (received %d times)",
-            instance.sop_instance_uid,
+            header.sop_instance_uid,
             sender.ae_title,
             sender.address,
-            instance.times_received,
+            times,
         )
 
-    def _record(
-        self, header: InstanceHeader, path: Path, size: int, transfer_syntax_uid: str, sender: Sender
-    ) -> bool:
+    def _record(self, header: InstanceHeader, path: Path, size: int, transfer_syntax_uid: str, sender: Sender) -> bool:
         now = utcnow()
-        with self._db_lock, self._sessions.begin() as session:
-            study = self._study(session, header, now)
-            series = self._series(session, study, header, now)
-            instance = session.scalars(
-                select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-            ).one_or_none()
-            if instance is not None:  # the row survived but its file had gone: file rewritten above
-                instance.path = str(path)
-                self._mark_repeat(instance, sender)
+        with self._db_lock, self._engine.begin() as connection:
+            series_id = self._series_id(connection, header)
+            existing = connection.execute(
+                select(_instances.c.id).where(_instances.c.sop_instance_uid == header.sop_instance_uid)
+            ).scalar()
+            if existing is not None:  # the row survived but its file had gone: file rewritten above
+                self._mark_repeat(connection, existing, str(path), header, sender)
                 return True
-            session.add(
-                Instance(
+            connection.execute(
+                insert(_instances).values(
                     sop_instance_uid=header.sop_instance_uid,
                     sop_class_uid=header.sop_class_uid,
-                    series=series,
+                    series_id=series_id,
                     instance_number=header.instance_number,
                     path=str(path),
                     size_bytes=size,
@@ -265,42 +270,42 @@ class InstanceStore:
             )
             return False
 
+    def _series_id(self, connection: Connection, header: InstanceHeader) -> int:
+        uid = header.series_instance_uid
+        if uid in self._series_ids:
+            return self._series_ids[uid]
+        series_id = connection.execute(select(_series.c.id).where(_series.c.series_instance_uid == uid)).scalar()
+        if series_id is not None:
+            self._series_ids[uid] = series_id  # committed earlier, so safe to remember
+            return series_id
+        return connection.execute(
+            insert(_series)
+            .values(
+                series_instance_uid=uid,
+                study_id=self._study_id(connection, header),
+                modality=header.modality,
+                series_number=header.series_number,
+                series_description=header.series_description,
+                frame_of_reference_uid=header.frame_of_reference_uid,
+            )
+            .returning(_series.c.id)
+        ).scalar_one()
+
     @staticmethod
-    def _study(session: Session, header: InstanceHeader, now) -> Study:
-        study = session.scalars(
-            select(Study).where(Study.study_instance_uid == header.study_instance_uid)
-        ).one_or_none()
-        if study is None:
-            study = Study(
-                study_instance_uid=header.study_instance_uid,
+    def _study_id(connection: Connection, header: InstanceHeader) -> int:
+        uid = header.study_instance_uid
+        study_id = connection.execute(select(_studies.c.id).where(_studies.c.study_instance_uid == uid)).scalar()
+        if study_id is not None:
+            return study_id
+        return connection.execute(
+            insert(_studies)
+            .values(
+                study_instance_uid=uid,
                 patient_id=header.patient_id,
                 patient_name=header.patient_name,
                 study_date=header.study_date,
                 study_description=header.study_description,
                 accession_number=header.accession_number,
-                first_received_at=now,
-                last_received_at=now,
             )
-            session.add(study)
-        study.last_received_at = now
-        return study
-
-    @staticmethod
-    def _series(session: Session, study: Study, header: InstanceHeader, now) -> Series:
-        series = session.scalars(
-            select(Series).where(Series.series_instance_uid == header.series_instance_uid)
-        ).one_or_none()
-        if series is None:
-            series = Series(
-                series_instance_uid=header.series_instance_uid,
-                study=study,
-                modality=header.modality,
-                series_number=header.series_number,
-                series_description=header.series_description,
-                frame_of_reference_uid=header.frame_of_reference_uid,
-                first_received_at=now,
-                last_received_at=now,
-            )
-            session.add(series)
-        series.last_received_at = now
-        return series
+            .returning(_studies.c.id)
+        ).scalar_one()

@@ -24,8 +24,6 @@ def upgrade() -> None:
     sa.Column('study_date', sa.String(length=8), nullable=False),
     sa.Column('study_description', sa.String(length=64), nullable=False),
     sa.Column('accession_number', sa.String(length=16), nullable=False),
-    sa.Column('first_received_at', sa.DateTime(), nullable=False),
-    sa.Column('last_received_at', sa.DateTime(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_studies')),
     sa.UniqueConstraint('study_instance_uid', name=op.f('uq_studies_study_instance_uid'))
     )
@@ -37,8 +35,6 @@ def upgrade() -> None:
     sa.Column('series_number', sa.Integer(), nullable=True),
     sa.Column('series_description', sa.String(length=64), nullable=False),
     sa.Column('frame_of_reference_uid', sa.String(length=64), nullable=False),
-    sa.Column('first_received_at', sa.DateTime(), nullable=False),
-    sa.Column('last_received_at', sa.DateTime(), nullable=False),
     sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_series_study_id_studies')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_series')),
     sa.UniqueConstraint('series_instance_uid', name=op.f('uq_series_series_instance_uid'))

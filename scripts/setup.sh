@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up rtnode on Debian (Python 3.11, no GPU needed): DICOM tools, .venv, CPU torch, the package.
+# Idempotent: a second run only checks. Needs root (or sudo) for the Debian packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+debian_packages=(dcmtk dicom3tools plastimatch)
+missing=()
+for tool in storescu dciodvfy plastimatch; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "setup: installing Debian packages ${debian_packages[*]} (missing: ${missing[*]})"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${debian_packages[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    python3 -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+# The CPU wheel: any other torch spec here would pull a multi-GB CUDA build.
+# GPU users: see README.md, "Using an NVIDIA GPU".
+.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" install torch==2.13.0
+"${pip[@]}" install -e '.[test]'
+echo "setup: done (.venv/bin/rtnode)"

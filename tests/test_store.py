@@ -1,0 +1,101 @@
+"""InstanceStore on real files and a real SQLite database, without the network."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.filewriter import dcmwrite
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from node.database import open_database
+from node.models import Instance
+from node.store import (
+    STATUS_CANNOT_DECODE,
+    STATUS_INVALID_UID,
+    STATUS_MISSING_UID,
+    STATUS_OUT_OF_RESOURCES,
+    InstanceStore,
+    Sender,
+    StoreRefused,
+)
+from tests.conftest import write_ct
+
+SENDER = Sender("SCANNER", "127.0.0.1")
+EXPLICIT = "1.2.840.10008.1.2.1"
+
+
+@pytest.fixture
+def store(tmp_path):
+    engine = open_database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    return InstanceStore(engine, tmp_path / "incoming"), sessionmaker(engine)
+
+
+def encoded(ds) -> bytes:
+    buffer = BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def slice_ds(tmp_path):
+    return dcmread(write_ct(tmp_path / "ct", slices=1, rows=16, columns=16)[0])
+
+
+def test_saved_file_is_the_received_bytes(store, slice_ds):
+    instance_store, sessions = store
+    data = encoded(slice_ds)
+    stored = instance_store.save(data, EXPLICIT, SENDER)
+    assert stored.path.read_bytes() == data
+    assert stored.path.parts[-3:] == (slice_ds.StudyInstanceUID, slice_ds.SeriesInstanceUID, f"{slice_ds.SOPInstanceUID}.dcm")
+    assert not stored.duplicate
+    with sessions() as session:
+        row = session.scalars(select(Instance)).one()
+        assert (row.size_bytes, row.transfer_syntax_uid, row.series.modality) == (len(data), EXPLICIT, "CT")
+        assert row.series.study.patient_id == slice_ds.PatientID
+
+
+def test_missing_uid(store, slice_ds):
+    del slice_ds.SeriesInstanceUID
+    with pytest.raises(StoreRefused) as info:
+        store[0].save(encoded(slice_ds), EXPLICIT, SENDER)
+    assert info.value.status == STATUS_MISSING_UID
+    assert "SeriesInstanceUID" in str(info.value)
+
+
+def test_uid_that_would_escape_the_data_folder_is_refused(store, slice_ds, tmp_path):
+    slice_ds.StudyInstanceUID = "../../etc"
+    with pytest.raises(StoreRefused) as info:
+        store[0].save(encoded(slice_ds), EXPLICIT, SENDER)
+    assert info.value.status == STATUS_INVALID_UID
+    assert not (tmp_path / "etc").exists()
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00" * 10, b"DICM" * 100, bytes(range(256)) * 8])
+def test_undecodable_bytes(store, payload):
+    with pytest.raises(StoreRefused) as info:
+        store[0].save(payload, EXPLICIT, SENDER)
+    assert info.value.status in (STATUS_CANNOT_DECODE, STATUS_MISSING_UID)
+
+
+def test_database_error_answers_out_of_resources_and_leaves_no_file(store, slice_ds, tmp_path):
+    instance_store, sessions = store
+    with sessions.kw["bind"].begin() as connection:
+        connection.exec_driver_sql("DROP TABLE instances")
+    with pytest.raises(StoreRefused) as info:
+        instance_store.save(encoded(slice_ds), EXPLICIT, SENDER)
+    assert info.value.status == STATUS_OUT_OF_RESOURCES
+    assert list(Path(tmp_path / "incoming").rglob("*.dcm")) == []
+
+
+def test_row_whose_file_vanished_is_healed(store, slice_ds):
+    instance_store, sessions = store
+    first = instance_store.save(encoded(slice_ds), EXPLICIT, SENDER)
+    first.path.unlink()
+    second = instance_store.save(encoded(slice_ds), EXPLICIT, SENDER)
+    assert second.duplicate and second.path.is_file()
+    with sessions() as session:
+        assert session.scalars(select(Instance.times_received)).one() == 2
