@@ -9,6 +9,9 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
 
 from node import __version__
 from node.config import Config, ConfigError, load_config
@@ -72,6 +75,47 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rtstruct(args: argparse.Namespace) -> int:
+    from pydicom import config as pydicom_config
+
+    from node.pipeline import nifti
+    from node.rtstruct.builder import Algorithm, Roi, build_rtstruct
+    from node.rtstruct.contours import contours_from_mask
+
+    volume = _load_ct(args.ct_dir)
+    mask = nifti.read_mask(args.mask, volume)
+    algorithm = Algorithm(name=args.algorithm_name, version=args.algorithm_version)
+    rtstruct = build_rtstruct(volume, [Roi(args.roi_name, contours_from_mask(volume, mask))], algorithm)
+    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
+    rtstruct.save_as(args.out, enforce_file_format=True)
+    print(f"wrote {args.out}: ROI {args.roi_name!r}, {int(mask.sum())} voxels on {len(np.unique(np.nonzero(mask)[0]))} slices")
+    return 0
+
+
+def cmd_mask(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from node.pipeline import nifti
+    from node.rtstruct.reader import read_mask
+
+    volume = _load_ct(args.ct_dir)
+    try:
+        rtstruct = dcmread(args.rtstruct)
+    except (InvalidDicomError, OSError) as exc:
+        raise UserError(f"cannot read {args.rtstruct}: {exc}") from exc
+    mask = read_mask(rtstruct, volume, args.roi)
+    nifti.write_mask(args.out, volume, mask)
+    print(f"wrote {args.out}: ROI {args.roi!r}, {int(mask.sum())} voxels")
+    return 0
+
+
+def _load_ct(directory: Path):
+    from node.pipeline.volume import load_series_dir
+
+    return load_series_dir(directory)
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -91,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("serve", cmd_serve, "run the DICOM node in the foreground (SIGTERM/SIGINT stop it cleanly)")
     studies = add("studies", cmd_studies, "list received studies and their series")
     studies.add_argument("--json", action="store_true", help="machine-readable output")
+
+    rtstruct = add("rtstruct", cmd_rtstruct, "write an RT Structure Set for a NIfTI mask on a CT series' grid")
+    rtstruct.add_argument("ct_dir", type=Path, metavar="CT_DIR", help="folder with the CT series")
+    rtstruct.add_argument("mask", type=Path, metavar="MASK.nii.gz", help="binary mask on the CT's voxel grid")
+    rtstruct.add_argument("--out", type=Path, required=True, metavar="RS.dcm")
+    rtstruct.add_argument("--roi-name", default="CTV")
+    rtstruct.add_argument("--algorithm-name", default="external mask", help="what made the mask (named in the ROI)")
+    rtstruct.add_argument("--algorithm-version", default="unknown")
+
+    mask = add("mask", cmd_mask, "write one ROI of an RT Structure Set as a NIfTI mask on the CT's grid")
+    mask.add_argument("ct_dir", type=Path, metavar="CT_DIR")
+    mask.add_argument("rtstruct", type=Path, metavar="RS.dcm")
+    mask.add_argument("--roi", required=True, metavar="NAME")
+    mask.add_argument("--out", type=Path, required=True, metavar="MASK.nii.gz")
     return parser
 
 
@@ -99,6 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.handler(args)
-    except (ConfigError, UserError) as exc:
+    except (ConfigError, UserError, ValueError) as exc:
         print(f"rtnode: {exc}", file=sys.stderr)
         return 2
