@@ -47,6 +47,10 @@ class MixedSeriesError(SeriesError):
     """More than one series, or more than one Frame of Reference, or none."""
 
 
+class MissingUidError(SeriesError):
+    """Slices without SOP Instance, Series or Study Instance UID cannot be referenced by an output."""
+
+
 class InconsistentGeometryError(SeriesError):
     """Slices differ in size, pixel spacing or orientation."""
 
@@ -200,6 +204,11 @@ def _check_identity(datasets: Sequence[Dataset]) -> None:
             f"multi-frame (Enhanced) CT is not supported: {len(multi)} object(s), e.g. SOP Instance "
             f"{multi[0].SOPInstanceUID}; send the series as single-frame CT Image Storage"
         )
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        lacking = [ds for ds in datasets if not str(ds.get(keyword, "") or "").strip()]
+        if lacking:
+            where = getattr(lacking[0], "filename", None) or "a dataset"
+            raise MissingUidError(f"{len(lacking)} of {len(datasets)} slices lack {keyword} (e.g. {where})")
     series = _uids(datasets, "SeriesInstanceUID")
     if len(series) != 1:
         raise MixedSeriesError(f"slices belong to {len(series)} series: {', '.join(map(_short, series))}")

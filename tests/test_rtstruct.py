@@ -1,0 +1,271 @@
+"""Mask -> RT Structure Set -> mask, checked by our reader, plastimatch, dciodvfy and drtdump.
+
+Every item of ../shared/RTSTRUCT-CHECKLIST.md that concerns the writer is asserted here.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+
+from node.pipeline.volume import Volume, load_series_dir
+from node.rtstruct.builder import (
+    COPIED_FROM_CT,
+    Algorithm,
+    ContourTooLargeError,
+    Roi,
+    build_rtstruct,
+)
+from node.rtstruct.contours import EmptyMaskError, contours_from_mask
+from node.rtstruct.reader import read_masks
+from node.rtstruct.seg import build_seg
+from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
+from tests.conftest import require_tool, shared_data
+
+ALGORITHM = Algorithm(name="ctv-unet3d", version="0.1.0")
+
+
+@pytest.fixture(autouse=True)
+def strict_writing():
+    previous = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
+    yield
+    pydicom_config.settings.writing_validation_mode = previous
+
+
+@dataclass
+class Case:
+    directory: Path
+    volume: Volume
+    mask: np.ndarray
+
+
+def shapes_mask(shape: tuple[int, int, int]) -> np.ndarray:
+    """Holes, islands, an island inside a hole, corner-touching voxels and single voxels."""
+    slices, rows, columns = shape
+    mask = np.zeros(shape, dtype=bool)
+    mask[1:4, 2:12, 3:14] = True  # a block ...
+    mask[2, 4:9, 5:11] = False  # ... with a hole ...
+    mask[2, 6, 7:9] = True  # ... holding an island
+    mask[1, 14, 2] = mask[1, 15, 3] = mask[1, 14, 4] = True  # three voxels touching at corners
+    mask[3, rows - 1, columns - 1] = True  # single voxel in the image corner
+    mask[4, 0, 0] = True  # single voxel in the other corner
+    mask[4, 3:7, 3:7] = True
+    mask[4, 4:6, 4:6] = False  # a ring
+    mask[4, 5, 6] = False  # whose hole touches the outside at a corner
+    return mask
+
+
+def make_case(tmp_path: Path, position: str, rows: int, columns: int, pixel_spacing: tuple[float, float]) -> Case:
+    shape = (6, rows, columns)
+    geometry = SeriesGeometry(
+        pixel_spacing=pixel_spacing,
+        slice_positions=uniform_positions(shape[0], 3.0),
+        patient_position=position,
+        origin=(-123.456789, 87.654321, -301.25),
+    )
+    patient = PatientStudy(patient_name="Test^Geometry", patient_id="GEO-1", accession_number="A77")
+    directory = tmp_path / f"ct-{position}"
+    write_series(ct_datasets(np.zeros(shape), geometry, patient), directory)
+    volume = load_series_dir(directory)
+    return Case(directory, volume, shapes_mask(shape))
+
+
+CASES = {
+    "HFS-square": ("HFS", 20, 20, (1.0, 1.0)),
+    "HFP-nonsquare": ("HFP", 18, 25, (0.9765625, 0.9765625)),
+    "FFS-anisotropic": ("FFS", 22, 17, (0.7, 1.3)),
+    "HFS-anisotropic-nonsquare": ("HFS", 17, 23, (1.25, 0.6)),
+}
+
+
+@pytest.fixture(params=list(CASES), scope="module")
+def written(request, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp(request.param)
+    case = make_case(tmp_path, *CASES[request.param])
+    rtstruct = build_rtstruct(case.volume, [Roi("CTV", contours_from_mask(case.volume, case.mask))], ALGORITHM)
+    path = tmp_path / "rs.dcm"
+    previous = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
+    rtstruct.save_as(path, enforce_file_format=True)
+    pydicom_config.settings.writing_validation_mode = previous
+    return case, path
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def test_round_trip_is_exact(written):
+    case, path = written
+    (roi,) = read_masks(dcmread(path), case.volume)
+    assert roi.name == "CTV"
+    np.testing.assert_array_equal(roi.mask, case.mask)
+
+
+def test_plastimatch_rasterises_the_same_mask(written, tmp_path):
+    case, path = written
+    sitk = pytest.importorskip("SimpleITK")
+    result = subprocess.run(
+        [
+            require_tool("plastimatch"), "convert", "--input", str(path), "--referenced-ct", str(case.directory),
+            "--output-prefix", str(tmp_path / "out"), "--prefix-format", "nrrd", "--xor-contours",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rasterised = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "CTV.nrrd"))).astype(bool)
+    assert rasterised.shape == case.mask.shape
+    assert dice(rasterised, case.mask) >= 0.999
+    np.testing.assert_array_equal(rasterised, case.mask)
+
+
+def test_dciodvfy_and_drtdump_are_clean(written):
+    _, path = written
+    result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert not [line for line in output.splitlines() if line.startswith("Error")], output
+    dump = subprocess.run([require_tool("drtdump"), str(path)], capture_output=True, text=True)
+    assert dump.returncode == 0
+    assert not [line for line in (dump.stdout + dump.stderr).splitlines() if line.startswith("W:")]
+
+
+def test_references_and_copied_attributes(written):
+    case, path = written
+    rs = dcmread(path)
+    ct = case.volume.headers[0]
+    assert rs.file_meta.MediaStorageSOPInstanceUID == rs.SOPInstanceUID
+    assert rs.file_meta.MediaStorageSOPClassUID == rs.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3"
+    assert rs.Modality == "RTSTRUCT"
+    assert rs.SeriesInstanceUID != ct.SeriesInstanceUID and rs.SOPInstanceUID not in {s.sop_instance_uid for s in case.volume.slices}
+    for keyword in COPIED_FROM_CT:
+        assert rs[keyword].value == ct[keyword].value, keyword
+    assert len(rs.StructureSetLabel) <= 16 and rs.StructureSetDate and rs.StructureSetTime
+    for keyword in ("SeriesNumber", "OperatorsName", "Manufacturer"):
+        assert keyword in rs
+    (frame,) = rs.ReferencedFrameOfReferenceSequence
+    assert frame.FrameOfReferenceUID == ct.FrameOfReferenceUID
+    (study,) = frame.RTReferencedStudySequence
+    assert study.ReferencedSOPClassUID == "1.2.840.10008.3.1.2.3.1"
+    assert study.ReferencedSOPInstanceUID == ct.StudyInstanceUID
+    (series,) = study.RTReferencedSeriesSequence
+    assert series.SeriesInstanceUID == ct.SeriesInstanceUID
+    referenced = {(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in series.ContourImageSequence}
+    assert referenced == {(s.sop_class_uid, s.sop_instance_uid) for s in case.volume.slices}
+
+
+def test_clinical_safety_labels(written):
+    _, path = written
+    rs = dcmread(path)
+    assert rs.ApprovalStatus == "UNAPPROVED"
+    assert "UNAPPROVED" in rs.SeriesDescription
+    assert rs.Manufacturer == rs.ManufacturerModelName == "rtnode" and rs.SoftwareVersions
+    (roi,) = rs.StructureSetROISequence
+    assert roi.ROIGenerationAlgorithm == "AUTOMATIC"
+    assert "ctv-unet3d 0.1.0" in roi.ROIGenerationDescription
+    (algorithm,) = roi.ROIDerivationAlgorithmIdentificationSequence
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("ctv-unet3d", "0.1.0")
+    assert roi.ReferencedFrameOfReferenceUID == rs.FrameOfReferenceUID
+    (observation,) = rs.RTROIObservationsSequence
+    assert observation.RTROIInterpretedType == "CTV" and "ROIInterpreter" in observation
+    assert observation.ReferencedROINumber == roi.ROINumber == rs.ROIContourSequence[0].ReferencedROINumber
+    color = rs.ROIContourSequence[0].ROIDisplayColor
+    assert len(color) == 3 and all(0 <= int(v) <= 255 for v in color)
+
+
+def test_every_contour_is_well_formed(written):
+    case, path = written
+    rs = dcmread(path)
+    volume = case.volume
+    slice_of = {s.sop_instance_uid: k for k, s in enumerate(volume.slices)}
+    contours = rs.ROIContourSequence[0].ContourSequence
+    assert len({c.ContourNumber for c in contours}) == len(contours)
+    raw = dcmread(path, force=True)
+    for contour, raw_contour in zip(contours, raw.ROIContourSequence[0].ContourSequence, strict=True):
+        assert contour.ContourGeometricType == "CLOSED_PLANAR"
+        points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+        assert contour.NumberOfContourPoints == len(points) >= 3
+        assert not np.allclose(points[0], points[-1])
+        (image,) = contour.ContourImageSequence
+        k = slice_of[image.ReferencedSOPInstanceUID]
+        assert np.abs((points - volume.positions[k]) @ volume.normal).max() < 1e-3
+        for text in raw_contour["ContourData"].value:
+            assert len(str(text)) <= 16 and re.fullmatch(r"-?\d+(\.\d+)?", str(text))
+
+
+def test_winding_outer_counter_clockwise_holes_clockwise(written):
+    case, _ = written
+    volume = case.volume
+    contours = contours_from_mask(volume, case.mask).contours
+    areas = []
+    for contour in contours:
+        p = contour.points
+        areas.append(0.5 * np.cross(p, np.roll(p, -1, axis=0)).sum(axis=0) @ volume.normal)
+    # Slice 2 holds the block (outer), its hole and the island in the hole.
+    on_slice_2 = sorted(a for a, c in zip(areas, contours, strict=True) if c.slice_index == 2)
+    assert on_slice_2[0] < 0 < on_slice_2[1] < on_slice_2[2]
+
+
+def test_corner_touching_voxels_are_separate_polygons(written):
+    case, _ = written
+    on_slice_1 = [c for c in contours_from_mask(case.volume, case.mask).contours if c.slice_index == 1]
+    assert len(on_slice_1) == 4  # the block and three single voxels
+    assert sorted(len(c.points) for c in on_slice_1) == [4, 4, 4, 4]
+
+
+def test_empty_mask_is_an_explicit_error(written):
+    case, _ = written
+    with pytest.raises(EmptyMaskError, match="empty"):
+        contours_from_mask(case.volume, np.zeros(case.volume.shape, dtype=bool))
+
+
+def test_contour_too_large_for_one_element(tmp_path):
+    case = make_case(tmp_path, "HFS", 20, 3000, (0.5, 0.5))
+    comb = np.zeros(case.volume.shape, dtype=bool)
+    comb[2, 0, :] = True
+    comb[2, 1:6, ::2] = True  # 1500 teeth on one base: one polygon of about 6000 points
+    with pytest.raises(ContourTooLargeError, match="limit 65534"):
+        build_rtstruct(case.volume, [Roi("CTV", contours_from_mask(case.volume, comb))], ALGORITHM)
+
+
+def test_eclipse_structure_volumes_match_eclipse_dvh():
+    volume = load_series_dir(shared_data("rando-pelvis-phantom/CT"))
+    rtstruct = dcmread(shared_data("rando-pelvis-phantom/RS_eclipse.dcm"))
+    text = shared_data("rando-pelvis-phantom/eclipse-dvh.txt").read_text(encoding="utf-8", errors="replace")
+    reported = {
+        name.strip(): float(volume_cm3)
+        for name, volume_cm3 in re.findall(r"Structure: (.+?)\n.*?Volume \[cm.\]: ([\d.]+)", text, flags=re.S)
+    }
+    assert set(reported) == {"Bladder", "BODY", "Rectum", "Femoral Head RT", "PTV", "Femoral Head Lt"}
+    voxel_cm3 = np.prod(volume.spacing) / 1000
+    masks = {m.name: m for m in read_masks(rtstruct, volume)}
+    for name, expected in reported.items():
+        measured = masks[name].voxel_count * voxel_cm3
+        assert measured == pytest.approx(expected, rel=0.02), name
+    assert masks["CTV"].voxel_count == 0  # present in Eclipse's set but never contoured
+
+
+def test_seg_is_valid_and_lossless(written, tmp_path):
+    case, _ = written
+    seg = build_seg(case.volume, case.mask, ALGORITHM)
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+    assert not [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+    reread = hd.seg.segread(path)
+    uids = [s.sop_instance_uid for s in case.volume.slices]
+    frames = reread.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1], ignore_spatial_locations=True, assert_missing_frames_are_empty=True
+    )
+    np.testing.assert_array_equal(frames[..., 0].astype(bool), case.mask)
+    assert reread.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
