@@ -91,11 +91,21 @@ class SecuritySection(_Section):
 class CompletionSection(_Section):
     quiet_seconds: Annotated[float, Field(gt=0)] = 10.0
     min_slices: Annotated[int, Field(ge=2)] = 20
+    # After an association is released with a geometrically complete series, start this soon.
+    release_grace_seconds: Annotated[float, Field(ge=0)] = 1.0
+
+
+class DeliverySection(_Section):
+    first_retry_seconds: Annotated[float, Field(gt=0)] = 30.0
+    max_retry_seconds: Annotated[float, Field(gt=0)] = 900.0
+    max_age_seconds: Annotated[float, Field(gt=0)] = 86400.0  # then a delivery is given up
+    send_seg: bool = False  # also send the DICOM SEG copy
 
 
 class ModelSection(_Section):
     weights: Path = Path("weights/ctv-unet3d.safetensors")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    roi_name: Annotated[str, Field(min_length=1, max_length=64)] = "CTV"
 
 
 class Destination(_Section):
@@ -110,11 +120,16 @@ class Config(_Section):
     security: SecuritySection = SecuritySection()
     completion: CompletionSection = CompletionSection()
     model: ModelSection = ModelSection()
+    delivery: DeliverySection = DeliverySection()
     destinations: list[Destination] = []
 
     @property
     def incoming_dir(self) -> Path:
         return self.node.data_dir / "incoming"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.node.data_dir / "jobs"
 
 
 def _resolve_paths(config: Config) -> Config:

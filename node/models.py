@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, ForeignKey, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, MetaData, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 UID = String(64)
@@ -97,3 +97,67 @@ class Instance(Base):
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """One contouring run over one version of a series' instance set."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # queued running sending done failed rejected
+    error: Mapped[str] = mapped_column(Text, default="")
+    # Exactly the instances this job computes from; the fingerprint is sha256 of the sorted UIDs and their count.
+    input_uids: Mapped[list] = mapped_column(JSON, default=list)
+    input_fingerprint: Mapped[str] = mapped_column(String(64), default="")
+    model_name: Mapped[str] = mapped_column(String(64), default="")
+    model_version: Mapped[str] = mapped_column(String(64), default="")
+    timings: Mapped[dict] = mapped_column(JSON, default=dict)  # stage -> seconds
+    outputs: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> path
+    starts: Mapped[int] = mapped_column(Integer, default=0)  # how often a worker took it up
+    superseded_by: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    series: Mapped[Series] = relationship()
+    events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", order_by="Delivery.id")
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    event: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+    job: Mapped[Job] = relationship(back_populates="events")
+
+
+class Delivery(Base):
+    """One output object to one destination: the durable send queue."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # rtstruct | seg
+    path: Mapped[str] = mapped_column(Text)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending done failed superseded
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    job: Mapped[Job] = relationship(back_populates="deliveries")

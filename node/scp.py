@@ -8,8 +8,8 @@ with the peer's AE title and address so an admin can tell who sent what.
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from typing import Protocol
 
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
@@ -72,12 +72,23 @@ TRANSFER_SYNTAXES = [
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 
+class SeriesObserver(Protocol):
+    """Told what arrived on which association (the series-completion tracker)."""
+
+    def instance_stored(self, association_id: int, series_uid: str) -> None: ...
+
+    def association_released(self, association_id: int) -> None: ...
+
+    def association_aborted(self, association_id: int) -> None: ...
+
+
 class StorageSCP:
     """Accepts associations from allowed callers and stores what they send."""
 
-    def __init__(self, config: Config, store: InstanceStore) -> None:
+    def __init__(self, config: Config, store: InstanceStore, observer: SeriesObserver | None = None) -> None:
         self._config = config
         self._store = store
+        self._observer = observer
         self._server: ThreadedAssociationServer | None = None
         self._ae = self._make_ae()
 
@@ -107,6 +118,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_RELEASED, self._on_released),
         ]
         address = (self._config.node.host, self._config.node.port)
         self._server = self._ae.start_server(address, block=False, evt_handlers=handlers)
@@ -169,12 +181,21 @@ class StorageSCP:
     def _on_aborted(self, event: Event) -> None:
         requestor = event.assoc.requestor
         log.warning("association from %s@%s aborted", requestor.ae_title, requestor.address)
+        if self._observer:
+            self._observer.association_aborted(id(event.assoc))
+
+    def _on_released(self, event: Event) -> None:
+        if self._observer:
+            try:
+                self._observer.association_released(id(event.assoc))
+            except Exception:
+                log.exception("series completion check failed after association release")
 
     def _on_c_store(self, event: Event) -> int:
         requestor = event.assoc.requestor
         sender = Sender(ae_title=requestor.ae_title.strip(), address=requestor.address)
         try:
-            self._store.save(event.encoded_dataset(), event.context.transfer_syntax, sender)
+            stored = self._store.save(event.encoded_dataset(), event.context.transfer_syntax, sender)
         except StoreRefused as exc:
             log.error(
                 "refused instance %s from %s@%s: %s (status 0x%04X)",
@@ -188,11 +209,7 @@ class StorageSCP:
         except Exception:
             log.exception("unexpected error storing an instance from %s@%s", sender.ae_title, sender.address)
             return STATUS_OUT_OF_RESOURCES
+        if self._observer:
+            self._observer.instance_stored(id(event.assoc), stored.header.series_instance_uid)
         return 0x0000
 
-
-def serve_until(stop: threading.Event, scp: StorageSCP) -> None:
-    scp.start()
-    stop.wait()
-    log.info("stopping: no new associations, waiting for in-flight ones")
-    scp.stop()

@@ -68,7 +68,8 @@ class NodeProcess:
 
     root: Path
     port: int
-    extra_config: str = ""
+    extra_config: str = ""  # more [node] keys
+    sections: str = ""  # more TOML sections ([completion], [[destinations]], ...)
     allowed_callers: str = '[{ ae_title = "*", host = "127.0.0.1" }]'
     process: subprocess.Popen | None = None
     log_path: Path = field(init=False)
@@ -92,6 +93,12 @@ shutdown_grace_seconds = 10
 
 [security]
 allowed_callers = {self.allowed_callers}
+
+[model]
+weights = "{REPO / 'weights' / 'ctv-unet3d.safetensors'}"
+device = "cpu"
+
+{self.sections}
 """
         )
 

@@ -1,0 +1,118 @@
+"""Series completion: when has a series stopped arriving?
+
+Each stored instance re-arms a one-shot APScheduler timer for its series
+(`completion.quiet_seconds`); when it fires, the series gets a job. When an
+association is released and the series it carried is geometrically complete
+(contiguous, evenly spaced, enough slices), the timer is cut to
+`completion.release_grace_seconds`: a sender that continues the series on another
+association within that grace re-arms the full quiet time, so one series still makes
+one job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom import dcmread
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from node.config import Config
+from node.jobs import CT_IMAGE_STORAGE, Eligibility, submit_series
+from node.models import Instance, Series
+
+log = logging.getLogger(__name__)
+
+
+def eligibility(series: Series, instances: list[Instance], min_slices: int) -> Eligibility:
+    uid = series.series_instance_uid
+    classes = {i.sop_class_uid for i in instances}
+    if classes != {CT_IMAGE_STORAGE}:
+        kind = series.modality or "not CT"
+        return Eligibility(False, f"series {uid} is {kind} (SOP class {', '.join(sorted(classes))}), not CT Image: not contoured")
+    image_type = dcmread(instances[0].path, stop_before_pixels=True, specific_tags=["ImageType"]).get("ImageType", [])
+    if "LOCALIZER" in [str(v).upper() for v in image_type]:
+        return Eligibility(False, f"series {uid} is a localizer (scout) series: not contoured")
+    if len(instances) < min_slices:
+        return Eligibility(False, f"series {uid} has {len(instances)} slices, fewer than completion.min_slices = {min_slices}: not contoured")
+    return Eligibility(True)
+
+
+def looks_complete(paths: list[str], min_slices: int) -> bool:
+    """Contiguous, evenly spaced single-orientation stack: nothing seems to be missing."""
+    if len(paths) < min_slices:
+        return False
+    positions, orientations = [], set()
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["ImagePositionPatient", "ImageOrientationPatient"])
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+            return False
+        positions.append([float(v) for v in ds.ImagePositionPatient])
+        orientations.add(tuple(round(float(v), 4) for v in ds.ImageOrientationPatient))
+    if len(orientations) != 1:
+        return False
+    iop = np.array(next(iter(orientations)))
+    offsets = np.sort(np.asarray(positions) @ np.cross(iop[:3], iop[3:]))
+    steps = np.diff(offsets)
+    median = float(np.median(steps))
+    return median > 0 and bool(np.all(np.abs(steps - median) <= 0.01 * median + 1e-3))
+
+
+class CompletionTracker:
+    def __init__(self, config: Config, engine: Engine) -> None:
+        self._config = config
+        self._engine = engine
+        self._scheduler = BackgroundScheduler(timezone=UTC)
+        self._lock = threading.Lock()
+        self._carried: dict[int, set[str]] = defaultdict(set)  # association -> series it carried
+
+    def start(self, pending_series: list[str]) -> None:
+        self._scheduler.start()
+        for uid in pending_series:
+            self.arm(uid, self._config.completion.quiet_seconds)
+
+    def stop(self) -> None:
+        self._scheduler.shutdown(wait=True)
+
+    def arm(self, series_uid: str, delay: float) -> None:
+        self._scheduler.add_job(
+            self._fire,
+            "date",
+            run_date=datetime.now(UTC) + timedelta(seconds=delay),
+            args=[series_uid],
+            id=series_uid,
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
+
+    def instance_stored(self, association_id: int, series_uid: str) -> None:
+        with self._lock:
+            self._carried[association_id].add(series_uid)
+        self.arm(series_uid, self._config.completion.quiet_seconds)
+
+    def association_released(self, association_id: int) -> None:
+        with self._lock:
+            carried = self._carried.pop(association_id, set())
+        for uid in carried:
+            with Session(self._engine) as session:
+                paths = session.scalars(
+                    select(Instance.path).join(Series).where(Series.series_instance_uid == uid)
+                ).all()
+            if looks_complete(list(paths), self._config.completion.min_slices):
+                log.info("series %s looks complete after association release: starting in %.1f s", uid, self._config.completion.release_grace_seconds)
+                self.arm(uid, self._config.completion.release_grace_seconds)
+
+    def association_aborted(self, association_id: int) -> None:
+        with self._lock:
+            self._carried.pop(association_id, None)
+
+    def _fire(self, series_uid: str) -> None:
+        try:
+            submit_series(self._engine, series_uid, lambda s, i: eligibility(s, i, self._config.completion.min_slices))
+        except Exception:
+            log.exception("could not create a job for series %s", series_uid)

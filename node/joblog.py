@@ -1,0 +1,101 @@
+"""The job log for admins: what arrived, what ran, how long it took, what failed."""
+
+from __future__ import annotations
+
+from pydicom import dcmread
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, selectinload
+
+from node.models import Delivery, Job, utcnow
+
+
+def _iso(value) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def job_json(job: Job, *, events: bool = False) -> dict:
+    data = {
+        "id": job.id,
+        "series_instance_uid": job.series.series_instance_uid,
+        "study_instance_uid": job.series.study.study_instance_uid,
+        "patient_id": job.series.study.patient_id,
+        "version": job.version,
+        "status": job.status,
+        "error": job.error or None,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "instances": len(job.input_uids),
+        "input_fingerprint": job.input_fingerprint,
+        "model": {"name": job.model_name, "version": job.model_version} if job.model_name else None,
+        "timings": job.timings,
+        "outputs": job.outputs,
+        "superseded_by": job.superseded_by,
+        "deliveries": [
+            {
+                "destination": d.destination,
+                "kind": d.kind,
+                "status": d.status,
+                "attempts": d.attempts,
+                "last_error": d.last_error or None,
+                "next_attempt_at": _iso(d.next_attempt_at) if d.status == "pending" else None,
+                "delivered_at": _iso(d.delivered_at),
+                "sop_instance_uid": d.sop_instance_uid,
+            }
+            for d in job.deliveries
+        ],
+    }
+    if events:
+        data["events"] = [{"at": _iso(e.at), "event": e.event, "detail": e.detail} for e in job.events]
+    return data
+
+
+def list_jobs(engine: Engine, status: str | None = None, limit: int = 50) -> list[dict]:
+    with Session(engine) as session:
+        query = select(Job).options(selectinload(Job.deliveries)).order_by(Job.id.desc()).limit(limit)
+        if status:
+            query = query.where(Job.status == status)
+        return [job_json(job) for job in session.scalars(query).all()]
+
+
+def describe_job(engine: Engine, job_id: int) -> dict | None:
+    with Session(engine) as session:
+        job = session.get(Job, job_id)
+        return None if job is None else job_json(job, events=True)
+
+
+def summary_line(job: dict) -> str:
+    timings = " ".join(f"{k}={v:.2f}s" for k, v in job["timings"].items())
+    deliveries = ", ".join(f"{d['destination']}:{d['status']}({d['attempts']})" for d in job["deliveries"]) or "-"
+    line = f"#{job['id']:<5} {job['status']:<9} v{job['version']} series ...{job['series_instance_uid'][-24:]}  {job['instances']:>4} slices"
+    line += f"  {timings or '-'}  deliveries {deliveries}"
+    if job["error"]:
+        line += f"\n       error: {job['error']}"
+    return line
+
+
+def resend(engine: Engine, job_id: int, destinations) -> int:
+    """Queue new deliveries of a job's outputs by hand; returns how many."""
+    from node.jobs import SENDING, add_event
+
+    now = utcnow()
+    with Session(engine) as session, session.begin():
+        job = session.get(Job, job_id)
+        if job is None:
+            raise ValueError(f"no job {job_id}")
+        if "rtstruct" not in job.outputs:
+            raise ValueError(f"job {job_id} has no RT Structure Set to send (status {job.status})")
+        kinds = [kind for kind in ("rtstruct", "seg") if kind in job.outputs]
+        for destination in destinations:
+            for kind in kinds:
+                sop_instance_uid = dcmread(job.outputs[kind], stop_before_pixels=True).SOPInstanceUID
+                session.add(
+                    Delivery(
+                        job=job, destination=destination.name, ae_title=destination.ae_title, host=destination.host,
+                        port=destination.port, kind=kind, path=job.outputs[kind], sop_instance_uid=str(sop_instance_uid),
+                        status="pending", attempts=0, last_error="", next_attempt_at=now, created_at=now,
+                    )
+                )
+        job.status, job.finished_at = SENDING, None
+        add_event(session, job, "resend", f"queued by hand to {', '.join(d.name for d in destinations)}")
+        return len(kinds) * len(destinations)

@@ -1,0 +1,58 @@
+"""Held-out evaluation of weights on phantoms, and k-fold cross-validation of training."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from node.pipeline.inference import Segmenter
+from node.pipeline.metrics import dice, hd95
+from node.pipeline.volume import load_volume
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: str
+    dice: float
+    hd95_mm: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    results: list[CaseResult]
+
+    @property
+    def mean_dice(self) -> float:
+        return float(np.mean([r.dice for r in self.results]))
+
+    @property
+    def mean_hd95(self) -> float:
+        finite = [r.hd95_mm for r in self.results if math.isfinite(r.hd95_mm)]
+        return float(np.mean(finite)) if finite else float("inf")
+
+    def to_json(self) -> dict:
+        return {
+            "cases": len(self.results),
+            "mean_dice": round(self.mean_dice, 4),
+            "mean_hd95_mm": round(self.mean_hd95, 2),
+            "per_case": [{"case": r.case, "dice": round(r.dice, 4), "hd95_mm": round(r.hd95_mm, 2)} for r in self.results],
+        }
+
+
+def evaluate_on_phantoms(segmenter: Segmenter, seeds: list[int]) -> Summary:
+    from node.synth.ct_series import ct_datasets
+    from node.synth.phantom import make_phantom
+
+    results = []
+    for seed in seeds:
+        phantom = make_phantom(seed)
+        volume = load_volume(ct_datasets(phantom.hu, phantom.geometry, phantom.patient))
+        mask = segmenter.predict(volume).mask
+        results.append(CaseResult(f"phantom-{seed}", dice(mask, phantom.ctv), hd95(mask, phantom.ctv, volume.spacing)))
+    return Summary(results)
+
+
+def fold_indices(count: int, folds: int) -> list[list[int]]:
+    return [list(range(i, count, folds)) for i in range(folds)]

@@ -1,0 +1,104 @@
+"""Volume in, mask out: preprocess -> network passes -> postprocess, timed per stage.
+
+The same code path serves the node's worker and `rtnode contour`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from node.pipeline.model import ResSEUNet3D
+from node.pipeline.preprocess import postprocess, resample, sliding_window, to_model_grid
+from node.pipeline.volume import Volume
+from node.pipeline.weights import ModelCard, load_weights
+from node.rtstruct.builder import Algorithm
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class DeviceError(ValueError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device 'cuda' was asked for but torch sees no CUDA GPU (is a CUDA build of torch installed?)")
+    if name not in ("cpu", "cuda"):
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+@dataclass
+class Prediction:
+    mask: np.ndarray  # bool, the Volume's grid
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+
+
+class Segmenter:
+    def __init__(self, model: ResSEUNet3D, card: ModelCard, device: torch.device, precision: Precision = "auto") -> None:
+        self.card = card
+        self.device = device
+        if precision == "auto":
+            precision = "fp16" if device.type == "cuda" else "fp32"
+        self.precision = precision
+        self.model = model.to(device).eval()
+        if precision == "bf16" and device.type == "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
+
+    @classmethod
+    def from_weights(cls, path: Path, device: str = "auto", precision: Precision = "auto") -> Segmenter:
+        resolved = resolve_device(device)
+        model, card = load_weights(path, resolved)
+        return cls(model, card, resolved, precision)
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return Algorithm(name=self.card.name, version=self.card.version)
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def predict(self, volume: Volume) -> Prediction:
+        prep = self.card.preprocessing
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        with torch.inference_mode():
+            image = to_model_grid(volume.hu, volume.spacing, prep).to(self.device)
+            self._sync()
+            timings["preprocess"] = time.perf_counter() - start
+
+            def run(ct: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+                if self.precision == "bf16" and self.device.type == "cpu":
+                    ct = ct.contiguous(memory_format=torch.channels_last_3d)
+                    previous = previous.contiguous(memory_format=torch.channels_last_3d)
+                with self._autocast():
+                    return torch.sigmoid(self.model.single_pass(ct, previous))
+
+            probability = torch.zeros_like(image)
+            for index in range(self.card.architecture.passes):
+                start = time.perf_counter()
+                probability = sliding_window(run, image, probability, prep.shape, prep.window_overlap)
+                self._sync()
+                timings[f"pass_{index + 1}"] = time.perf_counter() - start
+
+            start = time.perf_counter()
+            on_ct = resample(probability, volume.shape).cpu().numpy()
+        mask = postprocess(on_ct, prep)
+        timings["postprocess"] = time.perf_counter() - start
+        return Prediction(mask=mask, timings=timings)

@@ -1,0 +1,234 @@
+"""The whole loop with real peers: DCMTK storescu as the scanner, DCMTK storescp as the planning system."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
+from node.synth.phantom import make_phantom
+from tests.conftest import DCMTK_ENV, NodeProcess, free_port, require_tool, run_tool, wait_for_port
+
+QUIET = 3.0
+
+
+class Receiver:
+    """DCMTK storescp standing in for the treatment planning system."""
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.directory, self.port = directory, port
+        self.process: subprocess.Popen | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> Receiver:
+        self.process = subprocess.Popen(
+            [require_tool("storescp"), "-aet", "TPS", "-od", str(self.directory), str(self.port)],
+            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait()
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.directory.iterdir() if p.is_file())
+
+
+@pytest.fixture
+def tps(tmp_path):
+    receiver = Receiver(tmp_path / "tps", free_port())
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def loop_node(node_factory, tps):
+    def make(**completion) -> NodeProcess:
+        settings = {"quiet_seconds": QUIET, "min_slices": 10, "release_grace_seconds": 1.0, **completion}
+        sections = "[completion]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
+        sections += "[delivery]\nfirst_retry_seconds = 1.0\nmax_retry_seconds = 2.0\n"
+        sections += f'[[destinations]]\nname = "tps"\nae_title = "TPS"\nhost = "127.0.0.1"\nport = {tps.port}\n'
+        return node_factory(sections=sections)
+
+    return make
+
+
+def phantom_series(directory: Path, seed: int) -> list[Path]:
+    phantom = make_phantom(seed)
+    return write_series(ct_datasets(phantom.hu, phantom.geometry, phantom.patient), directory)
+
+
+def push(node: NodeProcess, files, *options: str) -> None:
+    paths = [str(p) for p in files] if isinstance(files, list) else [str(files)]
+    result = run_tool(require_tool("storescu"), "-aet", "SCANNER", "-aec", "RTNODE", *options, "127.0.0.1", str(node.port), *paths)
+    assert result.returncode == 0, result.stderr
+
+
+def jobs(node: NodeProcess) -> list[dict]:
+    result = node.rtnode("jobs", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_for(node: NodeProcess, predicate, timeout: float = 120.0, what: str = "condition") -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = jobs(node)
+        if predicate(current):
+            return current
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}: jobs {json.dumps(jobs(node), indent=1)}\n--- node log ---\n{node.log()[-5000:]}")
+
+
+def settled(current: list[dict], count: int = 1) -> bool:
+    return len(current) >= count and all(j["status"] in ("done", "failed", "rejected") for j in current)
+
+
+def test_pushed_series_comes_back_as_rtstruct(loop_node, tps, tmp_path):
+    node = loop_node().start()
+    tps.start()
+    sent = phantom_series(tmp_path / "ct", seed=40001)
+    push(node, tmp_path / "ct", "+sd")
+    (job,) = wait_for(node, settled, what="the job to finish")
+    assert job["status"] == "done", job
+    for stage in ("load", "preprocess", "pass_1", "pass_2", "postprocess", "rtstruct", "outputs", "send"):
+        assert stage in job["timings"], stage
+    assert job["deliveries"] == [dict(job["deliveries"][0], destination="tps", status="done", attempts=1)]
+    assert Path(job["outputs"]["qa"]).stat().st_size > 1000
+
+    (received,) = tps.files()
+    rs = dcmread(received)
+    assert rs.Modality == "RTSTRUCT" and rs.ApprovalStatus == "UNAPPROVED"
+    images = rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].ContourImageSequence
+    assert {i.ReferencedSOPInstanceUID for i in images} == {dcmread(p).SOPInstanceUID for p in sent}
+    validation = subprocess.run([require_tool("dciodvfy"), str(received)], capture_output=True, text=True)
+    assert not [line for line in validation.stderr.splitlines() if line.startswith("Error")]
+
+    detail = json.loads(node.rtnode("job", str(job["id"]), "--json").stdout)
+    assert [e["event"] for e in detail["events"]][:2] == ["queued", "started"] and detail["events"][-1]["event"] == "done"
+
+
+def test_series_over_three_associations_makes_one_job(loop_node, tps, tmp_path):
+    node = loop_node(release_grace_seconds=2.0).start()
+    tps.start()
+    files = phantom_series(tmp_path / "ct", seed=40002)
+    thirds = np.array_split(np.array(files, dtype=object), 3)
+    for part in thirds:
+        push(node, list(part))
+        time.sleep(1.0)  # shorter than the quiet time (3 s) and the release grace (2 s)
+    current = wait_for(node, settled, what="the job to finish")
+    assert len(current) == 1 and current[0]["instances"] == len(files) and current[0]["status"] == "done"
+
+
+def test_resent_slices_make_version_two_that_supersedes(loop_node, tps, tmp_path):
+    node = loop_node().start()
+    tps.start()
+    phantom_series(tmp_path / "ct", seed=40003)
+    push(node, tmp_path / "ct", "+sd")
+    wait_for(node, lambda j: settled(j) and j[0]["status"] == "done", what="version 1")
+    push(node, tmp_path / "ct", "+sd")
+    current = wait_for(node, lambda j: settled(j, 2), what="version 2")
+    newest, oldest = current
+    assert (oldest["version"], newest["version"]) == (1, 2)
+    assert newest["status"] == "done" and oldest["superseded_by"] == newest["id"]
+    descriptions = sorted(dcmread(p).SeriesDescription for p in tps.files())
+    assert len(descriptions) == 2 and "v2, supersedes v1" in descriptions[-1]
+
+
+def test_receiver_down_then_up_delivers_exactly_once(loop_node, tps, tmp_path):
+    node = loop_node().start()
+    phantom_series(tmp_path / "ct", seed=40004)
+    push(node, tmp_path / "ct", "+sd")
+    wait_for(node, lambda j: j and j[0]["deliveries"] and j[0]["deliveries"][0]["attempts"] >= 2, what="failed attempts")
+    tps.start()
+    (job,) = wait_for(node, settled, what="delivery")
+    assert job["status"] == "done"
+    (delivery,) = job["deliveries"]
+    assert delivery["status"] == "done" and delivery["attempts"] >= 3
+    time.sleep(2)
+    assert len(tps.files()) == 1
+
+
+def test_sigkill_during_inference_then_restart(loop_node, tps, tmp_path):
+    node = loop_node().start()
+    tps.start()
+    phantom_series(tmp_path / "ct", seed=40005)
+    push(node, tmp_path / "ct", "+sd")
+    wait_for(node, lambda j: j and j[0]["status"] == "running", what="the job to run")
+    node.kill()
+    time.sleep(1)
+    node.start()
+    (job,) = wait_for(node, settled, what="the job after restart")
+    assert job["status"] == "done"
+    detail = json.loads(node.rtnode("job", str(job["id"]), "--json").stdout)
+    assert "requeued" in [e["event"] for e in detail["events"]]
+    time.sleep(2)
+    assert len(tps.files()) == 1
+
+
+def small_series(directory: Path, *, slices: int = 24, modality_mr: bool = False, localizer: bool = False, gap: bool = False) -> list[Path]:
+    geometry = SeriesGeometry(pixel_spacing=(1.5, 1.5), slice_positions=uniform_positions(slices, 3.0), origin=(-96, -96, -40))
+    datasets = ct_datasets(np.full((slices, 128, 128), -1000.0), geometry, PatientStudy())
+    if gap:
+        del datasets[slices // 2]
+    for ds in datasets:
+        if modality_mr:
+            ds.Modality = "MR"
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        if localizer:
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    return write_series(datasets, directory)
+
+
+def test_rejections_failures_and_the_next_series(loop_node, tps, tmp_path):
+    node = loop_node().start()
+    tps.start()
+    push(node, small_series(tmp_path / "mr", modality_mr=True))
+    push(node, small_series(tmp_path / "scout", localizer=True))
+    push(node, small_series(tmp_path / "gap", gap=True))
+    broken = small_series(tmp_path / "broken")
+    odd = dcmread(broken[5])
+    odd.Rows, odd.Columns = 64, 64
+    odd.PixelData = odd.PixelData[: 64 * 64 * 2]
+    odd.save_as(broken[5])
+    push(node, broken)
+    wait_for(node, lambda j: settled(j, 4), what="four series to settle")
+    phantom_series(tmp_path / "ct", seed=40006)
+    push(node, tmp_path / "ct", "+sd")
+    current = wait_for(node, lambda j: settled(j, 5), what="the good series after the bad ones")
+    by_status = {}
+    for job in current:
+        by_status.setdefault(job["status"], []).append(job)
+    assert len(by_status["rejected"]) == 2
+    reasons = " ".join(j["error"] for j in by_status["rejected"])
+    assert "is MR" in reasons and "not CT Image" in reasons and "localizer" in reasons
+    failed = " ".join(j["error"] for j in by_status["failed"])
+    assert "has a gap between z=" in failed and "slice spacing 3.00 mm" in failed
+    assert "slices differ in size" in failed
+    assert [j["status"] for j in current if j["instances"] > 24] == ["done"]
+
+
+def test_echo_stays_fast_while_a_job_runs(loop_node, tps, tmp_path):
+    node = loop_node().start()
+    tps.start()
+    phantom_series(tmp_path / "ct", seed=40007)
+    push(node, tmp_path / "ct", "+sd")
+    wait_for(node, lambda j: j and j[0]["status"] == "running", what="the job to run")
+    echoscu = require_tool("echoscu")
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        result = subprocess.run([echoscu, "-aec", "RTNODE", "127.0.0.1", str(node.port)], env=DCMTK_ENV, capture_output=True)
+        times.append(time.perf_counter() - start)
+        assert result.returncode == 0
+    assert jobs(node)[0]["status"] in ("running", "sending", "done")
+    assert max(times) < 0.2, times

@@ -1,0 +1,170 @@
+"""The delineation model: shapes, learning, weights with their card, the bundled weights, devices."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from node.pipeline.evaluate import evaluate_on_phantoms
+from node.pipeline.inference import DeviceError, Segmenter, resolve_device
+from node.pipeline.model import Architecture, ResSEUNet3D, recurrent_loss
+from node.pipeline.preprocess import Preprocessing, sliding_window, window_starts
+from node.pipeline.volume import load_series_dir
+from node.pipeline.weights import ModelCard, WeightsError, card_path, load_weights, save_weights
+from tests.conftest import REPO, require_tool, shared_data
+
+TINY = Architecture(channels=(4, 8, 8, 12, 16), passes=2)
+BUNDLED = REPO / "weights" / "ctv-unet3d.safetensors"
+
+
+def test_every_pass_gives_logits_of_the_input_shape():
+    model = ResSEUNet3D(TINY).eval()
+    with torch.no_grad():
+        outputs = model(torch.rand(2, 1, 16, 32, 48))
+    assert len(outputs) == 2
+    assert all(o.shape == (2, 1, 16, 32, 48) for o in outputs)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        model(torch.rand(1, 1, 16, 30, 32))
+
+
+def test_thesis_defaults():
+    architecture, prep = Architecture(), Preprocessing()
+    assert architecture.channels == (16, 32, 64, 96, 128) and architecture.passes == 2
+    assert Preprocessing(mode="resize").model_grid_shape((123, 512, 512), (2.5, 0.9, 0.9)) == (72, 256, 256)
+    assert prep.model_grid_shape((100, 512, 512), (2.5, 0.75, 0.75)) == (100, 256, 256)
+
+
+def test_a_few_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = ResSEUNet3D(TINY).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    image = torch.rand(2, 1, 16, 32, 32)
+    target = (image > 0.6).float()
+    losses = []
+    for _ in range(15):
+        loss = recurrent_loss(model(image), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3])
+
+
+def test_sliding_window_covers_volumes_of_any_size():
+    assert window_starts(100, 32, 0.5) == [0, 16, 32, 48, 64, 68]
+    image = torch.rand(40, 70, 20)
+    seen = sliding_window(lambda ct, prev: ct + prev, image, torch.zeros_like(image), (16, 32, 32), 0.5)
+    torch.testing.assert_close(seen, image)
+
+
+def test_weights_and_card_round_trip(tmp_path):
+    model = ResSEUNet3D(TINY).eval()
+    card = ModelCard("ctv-test", "9.9", TINY, Preprocessing(spacing=(4, 4, 4), shape=(16, 32, 32)), training={"seed": 7})
+    saved = save_weights(model, card, tmp_path / "w.safetensors")
+    loaded, loaded_card = load_weights(tmp_path / "w.safetensors")
+    assert loaded_card == saved and saved.sha256
+    x = torch.rand(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[-1], model(x)[-1])
+    assert json.loads(card_path(tmp_path / "w.safetensors").read_text())["training"] == {"seed": 7}
+
+
+def test_weights_not_matching_their_card_are_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_weights(ResSEUNet3D(TINY), ModelCard("t", "1", TINY, Preprocessing()), path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="do not match their model card: sha256"):
+        load_weights(path)
+
+    saved = save_weights(ResSEUNet3D(TINY), ModelCard("t", "1", TINY, Preprocessing()), path)
+    card = saved.to_json()
+    card["architecture"]["channels"] = [8, 8, 8, 12, 16]
+    card_path(path).write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="do not fit the architecture"):
+        load_weights(path)
+
+    card_path(path).unlink()
+    with pytest.raises(WeightsError, match="no model card"):
+        load_weights(path)
+
+
+def test_bundled_weights_on_unseen_phantoms():
+    segmenter = Segmenter.from_weights(BUNDLED, "cpu")
+    assert "Not for clinical use" in segmenter.card.intended_use
+    trained_on = segmenter.card.training["data"]
+    assert "seeds 0-" in trained_on
+    summary = evaluate_on_phantoms(segmenter, [30001, 30002, 30003, 30004])
+    assert summary.mean_dice >= 0.85, summary.to_json()
+
+
+def rtnode(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node", *map(str, args)], capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_contour_real_ct_writes_valid_rtstruct_or_says_no_ctv(tmp_path):
+    ct = shared_data("rando-pelvis-phantom/CT")
+    result = rtnode("contour", ct, "--out", tmp_path / "rs.dcm", "--mask-out", tmp_path / "m.nii.gz", "--device", "cpu")
+    assert "Traceback" not in result.stderr
+    if result.returncode == 3:
+        assert "no CTV found" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    validation = subprocess.run([require_tool("dciodvfy"), str(tmp_path / "rs.dcm")], capture_output=True, text=True)
+    assert not [line for line in validation.stderr.splitlines() if line.startswith("Error")]
+
+
+def test_synth_writes_ct_mask_and_rtstruct_that_agree(tmp_path):
+    from pydicom import dcmread
+
+    from node.pipeline.nifti import read_mask
+    from node.rtstruct.reader import read_masks
+
+    result = rtnode("synth", tmp_path, "--cases", "1", "--seed", "123")
+    assert result.returncode == 0, result.stderr
+    case = tmp_path / "phantom-00123"
+    volume = load_series_dir(case / "ct")
+    truth = read_mask(case / "ctv.nii.gz", volume)
+    (roi,) = read_masks(dcmread(case / "rtstruct.dcm"), volume)
+    assert truth.sum() > 1000
+    np.testing.assert_array_equal(roi.mask, truth)
+    validation = subprocess.run([require_tool("dciodvfy"), str(next((case / "ct").iterdir()))], capture_output=True, text=True)
+    assert not [line for line in validation.stderr.splitlines() if line.startswith("Error")]
+
+
+def test_phantoms_are_deterministic_and_varied():
+    from node.synth.phantom import make_phantom
+
+    a, b, c = make_phantom(5), make_phantom(5), make_phantom(6)
+    np.testing.assert_array_equal(a.hu, b.hu)
+    assert a.patient.study_instance_uid == b.patient.study_instance_uid != c.patient.study_instance_uid
+    assert a.hu.shape != c.hu.shape or a.geometry.pixel_spacing != c.geometry.pixel_spacing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_mask_matches_cpu_mask():
+    from node.pipeline.metrics import dice
+    from node.synth.ct_series import ct_datasets
+    from node.synth.phantom import make_phantom
+    from node.pipeline.volume import load_volume
+
+    phantom = make_phantom(30001)
+    volume = load_volume(ct_datasets(phantom.hu, phantom.geometry, phantom.patient))
+    cpu = Segmenter.from_weights(BUNDLED, "cpu").predict(volume).mask
+    gpu = Segmenter.from_weights(BUNDLED, "cuda").predict(volume).mask
+    assert dice(cpu, gpu) >= 0.99
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error():
+    with pytest.raises(DeviceError, match="torch sees no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
