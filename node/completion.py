@@ -23,8 +23,9 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from node.config import Config
-from node.jobs import CT_IMAGE_STORAGE, Eligibility, submit_series
+from node.jobs import Eligibility, submit_series
 from node.models import Instance, Series
+from node.pipeline.volume import CT_IMAGE_STORAGE
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from node.models import Instance, Job, JobEvent, Series, utcnow
 
 log = logging.getLogger(__name__)
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MAX_STARTS = 3  # a job that took the worker down this often is failed, not retried forever
 
 QUEUED, RUNNING, SENDING, DONE, FAILED, REJECTED = "queued", "running", "sending", "done", "failed", "rejected"
@@ -59,10 +58,10 @@ def submit_series(engine: Engine, series_instance_uid: str, eligibility_of) -> J
         uids = sorted(i.sop_instance_uid for i in instances)
         if latest is not None and latest.status == QUEUED:
             if latest.input_fingerprint != fingerprint(uids):
-                latest.input_uids, latest.input_fingerprint = uids, fingerprint(uids)
+                latest.input_uids, latest.input_fingerprint, latest.inputs_at = uids, fingerprint(uids), utcnow()
                 add_event(session, latest, "inputs updated", f"{len(uids)} instances before the job started")
             return latest
-        if latest is not None and newest_arrival <= latest.created_at:
+        if latest is not None and newest_arrival <= latest.inputs_at:
             return None
         verdict = eligibility_of(series, instances)
         job = Job(
@@ -72,6 +71,7 @@ def submit_series(engine: Engine, series_instance_uid: str, eligibility_of) -> J
             error="" if verdict.eligible else verdict.reason,
             input_uids=uids,
             input_fingerprint=fingerprint(uids),
+            inputs_at=utcnow(),
             created_at=utcnow(),
             finished_at=None if verdict.eligible else utcnow(),
         )
@@ -121,7 +121,7 @@ def recover_after_restart(engine: Engine) -> int:
 def series_needing_jobs(engine: Engine) -> list[str]:
     """Series with instances newer than their latest job (or no job): their timers died with the process."""
     with Session(engine) as session:
-        latest_job = select(Job.series_id, func.max(Job.created_at).label("created")).group_by(Job.series_id).subquery()
+        latest_job = select(Job.series_id, func.max(Job.inputs_at).label("created")).group_by(Job.series_id).subquery()
         newest = select(Instance.series_id, func.max(Instance.last_received_at).label("arrived")).group_by(Instance.series_id).subquery()
         rows = session.execute(
             select(Series.series_instance_uid, newest.c.arrived, latest_job.c.created)

@@ -112,6 +112,7 @@ class Job(Base):
     # Exactly the instances this job computes from; the fingerprint is sha256 of the sorted UIDs and their count.
     input_uids: Mapped[list] = mapped_column(JSON, default=list)
     input_fingerprint: Mapped[str] = mapped_column(String(64), default="")
+    inputs_at: Mapped[datetime] = mapped_column(UTCDateTime())  # when input_uids were last taken
     model_name: Mapped[str] = mapped_column(String(64), default="")
     model_version: Mapped[str] = mapped_column(String(64), default="")
     timings: Mapped[dict] = mapped_column(JSON, default=dict)  # stage -> seconds

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from node.config import Config
 from node.jobs import add_event, settle
-from node.models import Delivery, Job, utcnow
+from node.models import Delivery, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import text
-
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 
 from node.database import alembic_config, make_engine, migrate
 from node.models import Base

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -79,13 +80,34 @@ def jobs(node: NodeProcess) -> list[dict]:
     return json.loads(result.stdout)
 
 
-def wait_for(node: NodeProcess, predicate, timeout: float = 120.0, what: str = "condition") -> list[dict]:
+def peek(node: NodeProcess) -> list[dict]:
+    """The job rows straight from SQLite: fast enough to catch a job while it runs."""
+    if not node.database.exists():
+        return []
+    with sqlite3.connect(node.database, timeout=10) as connection:
+        rows = connection.execute("select id, status, version, input_uids, error, superseded_by from jobs order by id desc").fetchall()
+        deliveries = connection.execute("select job_id, status, attempts from deliveries order by id").fetchall()
+    return [
+        {
+            "id": job_id, "status": status, "version": version, "instances": len(json.loads(uids)), "error": error,
+            "superseded_by": superseded_by,
+            "deliveries": [{"status": s, "attempts": a} for j, s, a in deliveries if j == job_id],
+        }
+        for job_id, status, version, uids, error, superseded_by in rows
+    ]
+
+
+def wait_for(node: NodeProcess, predicate, timeout: float = 180.0, what: str = "condition") -> list[dict]:
+    """Poll the job rows until `predicate(rows)` holds; returns the rows."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        current = jobs(node)
+        try:
+            current = peek(node)
+        except sqlite3.OperationalError:
+            current = []
         if predicate(current):
             return current
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}: jobs {json.dumps(jobs(node), indent=1)}\n--- node log ---\n{node.log()[-5000:]}")
 
 
@@ -98,7 +120,8 @@ def test_pushed_series_comes_back_as_rtstruct(loop_node, tps, tmp_path):
     tps.start()
     sent = phantom_series(tmp_path / "ct", seed=40001)
     push(node, tmp_path / "ct", "+sd")
-    (job,) = wait_for(node, settled, what="the job to finish")
+    wait_for(node, settled, what="the job to finish")
+    (job,) = jobs(node)
     assert job["status"] == "done", job
     for stage in ("load", "preprocess", "pass_1", "pass_2", "postprocess", "rtstruct", "outputs", "send"):
         assert stage in job["timings"], stage
@@ -125,7 +148,8 @@ def test_series_over_three_associations_makes_one_job(loop_node, tps, tmp_path):
     for part in thirds:
         push(node, list(part))
         time.sleep(1.0)  # shorter than the quiet time (3 s) and the release grace (2 s)
-    current = wait_for(node, settled, what="the job to finish")
+    wait_for(node, settled, what="the job to finish")
+    current = jobs(node)
     assert len(current) == 1 and current[0]["instances"] == len(files) and current[0]["status"] == "done"
 
 
@@ -136,8 +160,8 @@ def test_resent_slices_make_version_two_that_supersedes(loop_node, tps, tmp_path
     push(node, tmp_path / "ct", "+sd")
     wait_for(node, lambda j: settled(j) and j[0]["status"] == "done", what="version 1")
     push(node, tmp_path / "ct", "+sd")
-    current = wait_for(node, lambda j: settled(j, 2), what="version 2")
-    newest, oldest = current
+    wait_for(node, lambda j: settled(j, 2), what="version 2")
+    newest, oldest = jobs(node)
     assert (oldest["version"], newest["version"]) == (1, 2)
     assert newest["status"] == "done" and oldest["superseded_by"] == newest["id"]
     descriptions = sorted(dcmread(p).SeriesDescription for p in tps.files())
@@ -150,7 +174,8 @@ def test_receiver_down_then_up_delivers_exactly_once(loop_node, tps, tmp_path):
     push(node, tmp_path / "ct", "+sd")
     wait_for(node, lambda j: j and j[0]["deliveries"] and j[0]["deliveries"][0]["attempts"] >= 2, what="failed attempts")
     tps.start()
-    (job,) = wait_for(node, settled, what="delivery")
+    wait_for(node, settled, what="delivery")
+    (job,) = jobs(node)
     assert job["status"] == "done"
     (delivery,) = job["deliveries"]
     assert delivery["status"] == "done" and delivery["attempts"] >= 3
@@ -167,7 +192,8 @@ def test_sigkill_during_inference_then_restart(loop_node, tps, tmp_path):
     node.kill()
     time.sleep(1)
     node.start()
-    (job,) = wait_for(node, settled, what="the job after restart")
+    wait_for(node, settled, what="the job after restart")
+    (job,) = jobs(node)
     assert job["status"] == "done"
     detail = json.loads(node.rtnode("job", str(job["id"]), "--json").stdout)
     assert "requeued" in [e["event"] for e in detail["events"]]
@@ -204,7 +230,8 @@ def test_rejections_failures_and_the_next_series(loop_node, tps, tmp_path):
     wait_for(node, lambda j: settled(j, 4), what="four series to settle")
     phantom_series(tmp_path / "ct", seed=40006)
     push(node, tmp_path / "ct", "+sd")
-    current = wait_for(node, lambda j: settled(j, 5), what="the good series after the bad ones")
+    wait_for(node, lambda j: settled(j, 5), what="the good series after the bad ones")
+    current = jobs(node)
     by_status = {}
     for job in current:
         by_status.setdefault(job["status"], []).append(job)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,9 +151,9 @@ def test_phantoms_are_deterministic_and_varied():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_mask_matches_cpu_mask():
     from node.pipeline.metrics import dice
+    from node.pipeline.volume import load_volume
     from node.synth.ct_series import ct_datasets
     from node.synth.phantom import make_phantom
-    from node.pipeline.volume import load_volume
 
     phantom = make_phantom(30001)
     volume = load_volume(ct_datasets(phantom.hu, phantom.geometry, phantom.patient))

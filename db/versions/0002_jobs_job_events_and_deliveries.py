@@ -8,7 +8,6 @@ Create Date: 2026-11-26
 import sqlalchemy as sa
 from alembic import op
 
-
 revision = '0002'
 down_revision = '0001'
 branch_labels = None
@@ -24,6 +23,7 @@ def upgrade() -> None:
     sa.Column('error', sa.Text(), nullable=False),
     sa.Column('input_uids', sa.JSON(), nullable=False),
     sa.Column('input_fingerprint', sa.String(length=64), nullable=False),
+    sa.Column('inputs_at', sa.DateTime(), nullable=False),
     sa.Column('model_name', sa.String(length=64), nullable=False),
     sa.Column('model_version', sa.String(length=64), nullable=False),
     sa.Column('timings', sa.JSON(), nullable=False),
@@ -74,7 +74,6 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('job_events', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_job_events_job_id'), ['job_id'], unique=False)
-
 
 
 def downgrade() -> None:

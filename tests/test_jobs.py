@@ -1,0 +1,114 @@
+"""Job bookkeeping on a real SQLite database: versions, fingerprints, claiming, restart recovery."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.filewriter import dcmwrite
+from sqlalchemy.orm import Session
+
+from node.completion import eligibility, looks_complete
+from node.database import open_database
+from node.jobs import (
+    DONE,
+    QUEUED,
+    claim_next,
+    fingerprint,
+    recover_after_restart,
+    series_needing_jobs,
+    submit_series,
+)
+from node.models import Job
+from node.store import InstanceStore, Sender
+from tests.conftest import write_ct
+
+SENDER = Sender("SCANNER", "127.0.0.1")
+
+
+@pytest.fixture
+def engine(tmp_path):
+    return open_database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+
+
+def store_files(engine, tmp_path: Path, files: list[Path]) -> None:
+    store = InstanceStore(engine, tmp_path / "incoming", fsync=False)
+    for path in files:
+        buffer = BytesIO()
+        dcmwrite(buffer, dcmread(path), enforce_file_format=True)
+        store.save(buffer.getvalue(), "1.2.840.10008.1.2.1", SENDER)
+
+
+def submit(engine, uid: str) -> Job | None:
+    return submit_series(engine, uid, lambda s, i: eligibility(s, i, min_slices=5))
+
+
+def set_status(engine, job_id: int, status: str) -> None:
+    with Session(engine) as session, session.begin():
+        session.get(Job, job_id).status = status
+
+
+def test_versions_follow_arrivals(engine, tmp_path):
+    files = write_ct(tmp_path / "ct", slices=8, rows=16, columns=16)
+    uid = dcmread(files[0]).SeriesInstanceUID
+    store_files(engine, tmp_path, files[:6])
+    assert series_needing_jobs(engine) == [uid]
+    first = submit(engine, uid)
+    assert (first.version, first.status, len(first.input_uids)) == (1, QUEUED, 6)
+    assert series_needing_jobs(engine) == []
+
+    store_files(engine, tmp_path, files[6:])  # late slices while still queued: the same job takes them
+    same = submit(engine, uid)
+    assert same.id == first.id and len(same.input_uids) == 8
+    assert same.input_fingerprint == fingerprint([dcmread(p).SOPInstanceUID for p in files])
+
+    assert submit(engine, uid) is not None and submit(engine, uid).id == first.id  # nothing new: no new job
+    assert claim_next(engine) == first.id
+    set_status(engine, first.id, DONE)
+    assert submit(engine, uid) is None
+
+    store_files(engine, tmp_path, files[:2])  # a repeat after done makes version 2
+    second = submit(engine, uid)
+    assert (second.version, second.status) == (2, QUEUED)
+
+
+def test_never_two_running_jobs_of_one_series(engine, tmp_path):
+    files = write_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
+    uid = dcmread(files[0]).SeriesInstanceUID
+    store_files(engine, tmp_path, files)
+    first = submit(engine, uid)
+    assert claim_next(engine) == first.id
+    store_files(engine, tmp_path, files[:1])
+    second = submit(engine, uid)
+    assert second.version == 2
+    assert claim_next(engine) is None  # version 1 still runs
+    set_status(engine, first.id, DONE)
+    assert claim_next(engine) == second.id
+
+
+def test_restart_requeues_running_jobs_and_gives_up_after_repeated_crashes(engine, tmp_path):
+    files = write_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
+    uid = dcmread(files[0]).SeriesInstanceUID
+    store_files(engine, tmp_path, files)
+    job = submit(engine, uid)
+    for _ in range(3):
+        assert claim_next(engine) == job.id
+        assert recover_after_restart(engine) == 1
+    assert claim_next(engine) is None
+    with Session(engine) as session:
+        crashed = session.get(Job, job.id)
+        assert crashed.status == "failed" and "stopped 3 times" in crashed.error
+        assert [e.event for e in crashed.events].count("requeued") == 3
+
+
+def test_eligibility_and_completeness(engine, tmp_path):
+    files = write_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
+    store_files(engine, tmp_path, files)
+    uid = dcmread(files[0]).SeriesInstanceUID
+    rejected = submit_series(engine, uid, lambda s, i: eligibility(s, i, min_slices=20))
+    assert rejected.status == "rejected" and "6 slices, fewer than completion.min_slices = 20" in rejected.error
+    assert looks_complete([str(p) for p in files], min_slices=5)
+    assert not looks_complete([str(p) for p in files[:2] + files[3:]], min_slices=5)
+    assert not looks_complete([str(p) for p in files], min_slices=10)
