@@ -16,19 +16,18 @@ from datetime import datetime
 
 import highdicom as hd
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from node import __version__
+from node.dicom import file_meta
 from node.pipeline.volume import Volume
 from node.rtstruct.contours import ContourSet
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"  # the SOP class PS3.3 wants in RTReferencedStudySequence
-IMPLEMENTATION_CLASS_UID = "2.25.264818388409254004771177689748288786326"
-IMPLEMENTATION_VERSION_NAME = f"RTNODE_{__version__}"[:16]
 MAX_CONTOUR_DATA_BYTES = 65_534  # longer values need a 32-bit length, which readers then see as absent
 
 # Attributes copied from the CT so the planning system files the RTSTRUCT with its images.
@@ -191,15 +190,8 @@ def build_rtstruct(
     ct = volume.headers[0]
     sop_instance_uid = generate_uid()
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = file_meta(RT_STRUCTURE_SET_STORAGE, sop_instance_uid)
     _copy_from_ct(ds, ct)
     ds.InstanceCreationDate = ds.StructureSetDate = ds.SeriesDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = ds.StructureSetTime = ds.SeriesTime = now.strftime("%H%M%S")

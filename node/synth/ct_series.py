@@ -12,8 +12,10 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, generate_uid
+
+from node.dicom import file_meta
 
 # ImageOrientationPatient (row direction, column direction) per patient position.
 ORIENTATIONS: dict[str, tuple[float, ...]] = {
@@ -89,14 +91,8 @@ def _ds(value: float) -> str:
 
 def _slice_dataset(pixels: np.ndarray, k: int, geometry: SeriesGeometry, patient: PatientStudy, now: datetime) -> Dataset:
     sop_instance_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = file_meta(CTImageStorage, sop_instance_uid)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.SOPClassUID = CTImageStorage
