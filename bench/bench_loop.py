@@ -97,7 +97,7 @@ def main() -> None:
         tps_dir = work / "tps"
         tps_dir.mkdir()
         tps_port = free_port()
-        tps = subprocess.Popen(["storescp", "-aet", "TPS", "-od", str(tps_dir), str(tps_port)], env=DCMTK_ENV)
+        tps = subprocess.Popen(["storescp", "-aet", "TPS", "+uf", "-od", str(tps_dir), str(tps_port)], env=DCMTK_ENV)
         wait_for_port(tps_port)
         destinations = f'[[destinations]]\nname = "tps"\nae_title = "TPS"\nhost = "127.0.0.1"\nport = {tps_port}\n'
         node = NodeProcess(root=work / "node", port=free_port(), sections=destinations).start()

@@ -78,6 +78,7 @@ def time_bare_pynetdicom(series_dir: Path, work: Path) -> float:
 def time_rtnode(series_dir: Path, work: Path, fsync: bool) -> float:
     node = NodeProcess(root=work / "rtnode", port=free_port(), extra_config=f"fsync = {str(fsync).lower()}")
     node.start()
+    time.sleep(5)  # let the worker process finish importing torch before timing the push
     try:
         return push(node.port, series_dir)
     finally:

@@ -256,14 +256,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from node.pipeline.train import phantom_cases, train
     from node.pipeline.weights import ModelCard
 
-    if args.folds is None:
-        summary = evaluate_on_phantoms(Segmenter.from_weights(_default_weights(args), args.device), _seeds(args.seeds))
+    if args.weights is not None:
+        summary = evaluate_on_phantoms(Segmenter.from_weights(args.weights, args.device), _seeds(args.seeds))
         for r in summary.results:
             print(f"{r.case:<16} Dice {r.dice:.3f}  HD95 {r.hd95_mm:6.1f} mm")
         print(f"mean             Dice {summary.mean_dice:.3f}  HD95 {summary.mean_hd95:6.1f} mm")
         return 0
+    if args.data is not None:
+        raise UserError("cross-validation on --data is not implemented yet: train with rtnode train, then check with rtnode contour")
     config = _training_config(args)
     seeds = list(range(args.seed, args.seed + args.phantoms))
+    if not 2 <= args.folds <= len(seeds):
+        raise UserError(f"--folds {args.folds} needs 2 to {len(seeds)} folds for {len(seeds)} phantoms")
     folds = fold_indices(len(seeds), args.folds)
     results = []
     for number, held_out in enumerate(folds, start=1):
@@ -436,10 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--version", default=__version__)
     train.add_argument("--holdout", help="phantom seeds to evaluate after training, e.g. 10000-10009 (recorded in the card)")
 
-    evaluate = add("evaluate", cmd_evaluate, "Dice and HD95: of weights on held-out phantoms, or k-fold cross-validation")
+    evaluate = add("evaluate", cmd_evaluate, "k-fold cross-validation of training (Dice, HD95), or --weights on held-out phantoms")
     training_options(evaluate)
-    evaluate.add_argument("--folds", type=int, help="k-fold cross-validation of training (e.g. 3) instead of --weights")
-    evaluate.add_argument("--weights", type=Path)
+    evaluate.add_argument("--folds", type=int, default=3, help="folds of the cross-validation")
+    evaluate.add_argument("--weights", type=Path, help="evaluate these weights on held-out phantoms instead")
     evaluate.add_argument("--seeds", default="10000-10009", help="held-out phantom seeds for --weights")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 

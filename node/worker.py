@@ -31,6 +31,10 @@ from node.rtstruct.seg import build_seg
 log = logging.getLogger(__name__)
 
 
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {stage: round(seconds, 3) for stage, seconds in timings.items()}
+
+
 class JobFailed(Exception):
     """A job ends in `failed` with this message (a sentence for the job log)."""
 
@@ -57,25 +61,25 @@ class Worker:
             self.run_job(job_id)
 
     def run_job(self, job_id: int) -> None:
+        timings: dict[str, float] = {}  # filled stage by stage, kept for failed jobs too
         try:
-            outputs, timings, deliveries = self._compute(job_id)
+            outputs, deliveries = self._compute(job_id, timings)
         except JobFailed as exc:
-            self._finish(job_id, FAILED, str(exc))
+            self._finish(job_id, FAILED, str(exc), timings)
             return
         except Exception as exc:  # a bug or an unexpected input must not stop the next job
             log.exception("job %s failed unexpectedly", job_id)
-            self._finish(job_id, FAILED, f"internal error: {exc!r}")
+            self._finish(job_id, FAILED, f"internal error: {exc!r}", timings)
             return
         self._record_outputs(job_id, outputs, timings, deliveries)
 
-    def _compute(self, job_id: int) -> tuple[dict, dict, list[tuple[str, str]]]:
+    def _compute(self, job_id: int, timings: dict[str, float]) -> tuple[dict, list[tuple[str, str]]]:
         with Session(self._engine) as session:
             job = session.get(Job, job_id)
             series_uid, version = job.series.series_instance_uid, job.version
             paths = session.scalars(select(Instance.path).where(Instance.sop_instance_uid.in_(job.input_uids))).all()
         if len(paths) != len(job.input_uids):
             raise JobFailed(f"{len(job.input_uids) - len(paths)} input instances are no longer in the database")
-        timings: dict[str, float] = {}
         start = time.perf_counter()
         try:
             volume = load_volume(read_datasets(Path(p) for p in paths))
@@ -98,9 +102,8 @@ class Worker:
         except EmptyMaskError as exc:
             raise JobFailed(f"no CTV found in series {series_uid} by {algorithm.label}: nothing sent") from exc
         label = "AUTO_CTV" if version == 1 else f"AUTO_CTV_V{version}"[:16]
-        description = f"UNAPPROVED automatic contour ({algorithm.label}) v{version}"
-        if version > 1:
-            description += f", supersedes v{version - 1}"
+        supersedes = f", supersedes v{version - 1}" if version > 1 else ""
+        description = f"UNAPPROVED auto-contour v{version}{supersedes} ({algorithm.label})"
         rtstruct = build_rtstruct(
             volume,
             [Roi(self._config.model.roi_name, contours)],
@@ -117,19 +120,16 @@ class Worker:
         start = time.perf_counter()
         outputs["mask"] = str(out_dir / "mask.nii.gz")
         write_mask(Path(outputs["mask"]), volume, prediction.mask)
+        deliveries = [("rtstruct", str(rtstruct.SOPInstanceUID))]
         if self._config.delivery.send_seg:
             outputs["seg"] = str(out_dir / "seg.dcm")
-            build_seg(volume, prediction.mask, algorithm, label=self._config.model.roi_name).save_as(outputs["seg"])
+            seg = build_seg(volume, prediction.mask, algorithm, label=self._config.model.roi_name)
+            seg.save_as(outputs["seg"])
+            deliveries.append(("seg", str(seg.SOPInstanceUID)))
         outputs["qa"] = str(out_dir / "qa.png")
         write_montage(Path(outputs["qa"]), volume, prediction.mask)
         timings["outputs"] = time.perf_counter() - start
-
-        deliveries = [("rtstruct", str(rtstruct.SOPInstanceUID))]
-        if "seg" in outputs:
-            from pydicom import dcmread
-
-            deliveries.append(("seg", str(dcmread(outputs["seg"], stop_before_pixels=True).SOPInstanceUID)))
-        return outputs, {k: round(v, 3) for k, v in timings.items()}, deliveries
+        return outputs, deliveries
 
     def _set_model(self, job_id: int, name: str, version: str) -> None:
         with Session(self._engine) as session, session.begin():
@@ -140,7 +140,7 @@ class Worker:
         now = utcnow()
         with Session(self._engine) as session, session.begin():
             job = session.get(Job, job_id)
-            job.outputs, job.timings = outputs, timings
+            job.outputs, job.timings = outputs, _rounded(timings)
             add_event(session, job, "contoured", ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
             for destination in self._config.destinations:
                 for kind, sop_instance_uid in deliveries:
@@ -174,8 +174,8 @@ class Worker:
                     delivery.status = "superseded"
             settle(session, previous)
 
-    def _finish(self, job_id: int, status: str, error: str) -> None:
+    def _finish(self, job_id: int, status: str, error: str, timings: dict[str, float]) -> None:
         with Session(self._engine) as session, session.begin():
             job = session.get(Job, job_id)
-            job.status, job.error, job.finished_at = status, error, utcnow()
+            job.status, job.error, job.finished_at, job.timings = status, error, utcnow(), _rounded(timings)
             add_event(session, job, status, error)

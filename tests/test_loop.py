@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class Receiver:
 
     def start(self) -> Receiver:
         self.process = subprocess.Popen(
-            [require_tool("storescp"), "-aet", "TPS", "-od", str(self.directory), str(self.port)],
+            [require_tool("storescp"), "-aet", "TPS", "+uf", "-od", str(self.directory), str(self.port)],
             env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port)
@@ -138,6 +139,11 @@ def test_pushed_series_comes_back_as_rtstruct(loop_node, tps, tmp_path):
 
     detail = json.loads(node.rtnode("job", str(job["id"]), "--json").stdout)
     assert [e["event"] for e in detail["events"]][:2] == ["queued", "started"] and detail["events"][-1]["event"] == "done"
+
+    resent = node.rtnode("resend", str(job["id"]))
+    assert resent.returncode == 0, resent.stderr
+    wait_for(node, lambda j: settled(j) and len(j[0]["deliveries"]) == 2, what="the resend")
+    assert len(tps.files()) == 2 and {dcmread(p).SOPInstanceUID for p in tps.files()} == {rs.SOPInstanceUID}
 
 
 def test_series_over_three_associations_makes_one_job(loop_node, tps, tmp_path):
@@ -259,3 +265,15 @@ def test_echo_stays_fast_while_a_job_runs(loop_node, tps, tmp_path):
         assert result.returncode == 0
     assert jobs(node)[0]["status"] in ("running", "sending", "done")
     assert max(times) < 0.2, times
+
+
+def test_demo_runs_the_whole_loop(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "demo", "--workdir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "RT Structure Set received" in result.stdout and "done" in result.stdout
+    assert "ApprovalStatus UNAPPROVED" in result.stdout
+    assert (tmp_path / "demo" / "data" / "jobs" / "1" / "qa.png").is_file()
+    assert len(list((tmp_path / "demo" / "tps").iterdir())) == 1

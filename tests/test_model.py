@@ -138,6 +138,17 @@ def test_synth_writes_ct_mask_and_rtstruct_that_agree(tmp_path):
     assert not [line for line in validation.stderr.splitlines() if line.startswith("Error")]
 
 
+def test_cross_validation_prints_each_fold_and_the_mean():
+    result = rtnode(
+        "evaluate", "--folds", "2", "--phantoms", "2", "--seed", "900", "--steps", "2", "--channels", "4,8,8,8,8",
+        "--spacing", "8,8,8", "--shape", "16,32,32", "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["fold 1", "fold 2", "mean over 2 folds"]
+    assert all("Dice" in line and "HD95" in line for line in lines)
+
+
 def test_phantoms_are_deterministic_and_varied():
     from node.synth.phantom import make_phantom
 
