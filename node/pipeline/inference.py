@@ -6,6 +6,7 @@ The same code path serves the node's worker and `rtnode contour`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,13 @@ class Segmenter:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def _pass(self, ct: torch.Tensor, previous: torch.Tensor, step: int) -> torch.Tensor:
+        if self.precision == "bf16" and self.device.type == "cpu":
+            ct = ct.contiguous(memory_format=torch.channels_last_3d)
+            previous = previous.contiguous(memory_format=torch.channels_last_3d)
+        with self._autocast():
+            return torch.sigmoid(self.model.single_pass(ct, previous, step))
+
     def predict(self, volume: Volume) -> Prediction:
         prep = self.card.preprocessing
         timings: dict[str, float] = {}
@@ -83,16 +91,10 @@ class Segmenter:
             self._sync()
             timings["preprocess"] = time.perf_counter() - start
 
-            def run(ct: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-                if self.precision == "bf16" and self.device.type == "cpu":
-                    ct = ct.contiguous(memory_format=torch.channels_last_3d)
-                    previous = previous.contiguous(memory_format=torch.channels_last_3d)
-                with self._autocast():
-                    return torch.sigmoid(self.model.single_pass(ct, previous))
-
             probability = torch.zeros_like(image)
             for index in range(self.card.architecture.passes):
                 start = time.perf_counter()
+                run = functools.partial(self._pass, step=index)
                 probability = sliding_window(run, image, probability, prep.shape, prep.window_overlap)
                 self._sync()
                 timings[f"pass_{index + 1}"] = time.perf_counter() - start

@@ -35,9 +35,21 @@ class Architecture:
         return 2 ** (len(self.channels) - 1)
 
 
-class ConvBlock(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(nn.Conv3d(in_channels, out_channels, 3, padding=1), nn.ELU(inplace=True), nn.BatchNorm3d(out_channels))
+class ConvBlock(nn.Module):
+    """3x3x3 conv, ELU, BatchNorm, with one BatchNorm per recurrent pass.
+
+    The passes share the convolutions but not the statistics: pass 1 sees an all-zero
+    previous mask, later passes a probability map, so one set of running statistics
+    would fit neither at inference (recurrent batch normalisation, Cooijmans et al. 2016).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, passes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        self.norms = nn.ModuleList(nn.BatchNorm3d(out_channels) for _ in range(passes))
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        return self.norms[step](F.elu(self.conv(x), inplace=True))
 
 
 class SqueezeExcitation(nn.Module):
@@ -55,44 +67,46 @@ class SqueezeExcitation(nn.Module):
 class ResidualSEBlock(nn.Module):
     """Two conv blocks, SE recalibration, plus the (projected) input."""
 
-    def __init__(self, in_channels: int, out_channels: int, se_reduction: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, se_reduction: int, passes: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(ConvBlock(in_channels, out_channels), ConvBlock(out_channels, out_channels))
+        self.first = ConvBlock(in_channels, out_channels, passes)
+        self.second = ConvBlock(out_channels, out_channels, passes)
         self.se = SqueezeExcitation(out_channels, se_reduction)
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.se(self.body(x)) + self.skip(x)
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        return self.se(self.second(self.first(x, step), step)) + self.skip(x)
 
 
 class ResSEUNet3D(nn.Module):
     def __init__(self, architecture: Architecture = Architecture()) -> None:
         super().__init__()
         self.architecture = architecture
-        channels, reduction = architecture.channels, architecture.se_reduction
+        channels, reduction, passes = architecture.channels, architecture.se_reduction, architecture.passes
         self.encoders = nn.ModuleList()
         previous = 2  # CT and the previous pass's mask
         for width in channels[:-1]:
-            self.encoders.append(ResidualSEBlock(previous, width, reduction))
+            self.encoders.append(ResidualSEBlock(previous, width, reduction, passes))
             previous = width
-        self.bridge = ResidualSEBlock(channels[-2], channels[-1], reduction)
+        self.bridge = ResidualSEBlock(channels[-2], channels[-1], reduction, passes)
         self.upsamplers = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for deeper, width in zip(channels[:0:-1], channels[-2::-1], strict=True):
             self.upsamplers.append(nn.ConvTranspose3d(deeper, width, 2, stride=2))
-            self.decoders.append(ResidualSEBlock(2 * width, width, reduction))
+            self.decoders.append(ResidualSEBlock(2 * width, width, reduction, passes))
         self.head = nn.Conv3d(channels[0], 1, 1)
 
-    def single_pass(self, ct: torch.Tensor, previous_mask: torch.Tensor) -> torch.Tensor:
+    def single_pass(self, ct: torch.Tensor, previous_mask: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Logits of pass `step` (0-based) given the previous pass's mask probability."""
         x = torch.cat([ct, previous_mask], dim=1)
         skips = []
         for encoder in self.encoders:
-            x = encoder(x)
+            x = encoder(x, step)
             skips.append(x)
             x = F.max_pool3d(x, 2)
-        x = self.bridge(x)
+        x = self.bridge(x, step)
         for upsample, decoder, skip in zip(self.upsamplers, self.decoders, reversed(skips), strict=True):
-            x = decoder(torch.cat([upsample(x), skip], dim=1))
+            x = decoder(torch.cat([upsample(x), skip], dim=1), step)
         return self.head(x)
 
     def forward(self, ct: torch.Tensor) -> list[torch.Tensor]:
@@ -102,8 +116,8 @@ class ResSEUNet3D(nn.Module):
             raise ValueError(f"input size {tuple(ct.shape[2:])} must be a multiple of {divisor} in every axis")
         mask = torch.zeros_like(ct)
         outputs = []
-        for _ in range(self.architecture.passes):
-            logits = self.single_pass(ct, mask)
+        for step in range(self.architecture.passes):
+            logits = self.single_pass(ct, mask, step)
             outputs.append(logits)
             mask = torch.sigmoid(logits)
         return outputs

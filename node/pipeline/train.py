@@ -180,7 +180,29 @@ def train(
                 log.info("step %d/%d loss %.4f (%.0f s)", step, config.steps, float(loss), time.perf_counter() - started)
             if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.steps):
                 _save_checkpoint(checkpoint, model, optimizer, step, rng, history)
+    recalibrate_batchnorm(model, cases, config, rng)
     return model.to(memory_format=torch.contiguous_format).eval(), history
+
+
+def recalibrate_batchnorm(model: ResSEUNet3D, cases: list[TrainingCase], config: TrainConfig, rng: np.random.Generator, crops: int = 48) -> None:
+    """Replace the running BatchNorm statistics by exact averages over training crops, per pass.
+
+    The running averages lag behind the weights (momentum 0.1 while Adam moves them);
+    inference should normalise as training did with the final weights.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for _ in range(crops):
+            image, _ = augmented_crop(cases[rng.integers(len(cases))], config.preprocessing.shape, rng, config.target_fraction)
+            model(torch.from_numpy(image)[None, None].contiguous(memory_format=torch.channels_last_3d))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.momentum = 0.1
+    model.eval()
 
 
 def _progress(show: bool, total: int, completed: int):
