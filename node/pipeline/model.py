@@ -31,7 +31,7 @@ class Architecture:
 
     @property
     def divisor(self) -> int:
-        """Input sizes must be multiples of this (one halving per level below the first)."""
+        """Inputs are padded to multiples of this (one halving per level below the first)."""
         return 2 ** (len(self.channels) - 1)
 
 
@@ -97,7 +97,16 @@ class ResSEUNet3D(nn.Module):
         self.head = nn.Conv3d(channels[0], 1, 1)
 
     def single_pass(self, ct: torch.Tensor, previous_mask: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """Logits of pass `step` (0-based) given the previous pass's mask probability."""
+        """Logits of pass `step` (0-based) given the previous pass's mask probability.
+
+        Any input size works: it is zero-padded to a multiple of `divisor` (72 slices, the
+        thesis's depth, is not one) and the logits are cropped back.
+        """
+        size = ct.shape[2:]
+        padding = [(-n) % self.architecture.divisor for n in size]
+        if any(padding):
+            flat = [0, padding[2], 0, padding[1], 0, padding[0]]
+            ct, previous_mask = F.pad(ct, flat), F.pad(previous_mask, flat)
         x = torch.cat([ct, previous_mask], dim=1)
         skips = []
         for encoder in self.encoders:
@@ -107,13 +116,10 @@ class ResSEUNet3D(nn.Module):
         x = self.bridge(x, step)
         for upsample, decoder, skip in zip(self.upsamplers, self.decoders, reversed(skips), strict=True):
             x = decoder(torch.cat([upsample(x), skip], dim=1), step)
-        return self.head(x)
+        return self.head(x)[..., : size[0], : size[1], : size[2]]
 
     def forward(self, ct: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every pass for a (batch, 1, D, H, W) CT scaled to [0, 1]; the last is the answer."""
-        divisor = self.architecture.divisor
-        if any(size % divisor for size in ct.shape[2:]):
-            raise ValueError(f"input size {tuple(ct.shape[2:])} must be a multiple of {divisor} in every axis")
         mask = torch.zeros_like(ct)
         outputs = []
         for step in range(self.architecture.passes):
