@@ -6,7 +6,7 @@ from pydicom import dcmread
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, selectinload
 
-from node.models import Delivery, Job, utcnow
+from node.models import Job
 
 
 def _iso(value) -> str | None:
@@ -76,9 +76,8 @@ def summary_line(job: dict) -> str:
 
 def resend(engine: Engine, job_id: int, destinations) -> int:
     """Queue new deliveries of a job's outputs by hand; returns how many."""
-    from node.jobs import SENDING, add_event
+    from node.jobs import SENDING, add_event, new_delivery
 
-    now = utcnow()
     with Session(engine) as session, session.begin():
         job = session.get(Job, job_id)
         if job is None:
@@ -88,14 +87,8 @@ def resend(engine: Engine, job_id: int, destinations) -> int:
         kinds = [kind for kind in ("rtstruct", "seg") if kind in job.outputs]
         for destination in destinations:
             for kind in kinds:
-                sop_instance_uid = dcmread(job.outputs[kind], stop_before_pixels=True).SOPInstanceUID
-                session.add(
-                    Delivery(
-                        job=job, destination=destination.name, ae_title=destination.ae_title, host=destination.host,
-                        port=destination.port, kind=kind, path=job.outputs[kind], sop_instance_uid=str(sop_instance_uid),
-                        status="pending", attempts=0, last_error="", next_attempt_at=now, created_at=now,
-                    )
-                )
+                sop_instance_uid = str(dcmread(job.outputs[kind], stop_before_pixels=True).SOPInstanceUID)
+                session.add(new_delivery(job, destination, kind, job.outputs[kind], sop_instance_uid))
         job.status, job.finished_at = SENDING, None
         add_event(session, job, "resend", f"queued by hand to {', '.join(d.name for d in destinations)}")
         return len(kinds) * len(destinations)

@@ -16,7 +16,7 @@ from datetime import datetime
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
-from node.models import Instance, Job, JobEvent, Series, utcnow
+from node.models import Delivery, Instance, Job, JobEvent, Series, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,16 @@ def series_needing_jobs(engine: Engine) -> list[str]:
 
 def _naive(value: datetime) -> datetime:
     return value.replace(tzinfo=None) if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+
+def new_delivery(job: Job, destination, kind: str, path: str, sop_instance_uid: str) -> Delivery:
+    """A pending delivery of one output of `job` to one configured destination, due now."""
+    now = utcnow()
+    return Delivery(
+        job=job, destination=destination.name, ae_title=destination.ae_title, host=destination.host, port=destination.port,
+        kind=kind, path=path, sop_instance_uid=sop_instance_uid, status="pending", attempts=0, last_error="",
+        next_attempt_at=now, created_at=now,
+    )
 
 
 def settle(session: Session, job: Job) -> None:

@@ -17,8 +17,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from node.config import Config
-from node.jobs import DONE, FAILED, SENDING, add_event, claim_next, settle
-from node.models import Delivery, Instance, Job, utcnow
+from node.jobs import DONE, FAILED, SENDING, add_event, claim_next, new_delivery, settle
+from node.models import Instance, Job, utcnow
 from node.pipeline.inference import DeviceError, Segmenter
 from node.pipeline.nifti import write_mask
 from node.pipeline.volume import SeriesError, load_volume, read_datasets
@@ -137,26 +137,19 @@ class Worker:
             job.model_name, job.model_version = name, version
 
     def _record_outputs(self, job_id: int, outputs: dict, timings: dict, deliveries: list[tuple[str, str]]) -> None:
-        now = utcnow()
         with Session(self._engine) as session, session.begin():
             job = session.get(Job, job_id)
             job.outputs, job.timings = outputs, _rounded(timings)
             add_event(session, job, "contoured", ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
             for destination in self._config.destinations:
                 for kind, sop_instance_uid in deliveries:
-                    session.add(
-                        Delivery(
-                            job=job, destination=destination.name, ae_title=destination.ae_title, host=destination.host,
-                            port=destination.port, kind=kind, path=outputs[kind], sop_instance_uid=sop_instance_uid,
-                            status="pending", attempts=0, last_error="", next_attempt_at=now, created_at=now,
-                        )
-                    )
+                    session.add(new_delivery(job, destination, kind, outputs[kind], sop_instance_uid))
             self._supersede_older(session, job)
             if self._config.destinations:
                 job.status = SENDING
                 add_event(session, job, "sending", ", ".join(d.name for d in self._config.destinations))
             else:
-                job.status, job.finished_at = DONE, now
+                job.status, job.finished_at = DONE, utcnow()
                 add_event(session, job, "done", "no destinations configured")
 
     @staticmethod
