@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, select, type_coerce, update
 from sqlalchemy.orm import Session
 
-from node.models import Delivery, Instance, Job, JobEvent, Series, utcnow
+from node.models import Delivery, Instance, Job, JobEvent, Series, UTCDateTime, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +123,15 @@ def series_needing_jobs(engine: Engine) -> list[str]:
         latest_job = select(Job.series_id, func.max(Job.inputs_at).label("created")).group_by(Job.series_id).subquery()
         newest = select(Instance.series_id, func.max(Instance.last_received_at).label("arrived")).group_by(Instance.series_id).subquery()
         rows = session.execute(
-            select(Series.series_instance_uid, newest.c.arrived, latest_job.c.created)
+            select(
+                Series.series_instance_uid,
+                type_coerce(newest.c.arrived, UTCDateTime()),
+                type_coerce(latest_job.c.created, UTCDateTime()),
+            )
             .join(newest, newest.c.series_id == Series.id)
             .outerjoin(latest_job, latest_job.c.series_id == Series.id)
         ).all()
-    return [uid for uid, arrived, created in rows if created is None or _naive(arrived) > _naive(created)]
-
-
-def _naive(value: datetime) -> datetime:
-    return value.replace(tzinfo=None) if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return [uid for uid, arrived, created in rows if created is None or arrived > created]
 
 
 def new_delivery(job: Job, destination, kind: str, path: str, sop_instance_uid: str) -> Delivery:
