@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -189,71 +190,104 @@ def _training_config(args: argparse.Namespace):
         seed=args.seed,
         architecture=Architecture(channels=tuple(int(v) for v in args.channels.split(",")), passes=args.passes),
         preprocessing=Preprocessing(mode=args.mode, spacing=args.spacing, shape=args.shape),
+        quality_bound=args.quality_bound,
     )
 
 
-def _training_cases(args: argparse.Namespace, prep, seeds: list[int]):
-    from node.pipeline.train import dicom_cases, phantom_cases
+@dataclass(frozen=True)
+class TrainingData:
+    """The phantom seeds or archive folders named on the command line, split into folds by source
+    (all structure sets of one archive folder stay in one fold)."""
 
-    if args.data is not None:
-        return list(dicom_cases(args.data, args.roi_pattern, prep))
-    return list(phantom_cases(seeds, prep))
+    sources: list  # phantom seeds or archive folders
+    roi_pattern: str | None  # None: phantoms
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainingData:
+        from node.pipeline.cases import archive_folders
+
+        if args.data is None:
+            return cls(list(range(args.seed, args.seed + args.phantoms)), None)
+        if not args.data.is_dir():
+            raise UserError(f"{args.data} is not a directory")
+        return cls(archive_folders(args.data), args.roi_pattern)
+
+    def describe(self, cases: int, root: Path | None) -> str:
+        if self.roi_pattern is None:
+            return f"{cases} synthetic pelvic phantoms, seeds {self.sources[0]}-{self.sources[-1]} (rtnode synth)"
+        return f"{cases} CT series with RT Structure Sets under {root}, ROI pattern {self.roi_pattern!r}"
+
+    def training_cases(self, sources: list, prep) -> list:
+        from node.pipeline.train import archive_cases, phantom_cases
+
+        if self.roi_pattern is None:
+            cases = list(phantom_cases(sources, prep))
+        else:
+            cases = list(archive_cases(sources, self.roi_pattern, prep))
+        if not cases:
+            raise UserError(f"no training cases found (ROI pattern {self.roi_pattern!r}; see the warnings above)")
+        return cases
+
+    def contoured_cts(self, sources: list):
+        from node.pipeline.cases import archive_cts, phantom_cts
+
+        return phantom_cts(sources) if self.roi_pattern is None else archive_cts(sources, self.roi_pattern)
+
+
+def _cpu_segmenter(model, card):
+    from node.pipeline.inference import Segmenter, resolve_device
+
+    return Segmenter(model, card, resolve_device("cpu"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import shlex
     import time
 
+    import torch
+
     from node.pipeline.evaluate import evaluate_on_phantoms
-    from node.pipeline.inference import Segmenter
     from node.pipeline.train import train
     from node.pipeline.weights import ModelCard, save_weights
 
     config = _training_config(args)
-    seeds = list(range(args.seed, args.seed + args.phantoms))
+    data = TrainingData.from_args(args)
     started = time.perf_counter()
-    cases = _training_cases(args, config.preprocessing, seeds)
-    if not cases:
-        raise UserError(f"no training cases found (data: {args.data or 'phantoms'}, ROI pattern {args.roi_pattern!r})")
-    model, history = train(cases, config, checkpoint=args.checkpoint, resume=args.resume, show_progress=not args.quiet)
-    data = (
-        f"{len(cases)} CT series with RT Structure Sets under {args.data}, ROI pattern {args.roi_pattern!r}"
-        if args.data
-        else f"{len(cases)} synthetic pelvic phantoms, seeds {seeds[0]}-{seeds[-1]} (rtnode synth)"
-    )
-    card = ModelCard(
-        name=args.name,
-        version=args.version,
-        architecture=config.architecture,
-        preprocessing=config.preprocessing,
-        training={
-            "command": "rtnode " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("rtnode") else shlex.join(sys.argv),
-            "seed": config.seed,
-            "steps": config.steps,
-            "batch_size": config.batch_size,
-            "optimizer": f"Adam, lr {config.learning_rate:g}",
-            "loss": "BCE + Dice on every recurrent pass",
-            "augmentation": "rotation <= 10 deg, left-right flips, shifts <= 8 voxels, Gaussian noise variance 0.001",
-            "data": data,
-            "final_loss": round(float(np.mean([h[1] for h in history[-50:]])), 4),
-            "seconds": round(time.perf_counter() - started),
-            "torch": __import__("torch").__version__,
-        },
-    )
+    cases = data.training_cases(data.sources, config.preprocessing)
+    run = train(cases, config, checkpoint=args.checkpoint, resume=args.resume, show_progress=not args.quiet)
+    training = {
+        "command": "rtnode " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("rtnode") else shlex.join(sys.argv),
+        "seed": config.seed,
+        "steps": config.steps,
+        "batch_size": config.batch_size,
+        "optimizer": f"Adam, lr {config.learning_rate:g}",
+        "loss": "BCE + Dice on every recurrent pass",
+        "augmentation": "rotation <= 10 deg, left-right flips, shifts <= 8 voxels, Gaussian noise variance 0.001",
+        "data": data.describe(len(cases), args.data),
+        "final_loss": round(float(np.mean([h[1] for h in run.history[-50:]])), 4),
+        "seconds": round(time.perf_counter() - started),
+        "torch": torch.__version__,
+    }
+    if config.quality_bound is not None:
+        training["label_quality"] = f"Pick-and-Learn: QAM loss weights bounded by the OCM, lambda {config.quality_bound:g}"
+    card = ModelCard(args.name, args.version, config.architecture, config.preprocessing, training=training)
     if args.holdout:
-        segmenter = Segmenter(model, card, __import__("torch").device("cpu"))
-        holdout = evaluate_on_phantoms(segmenter, _seeds(args.holdout))
+        holdout = evaluate_on_phantoms(_cpu_segmenter(run.model, card), _seeds(args.holdout))
         card = ModelCard(**{**card.__dict__, "metrics": {"held_out_phantoms": holdout.to_json()}})
         print(f"held-out phantoms {args.holdout}: mean Dice {holdout.mean_dice:.3f}, mean HD95 {holdout.mean_hd95:.1f} mm")
-    final = save_weights(model, card, args.out)
+    if run.label_weights:
+        print("labels the quality module trusts least (weight 1 = an average case; check these contours):")
+        for name, weight in sorted(run.label_weights.items(), key=lambda item: item[1])[:5]:
+            print(f"  {weight:5.2f}  {name}")
+    final = save_weights(run.model, card, args.out)
     print(f"wrote {args.out} and its card (sha256 {final.sha256[:12]}...)")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from node.pipeline.evaluate import Summary, evaluate_on_phantoms, fold_indices
+    from node.pipeline.evaluate import Summary, evaluate, evaluate_on_phantoms, fold_indices
     from node.pipeline.inference import Segmenter
-    from node.pipeline.train import phantom_cases, train
+    from node.pipeline.train import train
     from node.pipeline.weights import ModelCard
 
     if args.weights is not None:
@@ -262,21 +296,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"{r.case:<16} Dice {r.dice:.3f}  HD95 {r.hd95_mm:6.1f} mm")
         print(f"mean             Dice {summary.mean_dice:.3f}  HD95 {summary.mean_hd95:6.1f} mm")
         return 0
-    if args.data is not None:
-        raise UserError("cross-validation on --data is not implemented yet: train with rtnode train, then check with rtnode contour")
     config = _training_config(args)
-    seeds = list(range(args.seed, args.seed + args.phantoms))
-    if not 2 <= args.folds <= len(seeds):
-        raise UserError(f"--folds {args.folds} needs 2 to {len(seeds)} folds for {len(seeds)} phantoms")
-    folds = fold_indices(len(seeds), args.folds)
+    data = TrainingData.from_args(args)
+    if not 2 <= args.folds <= len(data.sources):
+        raise UserError(f"--folds {args.folds} needs 2 to {len(data.sources)} folds for {len(data.sources)} cases")
     results = []
-    for number, held_out in enumerate(folds, start=1):
-        training_seeds = [s for i, s in enumerate(seeds) if i not in held_out]
-        model, _ = train(list(phantom_cases(training_seeds, config.preprocessing)), config, show_progress=not args.quiet)
+    for number, held_out in enumerate(fold_indices(len(data.sources), args.folds), start=1):
+        training_sources = [s for i, s in enumerate(data.sources) if i not in held_out]
+        run = train(data.training_cases(training_sources, config.preprocessing), config, show_progress=not args.quiet)
         card = ModelCard("cross-validation", f"fold-{number}", config.architecture, config.preprocessing)
-        fold = evaluate_on_phantoms(Segmenter(model, card, __import__("torch").device("cpu")), [seeds[i] for i in held_out])
+        fold = evaluate(_cpu_segmenter(run.model, card), data.contoured_cts([data.sources[i] for i in held_out]))
+        if not fold.results:
+            print(f"fold {number}: no usable held-out contours (see the warnings above)")
+            continue
         results.extend(fold.results)
-        print(f"fold {number}: Dice {fold.mean_dice:.3f}  HD95 {fold.mean_hd95:.1f} mm  ({len(held_out)} cases)")
+        for r in fold.results:
+            print(f"  {r.case:<24} Dice {r.dice:.3f}  HD95 {r.hd95_mm:6.1f} mm")
+        print(f"fold {number}: Dice {fold.mean_dice:.3f}  HD95 {fold.mean_hd95:.1f} mm  ({len(fold.results)} case{'s' if len(fold.results) != 1 else ''})")
     overall = Summary(results)
     print(f"mean over {args.folds} folds: Dice {overall.mean_dice:.3f}  HD95 {overall.mean_hd95:.1f} mm")
     return 0
@@ -429,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--mode", choices=["spacing", "resize"], default="spacing")
         sub.add_argument("--spacing", type=_triple, default=(2.5, 1.5, 1.5), help="model voxel size slice,row,column mm")
         sub.add_argument("--shape", type=lambda t: _triple(t, int), default=(72, 256, 256), help="network input slice,row,column")
+        sub.add_argument(
+            "--quality-bound", type=float, metavar="LAMBDA",
+            help="Pick-and-Learn for archives contoured by several doctors: weight each sample's loss by a learned label "
+            "quality score bounded by LAMBDA*tanh (try 1); off by default",
+        )
         sub.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
 
     train = add("train", cmd_train, "train the CTV model and write safetensors weights with a model card")

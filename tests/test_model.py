@@ -146,7 +146,8 @@ def test_cross_validation_prints_each_fold_and_the_mean():
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["fold 1", "fold 2", "mean over 2 folds"]
+    assert [line.split(":")[0] for line in lines if not line.startswith(" ")] == ["fold 1", "fold 2", "mean over 2 folds"]
+    assert [line.split()[0] for line in lines if line.startswith(" ")] == ["phantom-900", "phantom-901"]
     assert all("Dice" in line and "HD95" in line for line in lines)
 
 
@@ -179,3 +180,11 @@ def test_asking_for_cuda_without_it_is_a_clear_error():
     with pytest.raises(DeviceError, match="torch sees no CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU runs bfloat16 natively")
+def test_bf16_on_a_cpu_without_it_is_a_clear_error():
+    model, card = load_weights(BUNDLED, torch.device("cpu"))
+    with pytest.raises(DeviceError, match="bf16 inference needs a CPU with native bf16"):
+        Segmenter(model, card, torch.device("cpu"), "bf16")
+    assert Segmenter(model, card, torch.device("cpu")).precision == "fp32"

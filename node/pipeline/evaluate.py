@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from node.pipeline.cases import ContouredCT, phantom_cts
 from node.pipeline.inference import Segmenter
 from node.pipeline.metrics import dice, hd95
-from node.pipeline.volume import load_volume
 
 
 @dataclass(frozen=True)
@@ -41,17 +42,17 @@ class Summary:
         }
 
 
-def evaluate_on_phantoms(segmenter: Segmenter, seeds: list[int]) -> Summary:
-    from node.synth.ct_series import ct_datasets
-    from node.synth.phantom import make_phantom
-
+def evaluate(segmenter: Segmenter, cts: Iterable[ContouredCT]) -> Summary:
+    """The node's own inference on each CT against its contour, on the CT's grid."""
     results = []
-    for seed in seeds:
-        phantom = make_phantom(seed)
-        volume = load_volume(ct_datasets(phantom.hu, phantom.geometry, phantom.patient))
-        mask = segmenter.predict(volume).mask
-        results.append(CaseResult(f"phantom-{seed}", dice(mask, phantom.ctv), hd95(mask, phantom.ctv, volume.spacing)))
+    for ct in cts:
+        mask = segmenter.predict(ct.volume).mask
+        results.append(CaseResult(ct.name, dice(mask, ct.ctv), hd95(mask, ct.ctv, ct.volume.spacing)))
     return Summary(results)
+
+
+def evaluate_on_phantoms(segmenter: Segmenter, seeds: list[int]) -> Summary:
+    return evaluate(segmenter, phantom_cts(seeds))
 
 
 def fold_indices(count: int, folds: int) -> list[list[int]]:

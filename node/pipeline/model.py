@@ -35,6 +35,28 @@ class Architecture:
         return 2 ** (len(self.channels) - 1)
 
 
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d that takes oneDNN on the CPU at inference whatever the input's size.
+
+    For a single float32 sample torch picks its reference kernel whenever channels x depth x
+    height is at most 20480 ("for some case, native is faster"): at inference, one window at
+    a time, that is the deeper levels, every 1x1x1 projection and most of the small bundled
+    network. oneDNN is faster for all of them here (see bench/bench_inference.py). Training
+    batches already take oneDNN, and autocast keeps torch's own dispatch.
+    """
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        cpu_inference = (
+            input.device.type == "cpu"
+            and input.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+        )
+        if cpu_inference and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+            return torch.ops.aten.mkldnn_convolution(input, weight, bias, self.padding, self.stride, self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+
 class ConvBlock(nn.Module):
     """3x3x3 conv, ELU, BatchNorm, with one BatchNorm per recurrent pass.
 
@@ -45,7 +67,7 @@ class ConvBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, passes: int) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        self.conv = Conv3d(in_channels, out_channels, 3, padding=1)
         self.norms = nn.ModuleList(nn.BatchNorm3d(out_channels) for _ in range(passes))
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -57,7 +79,7 @@ class SqueezeExcitation(nn.Module):
         super().__init__()
         hidden = max(channels // reduction, 4)
         self.gate = nn.Sequential(
-            nn.AdaptiveAvgPool3d(1), nn.Conv3d(channels, hidden, 1), nn.ELU(inplace=True), nn.Conv3d(hidden, channels, 1), nn.Sigmoid()
+            nn.AdaptiveAvgPool3d(1), Conv3d(channels, hidden, 1), nn.ELU(inplace=True), Conv3d(hidden, channels, 1), nn.Sigmoid()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +94,7 @@ class ResidualSEBlock(nn.Module):
         self.first = ConvBlock(in_channels, out_channels, passes)
         self.second = ConvBlock(out_channels, out_channels, passes)
         self.se = SqueezeExcitation(out_channels, se_reduction)
-        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
+        self.skip = nn.Identity() if in_channels == out_channels else Conv3d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         return self.se(self.second(self.first(x, step), step)) + self.skip(x)
@@ -94,7 +116,7 @@ class ResSEUNet3D(nn.Module):
         for deeper, width in zip(channels[:0:-1], channels[-2::-1], strict=True):
             self.upsamplers.append(nn.ConvTranspose3d(deeper, width, 2, stride=2))
             self.decoders.append(ResidualSEBlock(2 * width, width, reduction, passes))
-        self.head = nn.Conv3d(channels[0], 1, 1)
+        self.head = Conv3d(channels[0], 1, 1)
 
     def single_pass(self, ct: torch.Tensor, previous_mask: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Logits of pass `step` (0-based) given the previous pass's mask probability.
@@ -130,14 +152,19 @@ class ResSEUNet3D(nn.Module):
 
 
 def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    probability = torch.sigmoid(logits)
+    """BCE + soft Dice loss of each sample of the batch."""
     dims = tuple(range(1, logits.ndim))
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dims)
+    probability = torch.sigmoid(logits)
     intersection = (probability * target).sum(dims)
     dice = (2 * intersection + smooth) / (probability.sum(dims) + target.sum(dims) + smooth)
-    return bce + (1 - dice).mean()
+    return bce + 1 - dice
 
 
-def recurrent_loss(outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-    """BCE + Dice on every pass, averaged: early passes must already be useful."""
-    return torch.stack([bce_dice_loss(logits, target) for logits in outputs]).mean()
+def recurrent_loss(outputs: list[torch.Tensor], target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE + Dice on every pass, averaged over passes (early passes must already be useful),
+    then over the batch, each sample counted by its weight (Pick-and-Learn) when given."""
+    per_sample = torch.stack([bce_dice_loss(logits, target) for logits in outputs]).mean(dim=0)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,9 +19,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from node.pipeline.cases import archive_cts
 from node.pipeline.model import Architecture, ResSEUNet3D, recurrent_loss
 from node.pipeline.preprocess import Preprocessing, resample, to_model_grid
-from node.pipeline.volume import SeriesError, load_volume, read_datasets
+from node.pipeline.quality import QualityAwareness
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,13 @@ class TrainingCase:
 
 
 @dataclass
+class TrainingRun:
+    model: ResSEUNet3D
+    history: list[tuple[int, float]]  # (step, loss)
+    label_weights: dict[str, float] | None = None  # case -> learned label weight (mean 1), with Pick-and-Learn
+
+
+@dataclass
 class TrainConfig:
     steps: int = 2000
     batch_size: int = 2
@@ -50,6 +57,7 @@ class TrainConfig:
     architecture: Architecture = field(default_factory=Architecture)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     target_fraction: float = 0.8  # share of crops centred near the CTV
+    quality_bound: float | None = None  # Pick-and-Learn's lambda; None trains without it
 
 
 def to_training_case(name: str, hu: np.ndarray, spacing: tuple[float, float, float], mask: np.ndarray, prep: Preprocessing) -> TrainingCase:
@@ -67,53 +75,41 @@ def phantom_cases(seeds: list[int], prep: Preprocessing) -> Iterator[TrainingCas
         yield to_training_case(f"phantom-{seed}", phantom.hu, spacing, phantom.ctv, prep)
 
 
-def dicom_cases(root: Path, roi_pattern: str, prep: Preprocessing) -> Iterator[TrainingCase]:
-    """Each folder under `root` holding a CT series and an RT Structure Set with a matching ROI."""
-    from pydicom import dcmread
+def archive_cases(folders: list[Path], roi_pattern: str, prep: Preprocessing) -> Iterator[TrainingCase]:
+    """Training cases from archive folders (see `node.pipeline.cases.archive_folders`)."""
+    for ct in archive_cts(folders, roi_pattern):
+        yield to_training_case(ct.name, ct.volume.hu, ct.volume.spacing, ct.ctv, prep)
 
-    from node.rtstruct.reader import read_masks
 
-    pattern = re.compile(roi_pattern)
-    folders = sorted({p.parent for p in root.rglob("*") if p.is_file()})
-    for folder in folders:
-        files = [p for p in folder.iterdir() if p.is_file()]
-        structure_sets = []
-        for path in files:
-            try:
-                ds = dcmread(path, stop_before_pixels=True)
-            except Exception:
-                continue
-            if ds.get("Modality") == "RTSTRUCT":
-                structure_sets.append(path)
-        if not structure_sets:
-            continue
-        try:
-            volume = load_volume(read_datasets(files))
-        except SeriesError as exc:
-            log.warning("skipping %s: %s", folder, exc)
-            continue
-        for path in structure_sets:
-            masks = [m for m in read_masks(dcmread(path), volume) if pattern.search(m.name) and m.voxel_count]
-            if not masks:
-                log.warning("skipping %s: no contoured ROI matches %r", path, roi_pattern)
-                continue
-            yield to_training_case(f"{folder.name}:{masks[0].name}", volume.hu, volume.spacing, masks[0].mask, prep)
+def _padded(case: TrainingCase, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    pad = [(0, max(s - n, 0)) for n, s in zip(case.image.shape, shape, strict=True)]
+    if any(p[1] for p in pad):
+        return np.pad(case.image, pad), np.pad(case.mask, pad)
+    return case.image, case.mask
+
+
+def _crop(image: np.ndarray, mask: np.ndarray, centre: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    start = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, shape, image.shape, strict=True)]
+    box = tuple(slice(b, b + s) for b, s in zip(start, shape, strict=True))
+    return image[box].copy(), mask[box].astype(np.float32)
+
+
+def centred_crop(case: TrainingCase, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The crop around the CTV's centre (the volume's centre without a CTV), unaugmented."""
+    image, mask = _padded(case, shape)
+    centre = np.argwhere(mask).mean(axis=0).round().astype(int) if mask.any() else np.array(image.shape) // 2
+    return _crop(image, mask, centre, shape)
 
 
 def augmented_crop(case: TrainingCase, shape: tuple[int, int, int], rng: np.random.Generator, target_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    image, mask = case.image, case.mask
-    pad = [(0, max(s - n, 0)) for n, s in zip(image.shape, shape, strict=True)]
-    if any(p[1] for p in pad):
-        image, mask = np.pad(image, pad), np.pad(mask, pad)
+    image, mask = _padded(case, shape)
     if mask.any() and rng.random() < target_fraction:
         voxels = np.argwhere(mask)
         centre = voxels[rng.integers(len(voxels))]
     else:
         centre = np.array([rng.integers(n) for n in image.shape])
     centre = centre + rng.integers(-MAX_SHIFT_VOXELS, MAX_SHIFT_VOXELS + 1, size=3)
-    start = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, shape, image.shape, strict=True)]
-    box = tuple(slice(b, b + s) for b, s in zip(start, shape, strict=True))
-    image, mask = image[box].copy(), mask[box].astype(np.float32)
+    image, mask = _crop(image, mask, centre, shape)
     angle = rng.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES)
     image = ndimage.rotate(image, angle, axes=(1, 2), reshape=False, order=1, mode="nearest")
     mask = ndimage.rotate(mask, angle, axes=(1, 2), reshape=False, order=0, mode="constant")
@@ -123,11 +119,11 @@ def augmented_crop(case: TrainingCase, shape: tuple[int, int, int], rng: np.rand
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(mask, dtype=np.float32)
 
 
-def _save_checkpoint(path: Path, model, optimizer, step: int, rng: np.random.Generator, history: list) -> None:
+def _save_checkpoint(path: Path, model, quality, optimizer, step: int, rng: np.random.Generator, history: list) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng.bit_generator.state,
-         "torch_rng": torch.get_rng_state(), "history": history},
+        {"model": model.state_dict(), "quality": quality.state_dict() if quality is not None else None, "optimizer": optimizer.state_dict(),
+         "step": step, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "history": history},
         temporary,
     )
     temporary.replace(path)
@@ -139,19 +135,25 @@ def train(
     checkpoint: Path | None = None,
     resume: bool = False,
     show_progress: bool = True,
-) -> tuple[ResSEUNet3D, list[tuple[int, float]]]:
-    """Train from scratch (or from `checkpoint` when resuming); returns the model and (step, loss) history."""
+) -> TrainingRun:
+    """Train from scratch, or from `checkpoint` when resuming."""
     if not cases:
         raise ValueError("no training cases")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = ResSEUNet3D(config.architecture)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    quality = QualityAwareness(config.quality_bound) if config.quality_bound is not None else None
+    parameters = [*model.parameters(), *(quality.parameters() if quality is not None else [])]
+    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
     history: list[tuple[int, float]] = []
     step = 0
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)  # our own file, written by _save_checkpoint
         model.load_state_dict(state["model"])
+        if (state.get("quality") is None) != (quality is None):
+            raise ValueError(f"{checkpoint} was written {'without' if quality is not None else 'with'} Pick-and-Learn; resume it the same way")
+        if quality is not None:
+            quality.load_state_dict(state["quality"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
         rng.bit_generator.state = state["rng"]
@@ -168,7 +170,8 @@ def train(
             batch = [augmented_crop(cases[rng.integers(len(cases))], shape, rng, config.target_fraction) for _ in range(config.batch_size)]
             images = torch.from_numpy(np.stack([b[0] for b in batch]))[:, None].contiguous(memory_format=torch.channels_last_3d)
             masks = torch.from_numpy(np.stack([b[1] for b in batch]))[:, None]
-            loss = recurrent_loss(model(images), masks)
+            weights = quality(images, masks) if quality is not None else None
+            loss = recurrent_loss(model(images), masks, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -177,11 +180,25 @@ def train(
             if bar:
                 bar.update(task, completed=step, loss=float(np.mean([h[1] for h in history[-20:]])))
             elif step % 50 == 0:
-                log.info("step %d/%d loss %.4f (%.0f s)", step, config.steps, float(loss), time.perf_counter() - started)
+                log.info("step %d/%d loss %.4f (%.0f s)", step, config.steps, loss.item(), time.perf_counter() - started)
             if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-                _save_checkpoint(checkpoint, model, optimizer, step, rng, history)
+                _save_checkpoint(checkpoint, model, quality, optimizer, step, rng, history)
     recalibrate_batchnorm(model, cases, config, rng)
-    return model.to(memory_format=torch.contiguous_format).eval(), history
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    return TrainingRun(model, history, label_weights(quality, cases, shape) if quality is not None else None)
+
+
+def label_weights(quality: QualityAwareness, cases: list[TrainingCase], shape: tuple[int, int, int]) -> dict[str, float]:
+    """Each case's weight as the trained QAM sees its central crop, over all cases at once (mean 1):
+    the cases at the bottom are the contours to look at again."""
+    quality.eval()
+    with torch.no_grad():
+        raw = []
+        for case in cases:
+            image, mask = centred_crop(case, shape)
+            raw.append(quality.raw_scores(torch.from_numpy(image)[None, None], torch.from_numpy(mask)[None, None]))
+        weights = quality.weights(torch.cat(raw))
+    return {case.name: float(w) for case, w in zip(cases, weights, strict=True)}
 
 
 def recalibrate_batchnorm(model: ResSEUNet3D, cases: list[TrainingCase], config: TrainConfig, rng: np.random.Generator, crops: int = 48) -> None:
