@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -25,11 +26,14 @@ def rtnode(*args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    """Three patients as a planning system exports them: CT and structure set per folder.
-    Two structure sets were approved by a doctor; the third is an unreviewed auto-contour."""
+    """Three patients as a planning system exports them: CT and structure set per folder,
+    the first with a slice of another series beside its CT. Two structure sets were approved
+    by a doctor; the third is an unreviewed auto-contour."""
     root = tmp_path_factory.mktemp("archive")
     result = rtnode("synth", root, "--cases", "3", "--seed", "700")
     assert result.returncode == 0, result.stderr
+    stray = sorted((root / "phantom-00702" / "ct").iterdir())[0]
+    shutil.copy(stray, root / "phantom-00700" / "ct" / "other-series.dcm")
     for case in ("phantom-00700", "phantom-00701"):
         path = root / case / "rtstruct.dcm"
         ds = dcmread(path)
