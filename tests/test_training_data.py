@@ -15,7 +15,7 @@ from pydicom import dcmread
 
 from node.pipeline.model import bce_dice_loss, recurrent_loss
 from node.pipeline.quality import QualityAwareness
-from tests.conftest import REPO
+from tests.conftest import REPO, shared_data
 
 SMALL = ["--channels", "4,8", "--spacing", "8,8,8", "--shape", "16,32,32", "--steps", "2", "--quiet"]
 
@@ -113,3 +113,14 @@ def test_the_quality_module_learns_to_weight_down_the_sample_the_network_fits_wo
     after = quality(image, label).detach()
     assert bce_dice_loss(logits, label)[1] > bce_dice_loss(logits, label)[0]
     assert after[1] < before[1] and after[1] < 0.5 < after[0]
+
+
+def test_a_real_eclipse_export_becomes_a_training_label():
+    from node.pipeline.cases import archive_cts, archive_folders
+
+    folders = archive_folders(shared_data("rando-pelvis-phantom"))
+    (ct,) = archive_cts(folders, "^PTV$")
+    assert ct.name == "rando-pelvis-phantom:PTV"
+    assert ct.ctv.shape == ct.volume.shape == (92, 512, 512)
+    assert 10_000 < ct.ctv.sum() < ct.ctv.size // 100
+    assert list(archive_cts(folders, "^CTV$")) == []  # named in that export but never contoured
