@@ -191,6 +191,7 @@ def _training_config(args: argparse.Namespace):
         architecture=Architecture(channels=tuple(int(v) for v in args.channels.split(",")), passes=args.passes),
         preprocessing=Preprocessing(mode=args.mode, spacing=args.spacing, shape=args.shape),
         quality_bound=args.quality_bound,
+        device=args.device,
     )
 
 
@@ -234,10 +235,17 @@ class TrainingData:
         return phantom_cts(sources) if self.roi_pattern is None else archive_cts(sources, self.roi_pattern)
 
 
-def _cpu_segmenter(model, card):
-    from node.pipeline.inference import Segmenter, resolve_device
+def _trained_segmenter(model, card):
+    """Inference with a model just trained, on the device it was trained on."""
+    from node.pipeline.inference import Segmenter
 
-    return Segmenter(model, card, resolve_device("cpu"))
+    return Segmenter(model, card, next(model.parameters()).device)
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -267,12 +275,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         "final_loss": round(float(np.mean([h[1] for h in run.history[-50:]])), 4),
         "seconds": round(time.perf_counter() - started),
         "torch": torch.__version__,
+        "device": _device_name(next(run.model.parameters()).device),
     }
     if config.quality_bound is not None:
         training["label_quality"] = f"Pick-and-Learn: QAM loss weights bounded by the OCM, lambda {config.quality_bound:g}"
     card = ModelCard(args.name, args.version, config.architecture, config.preprocessing, training=training)
     if args.holdout:
-        holdout = evaluate_on_phantoms(_cpu_segmenter(run.model, card), _seeds(args.holdout))
+        holdout = evaluate_on_phantoms(_trained_segmenter(run.model, card), _seeds(args.holdout))
         card = ModelCard(**{**card.__dict__, "metrics": {"held_out_phantoms": holdout.to_json()}})
         print(f"held-out phantoms {args.holdout}: mean Dice {holdout.mean_dice:.3f}, mean HD95 {holdout.mean_hd95:.1f} mm")
     if run.label_weights:
@@ -305,7 +314,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         training_sources = [s for i, s in enumerate(data.sources) if i not in held_out]
         run = train(data.training_cases(training_sources, config.preprocessing), config, show_progress=not args.quiet)
         card = ModelCard("cross-validation", f"fold-{number}", config.architecture, config.preprocessing)
-        fold = evaluate(_cpu_segmenter(run.model, card), data.contoured_cts([data.sources[i] for i in held_out]))
+        fold = evaluate(_trained_segmenter(run.model, card), data.contoured_cts([data.sources[i] for i in held_out]))
         if not fold.results:
             print(f"fold {number}: no usable held-out contours (see the warnings above)")
             continue
@@ -480,13 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", default="ctv-unet3d")
     train.add_argument("--version", default=__version__)
     train.add_argument("--holdout", help="phantom seeds to evaluate after training, e.g. 10000-10009 (recorded in the card)")
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when torch sees a GPU")
 
     evaluate = add("evaluate", cmd_evaluate, "k-fold cross-validation of training (Dice, HD95), or --weights on held-out phantoms")
     training_options(evaluate)
     evaluate.add_argument("--folds", type=int, default=3, help="folds of the cross-validation")
     evaluate.add_argument("--weights", type=Path, help="evaluate these weights on held-out phantoms instead")
     evaluate.add_argument("--seeds", default="10000-10009", help="held-out phantom seeds for --weights")
-    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="for training and inference")
 
     contour = add("contour", cmd_contour, "contour the CTV of a CT series and write an RT Structure Set")
     contour.add_argument("ct_dir", type=Path, metavar="CT_DIR")

@@ -188,3 +188,22 @@ def test_bf16_on_a_cpu_without_it_is_a_clear_error():
     with pytest.raises(DeviceError, match="bf16 inference needs a CPU with native bf16"):
         Segmenter(model, card, torch.device("cpu"), "bf16")
     assert Segmenter(model, card, torch.device("cpu")).precision == "fp32"
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])],
+)
+def test_training_runs_on_the_device_asked_for(device):
+    from node.pipeline.train import TrainConfig, TrainingCase, train
+
+    image = np.random.default_rng(0).random((24, 48, 48), dtype=np.float32)
+    cases = [TrainingCase("a", image, image > 0.6), TrainingCase("b", image[::-1].copy(), image[::-1] > 0.6)]
+    config = TrainConfig(
+        steps=3, batch_size=2, learning_rate=1e-3, architecture=TINY, preprocessing=Preprocessing(shape=(16, 32, 32)),
+        quality_bound=1.0, device=device,
+    )
+    run = train(cases, config, show_progress=False)
+    assert next(run.model.parameters()).device.type == device
+    assert len(run.history) == 3 and all(np.isfinite(loss) for _, loss in run.history)
+    assert sorted(run.label_weights) == ["a", "b"] and np.isclose(sum(run.label_weights.values()), 2.0)
