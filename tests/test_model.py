@@ -207,3 +207,28 @@ def test_training_runs_on_the_device_asked_for(device):
     assert next(run.model.parameters()).device.type == device
     assert len(run.history) == 3 and all(np.isfinite(loss) for _, loss in run.history)
     assert sorted(run.label_weights) == ["a", "b"] and np.isclose(sum(run.label_weights.values()), 2.0)
+
+
+def test_training_resumed_from_a_checkpoint_continues_where_it_stopped(tmp_path):
+    from node.pipeline.train import TrainConfig, TrainingCase, train
+
+    image = np.random.default_rng(1).random((24, 48, 48), dtype=np.float32)
+    cases = [TrainingCase("a", image, image > 0.6)]
+
+    def config(steps: int, **options) -> TrainConfig:
+        return TrainConfig(
+            steps=steps, batch_size=2, learning_rate=1e-3, checkpoint_every=2, architecture=TINY,
+            preprocessing=Preprocessing(shape=(16, 32, 32)), device="cpu", **options,
+        )
+
+    straight = train(cases, config(4, seed=5), show_progress=False)
+    checkpoint = tmp_path / "ckpt.pt"
+    train(cases, config(2, seed=5), checkpoint=checkpoint, show_progress=False)
+    assert checkpoint.is_file()
+    # seed 0 here: only what the checkpoint restores (weights, optimizer, random states) can match seed 5's run
+    resumed = train(cases, config(4), checkpoint=checkpoint, resume=True, show_progress=False)
+    assert [step for step, _ in resumed.history] == [1, 2, 3, 4]
+    assert train(cases, config(1), show_progress=False).history[0][1] != pytest.approx(straight.history[0][1], rel=1e-3)
+    np.testing.assert_allclose([loss for _, loss in resumed.history], [loss for _, loss in straight.history], rtol=1e-4)
+    with pytest.raises(ValueError, match="without Pick-and-Learn; resume it the same way"):
+        train(cases, config(4, quality_bound=1.0), checkpoint=checkpoint, resume=True, show_progress=False)
