@@ -112,6 +112,16 @@ def wait_for(node: NodeProcess, predicate, timeout: float = 180.0, what: str = "
     raise AssertionError(f"timed out waiting for {what}: jobs {json.dumps(jobs(node), indent=1)}\n--- node log ---\n{node.log()[-5000:]}")
 
 
+def node_running_a_job(loop_node, tps, tmp_path: Path, seed: int) -> NodeProcess:
+    """A node (and the TPS) with a phantom series pushed, once its job has started."""
+    node = loop_node().start()
+    tps.start()
+    phantom_series(tmp_path / "ct", seed=seed)
+    push(node, tmp_path / "ct", "+sd")
+    wait_for(node, lambda j: j and j[0]["status"] == "running", what="the job to run")
+    return node
+
+
 def settled(current: list[dict], count: int = 1) -> bool:
     return len(current) >= count and all(j["status"] in ("done", "failed", "rejected") for j in current)
 
@@ -190,11 +200,7 @@ def test_receiver_down_then_up_delivers_exactly_once(loop_node, tps, tmp_path):
 
 
 def test_sigkill_during_inference_then_restart(loop_node, tps, tmp_path):
-    node = loop_node().start()
-    tps.start()
-    phantom_series(tmp_path / "ct", seed=40005)
-    push(node, tmp_path / "ct", "+sd")
-    wait_for(node, lambda j: j and j[0]["status"] == "running", what="the job to run")
+    node = node_running_a_job(loop_node, tps, tmp_path, seed=40005)
     node.kill()
     time.sleep(1)
     node.start()
@@ -251,11 +257,7 @@ def test_rejections_failures_and_the_next_series(loop_node, tps, tmp_path):
 
 
 def test_echo_stays_fast_while_a_job_runs(loop_node, tps, tmp_path):
-    node = loop_node().start()
-    tps.start()
-    phantom_series(tmp_path / "ct", seed=40007)
-    push(node, tmp_path / "ct", "+sd")
-    wait_for(node, lambda j: j and j[0]["status"] == "running", what="the job to run")
+    node = node_running_a_job(loop_node, tps, tmp_path, seed=40007)
     echoscu = require_tool("echoscu")
     times = []
     for _ in range(5):
