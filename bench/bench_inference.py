@@ -68,8 +68,8 @@ def thesis_weights(directory: Path, mode: str) -> Path:
 def run_one(name: str, ct_dir: Path, device: str, work: Path) -> dict:
     import torch
 
+    from node.imaging.volume import load_series_dir
     from node.pipeline.inference import DeviceError, Segmenter
-    from node.pipeline.volume import load_series_dir
     from node.rtstruct.builder import Roi, build_rtstruct
     from node.rtstruct.contours import contours_from_mask
 
@@ -119,7 +119,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args.work / "ct", args.device, args.work)))
         return
 
-    from node.pipeline.metrics import dice
+    from node.imaging.metrics import dice
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

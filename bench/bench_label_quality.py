@@ -21,10 +21,10 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.pipeline.metrics import dice  # noqa: E402
+from node.imaging.metrics import dice  # noqa: E402
 from node.pipeline.model import Architecture  # noqa: E402
 from node.pipeline.preprocess import Preprocessing  # noqa: E402
-from node.pipeline.train import TrainConfig, TrainingCase, phantom_cases, train  # noqa: E402
+from node.training.train import TrainConfig, TrainingCase, phantom_cases, train  # noqa: E402
 
 SPACING = (5.0, 8.0, 8.0)
 

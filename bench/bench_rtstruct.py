@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.pipeline.volume import load_volume  # noqa: E402
+from node.imaging.volume import load_volume  # noqa: E402
 from node.rtstruct.builder import Algorithm, Roi, build_rtstruct  # noqa: E402
 from node.rtstruct.contours import contours_from_mask  # noqa: E402
 from node.synth.ct_series import SeriesGeometry, ct_datasets, uniform_positions  # noqa: E402

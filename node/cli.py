@@ -1,25 +1,31 @@
-"""`rtnode` command line. Each command fails with one line on stderr and a non-zero exit."""
+"""`rtnode` command line: parses and dispatches. What a user did wrong is one line on stderr
+and exit 2; anything else is an internal error, reported with where its traceback went.
+
+Commands import what they need when they run, so `rtnode jobs` never loads torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import signal
+import shlex
 import sys
-import threading
+import tempfile
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-
 from node import __version__
-from node.config import Config, ConfigError, config_path, load_config
+from node.config import BUNDLED_WEIGHTS, Config, config_path, load_config
+from node.errors import UserError
+from node.vocabulary import JobStatus
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, bad input): printed as one line, exit 2."""
+INTERNAL_ERROR_LOG = Path(tempfile.gettempdir()) / "rtnode-internal-errors.log"
+EXIT_USER_ERROR = 2
+EXIT_NOTHING_FOUND = 3
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -38,92 +44,95 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
-def _open(config: Config):
-    from node.database import open_database
+def _database(args: argparse.Namespace):
+    from node.service import open_node_database
 
-    return open_database(config.node.database_url, fsync=config.node.fsync)
+    return open_node_database(_config(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from node.completion import CompletionTracker
-    from node.jobs import recover_after_restart, series_needing_jobs
-    from node.scp import StorageSCP
-    from node.store import InstanceStore
-    from node.supervisor import WorkerProcess
+    from node.service import serve
 
-    config = _config(args)
-    engine = _open(config)
-    requeued = recover_after_restart(engine)
-    if requeued:
-        logging.getLogger("node").info("%d job(s) that were running at the last stop are queued again", requeued)
-    tracker = CompletionTracker(config, engine)
-    tracker.start(series_needing_jobs(engine))
-    worker = WorkerProcess(config_path(args.config).resolve())
-    worker.start()
-    scp = StorageSCP(config, InstanceStore(engine, config.incoming_dir, fsync=config.node.fsync), tracker)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    scp.start()
-    while not stop.wait(1.0):
-        worker.keep_alive()
-    logging.getLogger("node").info("stopping: no new associations, waiting for in-flight ones")
-    scp.stop()
-    tracker.stop()
-    worker.stop()
-    return 0
+    return serve(_config(args), config_path(args.config))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from node.sender import Sender
-    from node.worker import Worker
+    from node.service import run_worker
 
-    config = _config(args)
-    engine = _open(config)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    sender = threading.Thread(target=Sender(config, engine).run_forever, args=(stop,), name="sender", daemon=True)
-    sender.start()
-    Worker(config, engine).run_forever(stop)
-    sender.join(timeout=60)
-    return 0
+    return run_worker(_config(args))
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from node.inventory import list_studies
+    from node.inventory import list_studies, study_lines
 
-    studies = list_studies(_open(_config(args)))
+    studies = list_studies(_database(args))
     if args.json:
         print(json.dumps([study.to_json() for study in studies], indent=2))
-        return 0
-    if not studies:
-        print("no studies received")
-    for study in studies:
-        print(f"study {study.study_instance_uid}  patient {study.patient_id!r} {study.patient_name!r}  date {study.study_date}")
-        for series in study.series:
-            print(
-                f"  series {series.series_instance_uid}  {series.modality:<8} {series.instances:>5} instances"
-                f"  {series.description!r}  received {series.first_received_at:%Y-%m-%d %H:%M:%S}"
-                f" .. {series.last_received_at:%H:%M:%S} UTC"
-            )
+    else:
+        print("\n".join(study_lines(studies)))
     return 0
 
 
-def cmd_rtstruct(args: argparse.Namespace) -> int:
-    from pydicom import config as pydicom_config
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from node.joblog import list_jobs, summary_line
 
-    from node.pipeline import nifti
-    from node.rtstruct.builder import Algorithm, Roi, build_rtstruct
-    from node.rtstruct.contours import contours_from_mask
+    jobs = list_jobs(_database(args), args.status, args.limit)
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+    else:
+        print("\n".join(summary_line(job) for job in jobs) if jobs else "no jobs")
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from node.joblog import describe_job, detail_lines
+
+    job = describe_job(_database(args), args.job_id)
+    if job is None:
+        raise UserError(f"no job {args.job_id}")
+    print(json.dumps(job, indent=2) if args.json else "\n".join(detail_lines(job)))
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+
+    from node.lifecycle import resend
+
+    config = _config(args)
+    destinations = [d for d in config.destinations if args.destination in (None, d.name)]
+    if not destinations:
+        raise UserError(f"no destination named {args.destination!r} in the configuration" if args.destination else "no destinations configured")
+    count = resend(_database(args), args.job_id, destinations, lambda path: str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+    print(f"queued {count} delivery(ies) of job {args.job_id}; the running node sends them")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    return run_demo(args.workdir, args.weights or BUNDLED_WEIGHTS)
+
+
+def _load_ct(directory: Path):
+    from node.imaging.volume import load_series_dir
+
+    return load_series_dir(directory)
+
+
+def _slices(mask) -> int:
+    return int(mask.any(axis=(1, 2)).sum())
+
+
+def cmd_rtstruct(args: argparse.Namespace) -> int:
+    from node.imaging.nifti import read_mask
+    from node.outputs import OutputPaths, write_outputs
+    from node.rtstruct.builder import Algorithm
 
     volume = _load_ct(args.ct_dir)
-    mask = nifti.read_mask(args.mask, volume)
-    algorithm = Algorithm(name=args.algorithm_name, version=args.algorithm_version)
-    rtstruct = build_rtstruct(volume, [Roi(args.roi_name, contours_from_mask(volume, mask))], algorithm)
-    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
-    rtstruct.save_as(args.out, enforce_file_format=True)
-    print(f"wrote {args.out}: ROI {args.roi_name!r}, {int(mask.sum())} voxels on {len(np.unique(np.nonzero(mask)[0]))} slices")
+    mask = read_mask(args.mask, volume)
+    write_outputs(volume, mask, OutputPaths(rtstruct=args.out), Algorithm(args.algorithm_name, args.algorithm_version), args.roi_name)
+    print(f"wrote {args.out}: ROI {args.roi_name!r}, {int(mask.sum())} voxels on {_slices(mask)} slices")
     return 0
 
 
@@ -131,7 +140,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
-    from node.pipeline import nifti
+    from node.imaging.nifti import write_mask
     from node.rtstruct.reader import read_mask
 
     volume = _load_ct(args.ct_dir)
@@ -140,8 +149,48 @@ def cmd_mask(args: argparse.Namespace) -> int:
     except (InvalidDicomError, OSError) as exc:
         raise UserError(f"cannot read {args.rtstruct}: {exc}") from exc
     mask = read_mask(rtstruct, volume, args.roi)
-    nifti.write_mask(args.out, volume, mask)
+    write_mask(args.out, volume, mask)
     print(f"wrote {args.out}: ROI {args.roi!r}, {int(mask.sum())} voxels")
+    return 0
+
+
+def _default_weights(args: argparse.Namespace) -> Path:
+    """--weights, else model.weights of the configuration, else (no configuration file) the bundled ones."""
+    if args.weights is not None:
+        return args.weights
+    if args.config is None and not config_path().exists():
+        return BUNDLED_WEIGHTS
+    return _config(args).model.weights
+
+
+def cmd_contour(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from node.outputs import OutputPaths, write_outputs
+    from node.pipeline.inference import Segmenter
+    from node.rtstruct.builder import Algorithm
+
+    volume = _load_ct(args.ct_dir)
+    segmenter = Segmenter.from_weights(_default_weights(args), args.device)
+    prediction = segmenter.predict(volume)
+    timings = "  ".join(f"{stage} {seconds:.2f}s" for stage, seconds in prediction.timings.items())
+    card = segmenter.card
+    if not prediction.mask.any():
+        print(f"rtnode: no CTV found in {args.ct_dir} by {card.label}: nothing written ({timings})", file=sys.stderr)
+        return EXIT_NOTHING_FOUND
+    paths = OutputPaths(rtstruct=args.out, mask=args.mask_out, seg=args.seg_out)
+    write_outputs(volume, prediction.mask, paths, Algorithm(card.name, card.version), args.roi_name)
+    volume_cm3 = prediction.mask.sum() * np.prod(volume.spacing) / 1000
+    print(f"wrote {args.out}: {args.roi_name} {volume_cm3:.1f} cm3 by {card.label} on {segmenter.device} ({timings})")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from node.synth.phantom import make_phantom, write_phantom
+
+    for seed in range(args.seed, args.seed + args.cases):
+        out = write_phantom(make_phantom(seed), args.out_dir / f"phantom-{seed:05d}")
+        print(f"wrote {out}")
     return 0
 
 
@@ -160,28 +209,10 @@ def _seeds(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-def _default_weights(args: argparse.Namespace) -> Path:
-    if args.weights is not None:
-        return args.weights
-    try:
-        return _config(args).model.weights
-    except ConfigError:
-        return Path(__file__).resolve().parent.parent / "weights" / "ctv-unet3d.safetensors"
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from node.synth.phantom import make_phantom, write_phantom
-
-    for seed in range(args.seed, args.seed + args.cases):
-        out = write_phantom(make_phantom(seed), args.out_dir / f"phantom-{seed:05d}")
-        print(f"wrote {out}")
-    return 0
-
-
 def _training_config(args: argparse.Namespace):
     from node.pipeline.model import Architecture
     from node.pipeline.preprocess import Preprocessing
-    from node.pipeline.train import TrainConfig
+    from node.training.train import TrainConfig
 
     return TrainConfig(
         steps=args.steps,
@@ -195,109 +226,47 @@ def _training_config(args: argparse.Namespace):
     )
 
 
-@dataclass(frozen=True)
-class TrainingData:
-    """The phantom seeds or archive folders named on the command line, split into folds by source
-    (all structure sets of one archive folder stay in one fold)."""
+def _training_data(args: argparse.Namespace):
+    from node.training.recipe import TrainingData
 
-    sources: list  # phantom seeds or archive folders
-    roi_pattern: str | None  # None: phantoms
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainingData:
-        from node.pipeline.cases import archive_folders
-
-        if args.data is None:
-            return cls(list(range(args.seed, args.seed + args.phantoms)), None)
-        if not args.data.is_dir():
-            raise UserError(f"{args.data} is not a directory")
-        return cls(archive_folders(args.data), args.roi_pattern)
-
-    def describe(self, cases: int, root: Path | None) -> str:
-        if self.roi_pattern is None:
-            return f"{cases} synthetic pelvic phantoms, seeds {self.sources[0]}-{self.sources[-1]} (rtnode synth)"
-        return f"{cases} CT series with RT Structure Sets under {root}, ROI pattern {self.roi_pattern!r}"
-
-    def training_cases(self, sources: list, prep) -> list:
-        from node.pipeline.train import archive_cases, phantom_cases
-
-        if self.roi_pattern is None:
-            cases = list(phantom_cases(sources, prep))
-        else:
-            cases = list(archive_cases(sources, self.roi_pattern, prep))
-        if not cases:
-            raise UserError(f"no training cases found (ROI pattern {self.roi_pattern!r}; see the warnings above)")
-        return cases
-
-    def contoured_cts(self, sources: list):
-        from node.pipeline.cases import archive_cts, phantom_cts
-
-        return phantom_cts(sources) if self.roi_pattern is None else archive_cts(sources, self.roi_pattern)
+    if args.data is None:
+        return TrainingData.phantoms(args.seed, args.phantoms)
+    return TrainingData.archive(args.data, args.roi_pattern)
 
 
-def _trained_segmenter(model, card):
-    """Inference with a model just trained, on the device it was trained on."""
-    from node.pipeline.inference import Segmenter
-
-    return Segmenter(model, card, next(model.parameters()).device)
-
-
-def _device_name(device) -> str:
-    import torch
-
-    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+def _command_line() -> str:
+    return "rtnode " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("rtnode") else shlex.join(sys.argv)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import shlex
-    import time
+    from node.training.recipe import train_weights
 
-    import torch
-
-    from node.pipeline.evaluate import evaluate_on_phantoms
-    from node.pipeline.train import train
-    from node.pipeline.weights import ModelCard, save_weights
-
-    config = _training_config(args)
-    data = TrainingData.from_args(args)
-    started = time.perf_counter()
-    cases = data.training_cases(data.sources, config.preprocessing)
-    run = train(cases, config, checkpoint=args.checkpoint, resume=args.resume, show_progress=not args.quiet)
-    training = {
-        "command": "rtnode " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("rtnode") else shlex.join(sys.argv),
-        "seed": config.seed,
-        "steps": config.steps,
-        "batch_size": config.batch_size,
-        "optimizer": f"Adam, lr {config.learning_rate:g}",
-        "loss": "BCE + Dice on every recurrent pass",
-        "augmentation": "rotation <= 10 deg, left-right flips, shifts <= 8 voxels, Gaussian noise variance 0.001",
-        "data": data.describe(len(cases), args.data),
-        "final_loss": round(float(np.mean([h[1] for h in run.history[-50:]])), 4),
-        "seconds": round(time.perf_counter() - started),
-        "torch": torch.__version__,
-        "device": _device_name(next(run.model.parameters()).device),
-    }
-    if config.quality_bound is not None:
-        training["label_quality"] = f"Pick-and-Learn: QAM loss weights bounded by the OCM, lambda {config.quality_bound:g}"
-    card = ModelCard(args.name, args.version, config.architecture, config.preprocessing, training=training)
-    if args.holdout:
-        holdout = evaluate_on_phantoms(_trained_segmenter(run.model, card), _seeds(args.holdout))
-        card = ModelCard(**{**card.__dict__, "metrics": {"held_out_phantoms": holdout.to_json()}})
-        print(f"held-out phantoms {args.holdout}: mean Dice {holdout.mean_dice:.3f}, mean HD95 {holdout.mean_hd95:.1f} mm")
-    if run.label_weights:
+    result = train_weights(
+        _training_config(args),
+        _training_data(args),
+        args.out,
+        name=args.name,
+        version=args.version,
+        command=_command_line(),
+        holdout_seeds=_seeds(args.holdout) if args.holdout else None,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
+        show_progress=not args.quiet,
+    )
+    if result.holdout is not None:
+        print(f"held-out phantoms {args.holdout}: mean Dice {result.holdout.mean_dice:.3f}, mean HD95 {result.holdout.mean_hd95:.1f} mm")
+    if result.least_trusted:
         print("labels the quality module trusts least (weight 1 = an average case; check these contours):")
-        for name, weight in sorted(run.label_weights.items(), key=lambda item: item[1])[:5]:
+        for name, weight in result.least_trusted:
             print(f"  {weight:5.2f}  {name}")
-    final = save_weights(run.model, card, args.out)
-    print(f"wrote {args.out} and its card (sha256 {final.sha256[:12]}...)")
+    print(f"wrote {args.out} and its card (sha256 {result.card.sha256[:12]}...)")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from node.pipeline.evaluate import Summary, evaluate, evaluate_on_phantoms, fold_indices
     from node.pipeline.inference import Segmenter
-    from node.pipeline.train import train
-    from node.pipeline.weights import ModelCard
+    from node.training.evaluate import evaluate_on_phantoms
+    from node.training.recipe import cross_validate, overall
 
     if args.weights is not None:
         summary = evaluate_on_phantoms(Segmenter.from_weights(args.weights, args.device), _seeds(args.seeds))
@@ -305,112 +274,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"{r.case:<16} Dice {r.dice:.3f}  HD95 {r.hd95_mm:6.1f} mm")
         print(f"mean             Dice {summary.mean_dice:.3f}  HD95 {summary.mean_hd95:6.1f} mm")
         return 0
-    config = _training_config(args)
-    data = TrainingData.from_args(args)
-    if not 2 <= args.folds <= len(data.sources):
-        raise UserError(f"--folds {args.folds} needs 2 to {len(data.sources)} folds for {len(data.sources)} cases")
-    results = []
-    for number, held_out in enumerate(fold_indices(len(data.sources), args.folds), start=1):
-        training_sources = [s for i, s in enumerate(data.sources) if i not in held_out]
-        run = train(data.training_cases(training_sources, config.preprocessing), config, show_progress=not args.quiet)
-        card = ModelCard("cross-validation", f"fold-{number}", config.architecture, config.preprocessing)
-        fold = evaluate(_trained_segmenter(run.model, card), data.contoured_cts([data.sources[i] for i in held_out]))
-        if not fold.results:
-            print(f"fold {number}: no usable held-out contours (see the warnings above)")
+    folds = []
+    for fold in cross_validate(_training_config(args), _training_data(args), args.folds, show_progress=not args.quiet):
+        folds.append(fold)
+        results = fold.summary.results
+        if not results:
+            print(f"fold {fold.number}: no usable held-out contours (see the warnings above)")
             continue
-        results.extend(fold.results)
-        for r in fold.results:
+        for r in results:
             print(f"  {r.case:<24} Dice {r.dice:.3f}  HD95 {r.hd95_mm:6.1f} mm")
-        print(f"fold {number}: Dice {fold.mean_dice:.3f}  HD95 {fold.mean_hd95:.1f} mm  ({len(fold.results)} case{'s' if len(fold.results) != 1 else ''})")
-    overall = Summary(results)
-    print(f"mean over {args.folds} folds: Dice {overall.mean_dice:.3f}  HD95 {overall.mean_hd95:.1f} mm")
+        print(f"fold {fold.number}: Dice {fold.summary.mean_dice:.3f}  HD95 {fold.summary.mean_hd95:.1f} mm  "
+              f"({len(results)} case{'s' if len(results) != 1 else ''})")
+    summary = overall(folds)
+    print(f"mean over {args.folds} folds: Dice {summary.mean_dice:.3f}  HD95 {summary.mean_hd95:.1f} mm")
     return 0
-
-
-def cmd_contour(args: argparse.Namespace) -> int:
-    from pydicom import config as pydicom_config
-
-    from node.pipeline import nifti
-    from node.pipeline.inference import Segmenter
-    from node.rtstruct.builder import Roi, build_rtstruct
-    from node.rtstruct.contours import contours_from_mask
-    from node.rtstruct.seg import build_seg
-
-    volume = _load_ct(args.ct_dir)
-    segmenter = Segmenter.from_weights(_default_weights(args), args.device)
-    prediction = segmenter.predict(volume)
-    timings = "  ".join(f"{stage} {seconds:.2f}s" for stage, seconds in prediction.timings.items())
-    if not prediction.mask.any():
-        print(f"rtnode: no CTV found in {args.ct_dir} by {segmenter.algorithm.label}: nothing written ({timings})", file=sys.stderr)
-        return 3
-    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
-    rtstruct = build_rtstruct(volume, [Roi(args.roi_name, contours_from_mask(volume, prediction.mask))], segmenter.algorithm)
-    rtstruct.save_as(args.out, enforce_file_format=True)
-    if args.mask_out:
-        nifti.write_mask(args.mask_out, volume, prediction.mask)
-    if args.seg_out:
-        build_seg(volume, prediction.mask, segmenter.algorithm, label=args.roi_name).save_as(args.seg_out)
-    volume_cm3 = prediction.mask.sum() * np.prod(volume.spacing) / 1000
-    print(f"wrote {args.out}: {args.roi_name} {volume_cm3:.1f} cm3 by {segmenter.algorithm.label} on {segmenter.device} ({timings})")
-    return 0
-
-
-def _load_ct(directory: Path):
-    from node.pipeline.volume import load_series_dir
-
-    return load_series_dir(directory)
-
-
-def cmd_jobs(args: argparse.Namespace) -> int:
-    from node.joblog import list_jobs, summary_line
-
-    jobs = list_jobs(_open(_config(args)), args.status, args.limit)
-    if args.json:
-        print(json.dumps(jobs, indent=2))
-    else:
-        print("\n".join(summary_line(job) for job in jobs) if jobs else "no jobs")
-    return 0
-
-
-def cmd_job(args: argparse.Namespace) -> int:
-    from node.joblog import describe_job
-
-    job = describe_job(_open(_config(args)), args.job_id)
-    if job is None:
-        raise UserError(f"no job {args.job_id}")
-    if args.json:
-        print(json.dumps(job, indent=2))
-        return 0
-    for key in ("id", "status", "version", "series_instance_uid", "patient_id", "instances", "input_fingerprint", "model", "error",
-                "created_at", "started_at", "finished_at", "superseded_by"):
-        print(f"{key:<20} {job[key]}")
-    print("timings             " + ", ".join(f"{k} {v:.2f}s" for k, v in job["timings"].items()))
-    for kind, path in job["outputs"].items():
-        print(f"output {kind:<13} {path}")
-    for d in job["deliveries"]:
-        print(f"delivery            {d['kind']} -> {d['destination']}: {d['status']} after {d['attempts']} attempt(s) {d['last_error'] or ''}")
-    for e in job["events"]:
-        print(f"  {e['at']}  {e['event']:<12} {e['detail']}")
-    return 0
-
-
-def cmd_resend(args: argparse.Namespace) -> int:
-    from node.joblog import resend
-
-    config = _config(args)
-    destinations = [d for d in config.destinations if args.destination in (None, d.name)]
-    if not destinations:
-        raise UserError(f"no destination named {args.destination!r} in the configuration" if args.destination else "no destinations configured")
-    count = resend(_open(config), args.job_id, destinations)
-    print(f"queued {count} delivery(ies) of job {args.job_id}; the running node sends them")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from node.demo import run_demo
-
-    weights = args.weights or Path(__file__).resolve().parent.parent / "weights" / "ctv-unet3d.safetensors"
-    return run_demo(args.workdir, weights)
 
 
 Command = Callable[[argparse.Namespace], int]
@@ -438,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     studies.add_argument("--json", action="store_true", help="machine-readable output")
 
     jobs = add("jobs", cmd_jobs, "the job log: newest first")
-    jobs.add_argument("--status", choices=["queued", "running", "sending", "done", "failed", "rejected"])
+    jobs.add_argument("--status", choices=[status.value for status in JobStatus])
     jobs.add_argument("--limit", type=int, default=50)
     jobs.add_argument("--json", action="store_true")
     job = add("job", cmd_job, "everything about one job: events, timings, error, outputs, deliveries")
@@ -515,11 +392,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_internal_error(exc: Exception, verbose: bool) -> int:
+    """A bug, not bad input: the traceback goes to a file (and to stderr with -v)."""
+    details = traceback.format_exc()
+    try:
+        with INTERNAL_ERROR_LOG.open("a") as log:
+            log.write(f"--- {datetime.now(UTC).isoformat()} {shlex.join(sys.argv)}\n{details}")
+        where = f"the traceback is in {INTERNAL_ERROR_LOG}"
+    except OSError:
+        where = "the traceback could not be saved"
+    if verbose:
+        print(details, file=sys.stderr, end="")
+    hint = "" if verbose else "; run with -v to print it"
+    print(f"rtnode: internal error ({type(exc).__name__}: {exc}); {where}{hint}", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return args.handler(args)
-    except (ConfigError, UserError, ValueError) as exc:
+    except UserError as exc:
         print(f"rtnode: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        return _report_internal_error(exc, args.verbose)

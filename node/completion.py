@@ -19,13 +19,13 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import dcmread
+from pydicom.uid import CTImageStorage
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from node.config import Config
-from node.jobs import Eligibility, submit_series
-from node.models import Instance, Series
-from node.pipeline.volume import CT_IMAGE_STORAGE
+from node.db.models import Instance, Series
+from node.lifecycle import Eligibility, submit_series
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def eligibility(series: Series, instances: list[Instance], min_slices: int) -> Eligibility:
     uid = series.series_instance_uid
     classes = {i.sop_class_uid for i in instances}
-    if classes != {CT_IMAGE_STORAGE}:
+    if classes != {CTImageStorage}:
         kind = series.modality or "not CT"
         return Eligibility(False, f"series {uid} is {kind} (SOP class {', '.join(sorted(classes))}), not CT Image: not contoured")
     image_type = dcmread(instances[0].path, stop_before_pixels=True, specific_tags=["ImageType"]).get("ImageType", [])

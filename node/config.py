@@ -17,13 +17,17 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.engine import make_url
 
+from node.errors import UserError
+
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
+# Demonstration weights shipped inside the package (trained on synthetic phantoms: not for clinical use).
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "ctv-unet3d.safetensors"
 CONFIG_ENV_VAR = "RTNODE_CONFIG"
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: no backslash, no control chars
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """The configuration file is missing, unreadable or invalid."""
 
 
@@ -52,7 +56,8 @@ class NodeSection(_Section):
     host: str = "0.0.0.0"
     port: Port = 11112
     data_dir: Path = Path("data")
-    database_url: str = "sqlite:///db/rtnode.sqlite3"
+    # Default: sqlite:///<data_dir>/rtnode.sqlite3, beside the data it describes.
+    database_url: str | None = None
     # fsync each received file, its directory and each database commit before answering Success.
     fsync: bool = True
     max_associations: Annotated[int, Field(ge=1)] = 32
@@ -103,7 +108,7 @@ class DeliverySection(_Section):
 
 
 class ModelSection(_Section):
-    weights: Path = Path("weights/ctv-unet3d.safetensors")
+    weights: Path = BUNDLED_WEIGHTS
     device: Literal["auto", "cpu", "cuda"] = "auto"
     roi_name: Annotated[str, Field(min_length=1, max_length=64)] = "CTV"
 
@@ -134,12 +139,13 @@ class Config(_Section):
 
 def _resolve_paths(config: Config) -> Config:
     """Anchor relative paths at the working directory once, so later chdirs cannot move them."""
-    url = make_url(config.node.database_url)
+    data_dir = config.node.data_dir.resolve()
+    url = make_url(config.node.database_url or f"sqlite:///{data_dir / 'rtnode.sqlite3'}")
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         url = url.set(database=str(Path(url.database).resolve()))
     node = config.node.model_copy(
         update={
-            "data_dir": config.node.data_dir.resolve(),
+            "data_dir": data_dir,
             "database_url": url.render_as_string(hide_password=False),
         }
     )

@@ -17,11 +17,11 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage
 
-from node.database import make_engine
+from node.db.engine import make_engine
+from node.imaging.metrics import dice, hd95
+from node.imaging.nifti import read_mask
+from node.imaging.volume import load_series_dir
 from node.joblog import list_jobs, summary_line
-from node.pipeline.metrics import dice, hd95
-from node.pipeline.nifti import read_mask
-from node.pipeline.volume import load_series_dir
 from node.synth.ct_series import ct_datasets, write_series
 from node.synth.phantom import make_phantom
 

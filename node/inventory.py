@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import Engine, func, select, type_coerce
 from sqlalchemy.orm import Session
 
-from node.models import Instance, Series, Study, UTCDateTime
+from node.db.models import Instance, Series, Study, UTCDateTime
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,19 @@ def list_studies(engine: Engine) -> list[StudySummary]:
             )
         )
     return list(studies.values())
+
+
+def study_lines(studies: list[StudySummary]) -> list[str]:
+    """`rtnode studies` as text: one line per study, one indented line per series."""
+    if not studies:
+        return ["no studies received"]
+    lines = []
+    for study in studies:
+        lines.append(f"study {study.study_instance_uid}  patient {study.patient_id!r} {study.patient_name!r}  date {study.study_date}")
+        for series in study.series:
+            lines.append(
+                f"  series {series.series_instance_uid}  {series.modality:<8} {series.instances:>5} instances"
+                f"  {series.description!r}  received {series.first_received_at:%Y-%m-%d %H:%M:%S}"
+                f" .. {series.last_received_at:%H:%M:%S} UTC"
+            )
+    return lines

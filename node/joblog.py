@@ -1,12 +1,13 @@
-"""The job log for admins: what arrived, what ran, how long it took, what failed."""
+"""The job log for admins: what arrived, what ran, how long it took, what failed. Read only:
+changes of state are `node.lifecycle`'s."""
 
 from __future__ import annotations
 
-from pydicom import dcmread
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, selectinload
 
-from node.models import Job
+from node.db.models import Job
+from node.vocabulary import DeliveryStatus, JobStatus
 
 
 def _iso(value) -> str | None:
@@ -38,7 +39,7 @@ def job_json(job: Job, *, events: bool = False) -> dict:
                 "status": d.status,
                 "attempts": d.attempts,
                 "last_error": d.last_error or None,
-                "next_attempt_at": _iso(d.next_attempt_at) if d.status == "pending" else None,
+                "next_attempt_at": _iso(d.next_attempt_at) if d.status == DeliveryStatus.PENDING else None,
                 "delivered_at": _iso(d.delivered_at),
                 "sop_instance_uid": d.sop_instance_uid,
             }
@@ -50,7 +51,7 @@ def job_json(job: Job, *, events: bool = False) -> dict:
     return data
 
 
-def list_jobs(engine: Engine, status: str | None = None, limit: int = 50) -> list[dict]:
+def list_jobs(engine: Engine, status: JobStatus | None = None, limit: int = 50) -> list[dict]:
     with Session(engine) as session:
         query = select(Job).options(selectinload(Job.deliveries)).order_by(Job.id.desc()).limit(limit)
         if status:
@@ -74,21 +75,17 @@ def summary_line(job: dict) -> str:
     return line
 
 
-def resend(engine: Engine, job_id: int, destinations) -> int:
-    """Queue new deliveries of a job's outputs by hand; returns how many."""
-    from node.jobs import SENDING, add_event, new_delivery
 
-    with Session(engine) as session, session.begin():
-        job = session.get(Job, job_id)
-        if job is None:
-            raise ValueError(f"no job {job_id}")
-        if "rtstruct" not in job.outputs:
-            raise ValueError(f"job {job_id} has no RT Structure Set to send (status {job.status})")
-        kinds = [kind for kind in ("rtstruct", "seg") if kind in job.outputs]
-        for destination in destinations:
-            for kind in kinds:
-                sop_instance_uid = str(dcmread(job.outputs[kind], stop_before_pixels=True).SOPInstanceUID)
-                session.add(new_delivery(job, destination, kind, job.outputs[kind], sop_instance_uid))
-        job.status, job.finished_at = SENDING, None
-        add_event(session, job, "resend", f"queued by hand to {', '.join(d.name for d in destinations)}")
-        return len(kinds) * len(destinations)
+def detail_lines(job: dict) -> list[str]:
+    """`rtnode job ID` as text: the job's fields, timings, outputs, deliveries and events."""
+    keys = ("id", "status", "version", "series_instance_uid", "patient_id", "instances", "input_fingerprint", "model", "error",
+            "created_at", "started_at", "finished_at", "superseded_by")
+    lines = [f"{key:<20} {job[key]}" for key in keys]
+    lines.append("timings             " + ", ".join(f"{k} {v:.2f}s" for k, v in job["timings"].items()))
+    lines += [f"output {kind:<13} {path}" for kind, path in job["outputs"].items()]
+    lines += [
+        f"delivery            {d['kind']} -> {d['destination']}: {d['status']} after {d['attempts']} attempt(s) {d['last_error'] or ''}"
+        for d in job["deliveries"]
+    ]
+    lines += [f"  {e['at']}  {e['event']:<12} {e['detail']}" for e in job["events"]]
+    return lines

@@ -11,6 +11,19 @@ import logging
 import time
 from typing import Protocol
 
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
@@ -30,10 +43,11 @@ from pynetdicom.sop_class import (
     SpatialRegistrationStorage,
     Verification,
 )
+from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Config
-from node.store import STATUS_OUT_OF_RESOURCES, InstanceStore, Sender, StoreRefused
+from node.store import CallingPeer, InstanceStore, StoreRefused
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +69,17 @@ STORAGE_SOP_CLASSES = [
 ]
 
 TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.5",  # RLE Lossless
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLossless,  # .57, non-hierarchical
+    JPEGLosslessSV1,  # .70, first-order prediction
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
 ]
 
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user, with the reason (PS3.8 9.3.4).
@@ -176,7 +190,7 @@ class StorageSCP:
 
     def _on_c_echo(self, event: Event) -> int:
         log.debug("C-ECHO from %s@%s", event.assoc.requestor.ae_title, event.assoc.requestor.address)
-        return 0x0000
+        return Status.SUCCESS
 
     def _on_aborted(self, event: Event) -> None:
         requestor = event.assoc.requestor
@@ -193,23 +207,23 @@ class StorageSCP:
 
     def _on_c_store(self, event: Event) -> int:
         requestor = event.assoc.requestor
-        sender = Sender(ae_title=requestor.ae_title.strip(), address=requestor.address)
+        peer = CallingPeer(ae_title=requestor.ae_title.strip(), address=requestor.address)
         try:
-            stored = self._store.save(event.encoded_dataset(), event.context.transfer_syntax, sender)
+            stored = self._store.save(event.encoded_dataset(), event.context.transfer_syntax, peer)
         except StoreRefused as exc:
             log.error(
                 "refused instance %s from %s@%s: %s (status 0x%04X)",
                 event.request.AffectedSOPInstanceUID,
-                sender.ae_title,
-                sender.address,
+                peer.ae_title,
+                peer.address,
                 exc,
                 exc.status,
             )
             return exc.status
         except Exception:
-            log.exception("unexpected error storing an instance from %s@%s", sender.ae_title, sender.address)
-            return STATUS_OUT_OF_RESOURCES
+            log.exception("unexpected error storing an instance from %s@%s", peer.ae_title, peer.address)
+            return Status.OUT_OF_RESOURCES
         if self._observer:
             self._observer.instance_stored(id(event.assoc), stored.header.series_instance_uid)
-        return 0x0000
+        return Status.SUCCESS
 

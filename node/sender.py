@@ -1,9 +1,10 @@
 """The sender: C-STOREs each pending delivery to its destination, durably and politely.
 
 Deliveries live in the database, so a restart carries on where it stopped. A failure
-that may pass (destination down, out of resources) is retried with exponential
-backoff up to `delivery.max_age_seconds`; one that will not (a permanent rejection, a
-refusal of the object) fails at once. A delivery that succeeded is never sent again.
+that may pass (destination down, out of resources) is retried with exponential backoff
+up to `delivery.max_age_seconds`; one that will not (a permanent rejection, a refusal of
+the object) fails at once. A delivery that succeeded is never sent again. What happens
+to a delivery after an attempt is `node.lifecycle`'s business; this module only talks DICOM.
 """
 
 from __future__ import annotations
@@ -11,62 +12,66 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from datetime import timedelta
 
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, SegmentationStorage
 from pynetdicom import AE
-from pynetdicom.sop_class import RTStructureSetStorage, SegmentationStorage
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
+from sqlalchemy import Engine
 
+from node import lifecycle
 from node.config import Config
-from node.jobs import add_event, settle
-from node.models import Delivery, utcnow
+from node.lifecycle import DeliveryOrder, Outcome, RetryPolicy
+from node.vocabulary import OutputKind
 
 log = logging.getLogger(__name__)
 
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
-SOP_CLASSES = {"rtstruct": RTStructureSetStorage, "seg": SegmentationStorage}
+SOP_CLASSES = {OutputKind.RTSTRUCT: RTStructureSetStorage, OutputKind.SEG: SegmentationStorage}
+_OUT_OF_RESOURCES = "Refused: Out of Resources"
+# A-ASSOCIATE-RJ result "rejected-permanent" (PS3.8 9.3.4); "rejected-transient" is 0x02.
+_REJECTED_PERMANENT = 0x01
 
 
-@dataclass(frozen=True)
-class Outcome:
-    delivered: bool
-    retry: bool  # only meaningful when not delivered
-    detail: str
+def classify_store_status(code: int | None, destination: str) -> Outcome:
+    """A C-STORE response status as an outcome, by pynetdicom's categories: Success and Warning
+    are delivered; "Refused: Out of Resources" may pass and is retried; any other failure is not."""
+    if code is None:
+        return Outcome(False, True, f"no C-STORE response from {destination}")
+    category = code_to_category(code)
+    if category in (STATUS_SUCCESS, STATUS_WARNING):
+        return Outcome(True, False, f"stored by {destination} (status 0x{code:04X})")
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, (category, ""))[1]
+    transient = meaning == _OUT_OF_RESOURCES
+    described = f" ({meaning})" if meaning else ""
+    return Outcome(False, transient, f"{destination} answered C-STORE failure status 0x{code:04X}{described}")
 
 
-def c_store(config: Config, delivery: Delivery) -> Outcome:
+def c_store(config: Config, order: DeliveryOrder) -> Outcome:
+    peer = f"{order.ae_title}@{order.host}:{order.port}"
     ae = AE(ae_title=config.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(SOP_CLASSES[delivery.kind], EXPLICIT_VR_LITTLE_ENDIAN)
-    assoc = ae.associate(delivery.host, delivery.port, ae_title=delivery.ae_title)
+    ae.add_requested_context(SOP_CLASSES[order.kind], ExplicitVRLittleEndian)
+    assoc = ae.associate(order.host, order.port, ae_title=order.ae_title)
     if not assoc.is_established:
         if assoc.is_rejected:
             primitive = assoc.acceptor.primitive
-            permanent = getattr(primitive, "result", None) == 0x01
+            permanent = getattr(primitive, "result", None) == _REJECTED_PERMANENT
             reason = getattr(primitive, "reason_str", "") or "rejected"
-            return Outcome(False, not permanent, f"association rejected by {delivery.ae_title}@{delivery.host}:{delivery.port}: {reason}")
-        return Outcome(False, True, f"cannot reach {delivery.ae_title}@{delivery.host}:{delivery.port}")
+            return Outcome(False, not permanent, f"association rejected by {peer}: {reason}")
+        return Outcome(False, True, f"cannot reach {peer}")
     try:
-        status = assoc.send_c_store(delivery.path)
+        status = assoc.send_c_store(str(order.path))
     except (OSError, ValueError) as exc:
-        return Outcome(False, True, f"C-STORE to {delivery.destination} failed: {exc}")
+        return Outcome(False, True, f"C-STORE to {order.destination} failed: {exc}")
     finally:
         assoc.release()
-    code = getattr(status, "Status", None)
-    if code is None:
-        return Outcome(False, True, f"no C-STORE response from {delivery.destination}")
-    if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
-        return Outcome(True, False, f"stored by {delivery.destination} (status 0x{code:04X})")
-    transient = 0xA700 <= code <= 0xA7FF
-    return Outcome(False, transient, f"{delivery.destination} answered C-STORE failure status 0x{code:04X}")
+    return classify_store_status(getattr(status, "Status", None), order.destination)
 
 
 class Sender:
     def __init__(self, config: Config, engine: Engine) -> None:
         self._config = config
         self._engine = engine
+        self._policy = RetryPolicy.from_config(config.delivery)
 
     def run_forever(self, stop: threading.Event, poll_seconds: float = 0.25) -> None:
         while not stop.is_set():
@@ -74,43 +79,13 @@ class Sender:
                 stop.wait(poll_seconds)
 
     def send_due(self) -> int:
-        """Attempt every delivery whose time has come; returns how many were attempted."""
-        with Session(self._engine) as session:
-            due = session.scalars(
-                select(Delivery.id).where(Delivery.status == "pending", Delivery.next_attempt_at <= utcnow()).order_by(Delivery.id)
-            ).all()
+        """Attempt every delivery whose time has come; returns how many were due."""
+        due = lifecycle.due_deliveries(self._engine)
         for delivery_id in due:
-            self._attempt(delivery_id)
-        return len(due)
-
-    def _attempt(self, delivery_id: int) -> None:
-        with Session(self._engine) as session:
-            delivery = session.get(Delivery, delivery_id)
-            if delivery.status != "pending":
-                return
+            order = lifecycle.take_delivery(self._engine, delivery_id)
+            if order is None:
+                continue
             start = time.perf_counter()
-            outcome = c_store(self._config, delivery)
-            elapsed = time.perf_counter() - start
-        with Session(self._engine) as session, session.begin():
-            delivery = session.get(Delivery, delivery_id)
-            job = delivery.job
-            delivery.attempts += 1
-            now = utcnow()
-            if outcome.delivered:
-                delivery.status, delivery.delivered_at, delivery.last_error = "done", now, ""
-                job.timings = {**job.timings, "send": round(job.timings.get("send", 0) + elapsed, 3)}
-                add_event(session, job, "delivered", f"{delivery.kind} to {delivery.destination} (attempt {delivery.attempts})")
-            else:
-                delivery.last_error = outcome.detail
-                age = (now - delivery.created_at).total_seconds()
-                if outcome.retry and age < self._config.delivery.max_age_seconds:
-                    backoff = min(
-                        self._config.delivery.first_retry_seconds * 2 ** (delivery.attempts - 1), self._config.delivery.max_retry_seconds
-                    )
-                    delivery.next_attempt_at = now + timedelta(seconds=backoff)
-                    add_event(session, job, "send failed", f"{outcome.detail}; retry {delivery.attempts + 1} in {backoff:.0f} s")
-                else:
-                    delivery.status = "failed"
-                    why = "not retried: this will not improve by waiting" if not outcome.retry else "gave up: delivery.max_age_seconds reached"
-                    add_event(session, job, "send failed", f"{outcome.detail}; {why}")
-            settle(session, job)
+            outcome = c_store(self._config, order)
+            lifecycle.record_attempt(self._engine, delivery_id, outcome, time.perf_counter() - start, self._policy)
+        return len(due)

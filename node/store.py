@@ -18,10 +18,11 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pynetdicom.status import Status
 from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.models import Instance, Series, Study, utcnow
+from node.db.models import Instance, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,12 @@ _studies = Study.__table__
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
-# DICOM C-STORE statuses (PS3.4 B.2.3). The 0xC0xx codes are ours within the
-# "Cannot understand" range, so a PACS log tells the three apart.
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_DECODE = 0xC000
-STATUS_MISSING_UID = 0xC001
-STATUS_INVALID_UID = 0xC002
+# C-STORE failure statuses (PS3.4 B.2.3), named in pynetdicom's Status as its documentation
+# shows. The 0xC0xx codes are ours within "Cannot Understand", so a PACS log tells them apart.
+Status.add("OUT_OF_RESOURCES", 0xA700)
+Status.add("CANNOT_DECODE", 0xC000)
+Status.add("MISSING_UID", 0xC001)
+Status.add("INVALID_UID", 0xC002)
 
 _HEADER_TAGS = [
     "SpecificCharacterSet",
@@ -67,7 +67,9 @@ class StoreRefused(Exception):
 
 
 @dataclass(frozen=True)
-class Sender:
+class CallingPeer:
+    """Who sent an instance: the calling AE title and the peer's IP address."""
+
     ae_title: str
     address: str
 
@@ -134,13 +136,13 @@ def read_header(encoded: bytes) -> InstanceHeader:
             "instance_number": _int(ds, "InstanceNumber"),
         }
     except (InvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError, NotImplementedError) as exc:
-        raise StoreRefused(STATUS_CANNOT_DECODE, f"dataset cannot be decoded: {exc}") from exc
+        raise StoreRefused(Status.CANNOT_DECODE, f"dataset cannot be decoded: {exc}") from exc
     missing = [keyword for keyword, value in uids.items() if not value]
     if missing:
-        raise StoreRefused(STATUS_MISSING_UID, f"dataset lacks {', '.join(missing)}")
+        raise StoreRefused(Status.MISSING_UID, f"dataset lacks {', '.join(missing)}")
     invalid = [f"{keyword}={value!r}" for keyword, value in uids.items() if len(value) > 64 or not _UID.match(value)]
     if invalid:
-        raise StoreRefused(STATUS_INVALID_UID, f"dataset has malformed UIDs: {', '.join(invalid)}")
+        raise StoreRefused(Status.INVALID_UID, f"dataset has malformed UIDs: {', '.join(invalid)}")
     return InstanceHeader(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
@@ -193,26 +195,26 @@ class InstanceStore:
             self._incoming_dir / header.study_instance_uid / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
         )
 
-    def save(self, encoded: bytes, transfer_syntax_uid: str, sender: Sender) -> StoredInstance:
+    def save(self, encoded: bytes, transfer_syntax_uid: str, peer: CallingPeer) -> StoredInstance:
         """Store one Part 10 byte stream; return only when it is durable. Raises StoreRefused."""
         header = read_header(encoded)
         path = self.path_for(header)
         try:
-            if self._count_repeat(header, sender):
+            if self._count_repeat(header, peer):
                 return StoredInstance(header, path, duplicate=True)
             write_durably(path, encoded, fsync=self._fsync)
         except OSError as exc:
-            raise StoreRefused(STATUS_OUT_OF_RESOURCES, f"cannot write {path}: {exc.strerror or exc}") from exc
+            raise StoreRefused(Status.OUT_OF_RESOURCES, f"cannot write {path}: {exc.strerror or exc}") from exc
         except SQLAlchemyError as exc:
-            raise StoreRefused(STATUS_OUT_OF_RESOURCES, f"database error: {exc}") from exc
+            raise StoreRefused(Status.OUT_OF_RESOURCES, f"database error: {exc}") from exc
         try:
-            duplicate = self._record(header, path, len(encoded), transfer_syntax_uid, sender)
+            duplicate = self._record(header, path, len(encoded), transfer_syntax_uid, peer)
         except SQLAlchemyError as exc:
             path.unlink(missing_ok=True)
-            raise StoreRefused(STATUS_OUT_OF_RESOURCES, f"database error: {exc}") from exc
+            raise StoreRefused(Status.OUT_OF_RESOURCES, f"database error: {exc}") from exc
         return StoredInstance(header, path, duplicate=duplicate)
 
-    def _count_repeat(self, header: InstanceHeader, sender: Sender) -> bool:
+    def _count_repeat(self, header: InstanceHeader, peer: CallingPeer) -> bool:
         """True when this SOP Instance is already held (file and row): count it, write nothing."""
         with self._db_lock, self._engine.connect() as connection:
             row = connection.execute(
@@ -222,12 +224,12 @@ class InstanceStore:
             ).first()
             if row is None or not Path(row.path).is_file():
                 return False  # read-only: rolled back on close, no commit to sync
-            self._mark_repeat(connection, row.id, row.path, header, sender)
+            self._mark_repeat(connection, row.id, row.path, header, peer)
             connection.commit()
             return True
 
     @staticmethod
-    def _mark_repeat(connection: Connection, instance_id: int, path: str, header: InstanceHeader, sender: Sender) -> None:
+    def _mark_repeat(connection: Connection, instance_id: int, path: str, header: InstanceHeader, peer: CallingPeer) -> None:
         times = connection.execute(
             update(_instances)
             .where(_instances.c.id == instance_id)
@@ -237,12 +239,12 @@ class InstanceStore:
         log.info(
             "repeat of SOP Instance %s from %s@%s (received %d times)",
             header.sop_instance_uid,
-            sender.ae_title,
-            sender.address,
+            peer.ae_title,
+            peer.address,
             times,
         )
 
-    def _record(self, header: InstanceHeader, path: Path, size: int, transfer_syntax_uid: str, sender: Sender) -> bool:
+    def _record(self, header: InstanceHeader, path: Path, size: int, transfer_syntax_uid: str, peer: CallingPeer) -> bool:
         now = utcnow()
         with self._db_lock, self._engine.begin() as connection:
             series_id = self._series_id(connection, header)
@@ -250,7 +252,7 @@ class InstanceStore:
                 select(_instances.c.id).where(_instances.c.sop_instance_uid == header.sop_instance_uid)
             ).scalar()
             if existing is not None:  # the row survived but its file had gone: file rewritten above
-                self._mark_repeat(connection, existing, str(path), header, sender)
+                self._mark_repeat(connection, existing, str(path), header, peer)
                 return True
             connection.execute(
                 insert(_instances).values(
@@ -261,8 +263,8 @@ class InstanceStore:
                     path=str(path),
                     size_bytes=size,
                     transfer_syntax_uid=transfer_syntax_uid,
-                    calling_ae_title=sender.ae_title,
-                    peer_address=sender.address,
+                    calling_ae_title=peer.ae_title,
+                    peer_address=peer.address,
                     received_at=now,
                     times_received=1,
                     last_received_at=now,

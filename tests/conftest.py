@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from node.harness import NodeProcess, free_port
 from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,116 +37,8 @@ def shared_data(relative: str) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
-
-
 def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)
-
-
-@dataclass
-class NodeProcess:
-    """`rtnode serve` in a subprocess with its own config, data and database under tmp_path."""
-
-    root: Path
-    port: int
-    extra_config: str = ""  # more [node] keys
-    sections: str = ""  # more TOML sections ([completion], [[destinations]], ...)
-    allowed_callers: str = '[{ ae_title = "*", host = "127.0.0.1" }]'
-    process: subprocess.Popen | None = None
-    log_path: Path = field(init=False)
-    config_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.root / "node.log"
-        self.config_path = self.root / "node.toml"
-        self.config_path.write_text(
-            f"""
-[node]
-ae_title = "RTNODE"
-host = "127.0.0.1"
-port = {self.port}
-data_dir = "{self.root / 'data'}"
-database_url = "sqlite:///{self.root / 'rtnode.sqlite3'}"
-network_timeout_seconds = 3
-shutdown_grace_seconds = 10
-{self.extra_config}
-
-[security]
-allowed_callers = {self.allowed_callers}
-
-[model]
-weights = "{REPO / 'weights' / 'ctv-unet3d.safetensors'}"
-device = "cpu"
-
-{self.sections}
-"""
-        )
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def database(self) -> Path:
-        return self.root / "rtnode.sqlite3"
-
-    def start(self) -> NodeProcess:
-        log = self.log_path.open("a")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "node", "--config", str(self.config_path), "serve"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.root,
-        )
-        try:
-            wait_for_port(self.port)
-        except TimeoutError:
-            self.stop()
-            raise AssertionError(f"node did not start:\n{self.log()}") from None
-        return self
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def rtnode(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "node", "--config", str(self.config_path), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=self.root,
-        )
 
 
 @pytest.fixture

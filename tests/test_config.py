@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from node.cli import main
-from node.config import ConfigError, load_config, parse_config
+from node.config import BUNDLED_WEIGHTS, ConfigError, load_config, parse_config
 from tests.conftest import REPO
 
 
@@ -15,7 +15,8 @@ def test_shipped_config_is_valid_and_has_the_documented_keys(monkeypatch):
     assert config.node.ae_title == "RTNODE"
     assert config.node.port == 11112
     assert config.node.data_dir == REPO / "data"
-    assert config.node.database_url == f"sqlite:///{REPO / 'db' / 'rtnode.sqlite3'}"
+    assert config.node.database_url == f"sqlite:///{REPO / 'data' / 'rtnode.sqlite3'}"  # beside the data, not in the source tree
+    assert config.model.weights == BUNDLED_WEIGHTS and BUNDLED_WEIGHTS.is_file()
     assert config.security.admits("ANY", "127.0.0.1")
     assert not config.security.admits("ANY", "192.0.2.7")
     assert (config.completion.quiet_seconds, config.completion.min_slices) == (10.0, 20)

@@ -7,8 +7,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
-from node.database import alembic_config, make_engine, migrate
-from node.models import Base
+from node.db.engine import alembic_config, make_engine, migrate
+from node.db.models import Base
 
 
 def test_migrations_match_models(tmp_path):

@@ -8,24 +8,24 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy.orm import Session
 
 from node.completion import eligibility, looks_complete
-from node.database import open_database
-from node.jobs import (
-    DONE,
-    QUEUED,
+from node.db.engine import open_database
+from node.db.models import Job
+from node.lifecycle import (
     claim_next,
     fingerprint,
     recover_after_restart,
     series_needing_jobs,
     submit_series,
 )
-from node.models import Job
-from node.store import InstanceStore, Sender
+from node.store import CallingPeer, InstanceStore
+from node.vocabulary import JobStatus
 from tests.conftest import write_ct
 
-SENDER = Sender("SCANNER", "127.0.0.1")
+SENDER = CallingPeer("SCANNER", "127.0.0.1")
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def store_files(engine, tmp_path: Path, files: list[Path]) -> None:
     for path in files:
         buffer = BytesIO()
         dcmwrite(buffer, dcmread(path), enforce_file_format=True)
-        store.save(buffer.getvalue(), "1.2.840.10008.1.2.1", SENDER)
+        store.save(buffer.getvalue(), ExplicitVRLittleEndian, SENDER)
 
 
 def submit(engine, uid: str) -> Job | None:
@@ -56,7 +56,7 @@ def test_versions_follow_arrivals(engine, tmp_path):
     store_files(engine, tmp_path, files[:6])
     assert series_needing_jobs(engine) == [uid]
     first = submit(engine, uid)
-    assert (first.version, first.status, len(first.input_uids)) == (1, QUEUED, 6)
+    assert (first.version, first.status, len(first.input_uids)) == (1, JobStatus.QUEUED, 6)
     assert series_needing_jobs(engine) == []
 
     store_files(engine, tmp_path, files[6:])  # late slices while still queued: the same job takes them
@@ -66,12 +66,12 @@ def test_versions_follow_arrivals(engine, tmp_path):
 
     assert submit(engine, uid) is not None and submit(engine, uid).id == first.id  # nothing new: no new job
     assert claim_next(engine) == first.id
-    set_status(engine, first.id, DONE)
+    set_status(engine, first.id, JobStatus.DONE)
     assert submit(engine, uid) is None
 
     store_files(engine, tmp_path, files[:2])  # a repeat after done makes version 2
     second = submit(engine, uid)
-    assert (second.version, second.status) == (2, QUEUED)
+    assert (second.version, second.status) == (2, JobStatus.QUEUED)
 
 
 def test_never_two_running_jobs_of_one_series(engine, tmp_path):
@@ -84,7 +84,7 @@ def test_never_two_running_jobs_of_one_series(engine, tmp_path):
     second = submit(engine, uid)
     assert second.version == 2
     assert claim_next(engine) is None  # version 1 still runs
-    set_status(engine, first.id, DONE)
+    set_status(engine, first.id, JobStatus.DONE)
     assert claim_next(engine) == second.id
 
 

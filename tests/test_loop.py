@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
+from node.harness import NodeProcess, free_port, wait_for_port
 from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
 from node.synth.phantom import make_phantom
-from tests.conftest import DCMTK_ENV, NodeProcess, free_port, require_tool, run_tool, wait_for_port
+from tests.conftest import DCMTK_ENV, require_tool, run_tool
 
 QUIET = 3.0
 

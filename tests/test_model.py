@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from node.pipeline.evaluate import evaluate_on_phantoms
+from node.imaging.volume import load_series_dir
 from node.pipeline.inference import DeviceError, Segmenter, resolve_device
 from node.pipeline.model import Architecture, ResSEUNet3D, recurrent_loss
 from node.pipeline.preprocess import Preprocessing, sliding_window, window_starts
-from node.pipeline.volume import load_series_dir
 from node.pipeline.weights import ModelCard, WeightsError, card_path, load_weights, save_weights
+from node.training.evaluate import evaluate_on_phantoms
 from tests.conftest import REPO, require_tool, shared_data
 
 TINY = Architecture(channels=(4, 8, 8, 12, 16), passes=2)
@@ -124,7 +124,7 @@ def test_contour_real_ct_writes_valid_rtstruct_or_says_no_ctv(tmp_path):
 def test_synth_writes_ct_mask_and_rtstruct_that_agree(tmp_path):
     from pydicom import dcmread
 
-    from node.pipeline.nifti import read_mask
+    from node.imaging.nifti import read_mask
     from node.rtstruct.reader import read_masks
 
     result = rtnode("synth", tmp_path, "--cases", "1", "--seed", "123")
@@ -163,8 +163,8 @@ def test_phantoms_are_deterministic_and_varied():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_mask_matches_cpu_mask():
-    from node.pipeline.metrics import dice
-    from node.pipeline.volume import load_volume
+    from node.imaging.metrics import dice
+    from node.imaging.volume import load_volume
     from node.synth.ct_series import ct_datasets
     from node.synth.phantom import make_phantom
 
@@ -195,7 +195,7 @@ def test_bf16_on_a_cpu_without_it_is_a_clear_error():
     ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])],
 )
 def test_training_runs_on_the_device_asked_for(device):
-    from node.pipeline.train import TrainConfig, TrainingCase, train
+    from node.training.train import TrainConfig, TrainingCase, train
 
     image = np.random.default_rng(0).random((24, 48, 48), dtype=np.float32)
     cases = [TrainingCase("a", image, image > 0.6), TrainingCase("b", image[::-1].copy(), image[::-1] > 0.6)]
@@ -210,7 +210,7 @@ def test_training_runs_on_the_device_asked_for(device):
 
 
 def test_training_resumed_from_a_checkpoint_continues_where_it_stopped(tmp_path):
-    from node.pipeline.train import TrainConfig, TrainingCase, train
+    from node.training.train import TrainConfig, TrainingCase, train
 
     image = np.random.default_rng(1).random((24, 48, 48), dtype=np.float32)
     cases = [TrainingCase("a", image, image > 0.6)]

@@ -16,7 +16,7 @@ import pytest
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 
-from node.pipeline.volume import Volume, load_series_dir
+from node.imaging.volume import Volume, load_series_dir
 from node.rtstruct.builder import (
     COPIED_FROM_CT,
     Algorithm,

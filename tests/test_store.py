@@ -8,24 +8,18 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.status import Status
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from node.database import open_database
-from node.models import Instance
-from node.store import (
-    STATUS_CANNOT_DECODE,
-    STATUS_INVALID_UID,
-    STATUS_MISSING_UID,
-    STATUS_OUT_OF_RESOURCES,
-    InstanceStore,
-    Sender,
-    StoreRefused,
-)
+from node.db.engine import open_database
+from node.db.models import Instance
+from node.store import CallingPeer, InstanceStore, StoreRefused
 from tests.conftest import write_ct
 
-SENDER = Sender("SCANNER", "127.0.0.1")
-EXPLICIT = "1.2.840.10008.1.2.1"
+SENDER = CallingPeer("SCANNER", "127.0.0.1")
+EXPLICIT = ExplicitVRLittleEndian
 
 
 @pytest.fixture
@@ -62,7 +56,7 @@ def test_missing_uid(store, slice_ds):
     del slice_ds.SeriesInstanceUID
     with pytest.raises(StoreRefused) as info:
         store[0].save(encoded(slice_ds), EXPLICIT, SENDER)
-    assert info.value.status == STATUS_MISSING_UID
+    assert info.value.status == Status.MISSING_UID
     assert "SeriesInstanceUID" in str(info.value)
 
 
@@ -70,7 +64,7 @@ def test_uid_that_would_escape_the_data_folder_is_refused(store, slice_ds, tmp_p
     slice_ds.StudyInstanceUID = "../../etc"
     with pytest.raises(StoreRefused) as info:
         store[0].save(encoded(slice_ds), EXPLICIT, SENDER)
-    assert info.value.status == STATUS_INVALID_UID
+    assert info.value.status == Status.INVALID_UID
     assert not (tmp_path / "etc").exists()
 
 
@@ -78,7 +72,7 @@ def test_uid_that_would_escape_the_data_folder_is_refused(store, slice_ds, tmp_p
 def test_undecodable_bytes(store, payload):
     with pytest.raises(StoreRefused) as info:
         store[0].save(payload, EXPLICIT, SENDER)
-    assert info.value.status in (STATUS_CANNOT_DECODE, STATUS_MISSING_UID)
+    assert info.value.status in (Status.CANNOT_DECODE, Status.MISSING_UID)
 
 
 def test_database_error_answers_out_of_resources_and_leaves_no_file(store, slice_ds, tmp_path):
@@ -87,7 +81,7 @@ def test_database_error_answers_out_of_resources_and_leaves_no_file(store, slice
         connection.exec_driver_sql("DROP TABLE instances")
     with pytest.raises(StoreRefused) as info:
         instance_store.save(encoded(slice_ds), EXPLICIT, SENDER)
-    assert info.value.status == STATUS_OUT_OF_RESOURCES
+    assert info.value.status == Status.OUT_OF_RESOURCES
     assert list(Path(tmp_path / "incoming").rglob("*.dcm")) == []
 
 

@@ -14,7 +14,7 @@ import torch
 from pydicom import dcmread
 
 from node.pipeline.model import bce_dice_loss, recurrent_loss
-from node.pipeline.quality import QualityAwareness
+from node.training.quality import QualityAwareness
 from tests.conftest import REPO, shared_data
 
 SMALL = ["--channels", "4,8", "--spacing", "8,8,8", "--shape", "16,32,32", "--steps", "2", "--quiet"]
@@ -116,7 +116,7 @@ def test_the_quality_module_learns_to_weight_down_the_sample_the_network_fits_wo
 
 
 def test_a_real_eclipse_export_becomes_a_training_label():
-    from node.pipeline.cases import archive_cts, archive_folders
+    from node.training.cases import archive_cts, archive_folders
 
     folders = archive_folders(shared_data("rando-pelvis-phantom"))
     (ct,) = archive_cts(folders, "^PTV$")

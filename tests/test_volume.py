@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from node.pipeline.volume import (
+from node.imaging.volume import (
     DuplicatePositionError,
     InconsistentGeometryError,
     MissingSlicesError,

@@ -15,17 +15,17 @@ from typing import Literal
 import numpy as np
 import torch
 
+from node.errors import UserError
+from node.imaging.volume import Volume
 from node.pipeline.model import ResSEUNet3D
 from node.pipeline.preprocess import postprocess, resample, sliding_window, to_model_grid
-from node.pipeline.volume import Volume
 from node.pipeline.weights import ModelCard, load_weights
-from node.rtstruct.builder import Algorithm
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
-class DeviceError(ValueError):
-    pass
+class DeviceError(UserError):
+    """The device asked for cannot run the model."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,10 +74,6 @@ class Segmenter:
         resolved = resolve_device(device)
         model, card = load_weights(path, resolved)
         return cls(model, card, resolved, precision)
-
-    @property
-    def algorithm(self) -> Algorithm:
-        return Algorithm(name=self.card.name, version=self.card.version)
 
     def _autocast(self):
         if self.precision == "fp32":

@@ -17,11 +17,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from node.errors import UserError
 from node.pipeline.model import Architecture, ResSEUNet3D
 from node.pipeline.preprocess import Preprocessing
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """Weights missing, unreadable, or not matching their model card."""
 
 
@@ -35,6 +36,10 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)
     intended_use: str = "Demonstration and testing of rtnode only. Not for clinical use."
     sha256: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.version}"
 
     def to_json(self) -> dict:
         return {

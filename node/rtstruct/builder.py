@@ -19,15 +19,16 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import RTStructureSetStorage, generate_uid
 
 from node import __version__
-from node.dicom import file_meta
-from node.pipeline.volume import Volume
+from node.errors import UserError
+from node.imaging.dicomfile import file_meta
+from node.imaging.volume import Volume
 from node.rtstruct.contours import ContourSet
 
-RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"  # the SOP class PS3.3 wants in RTReferencedStudySequence
+# The SOP class PS3.3 wants in RTReferencedStudySequence: retired, so neither pydicom nor pynetdicom names it.
+DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 MAX_CONTOUR_DATA_BYTES = 65_534  # longer values need a 32-bit length, which readers then see as absent
 
 # Attributes copied from the CT so the planning system files the RTSTRUCT with its images.
@@ -61,7 +62,11 @@ _TYPE2_DEFAULTS = {
 }
 
 
-class ContourTooLargeError(ValueError):
+class StructureSetInputError(UserError):
+    """The contours or labels given cannot make an RT Structure Set a planning system accepts."""
+
+
+class ContourTooLargeError(StructureSetInputError):
     """One contour has more points than a DICOM element can carry."""
 
 
@@ -88,9 +93,9 @@ class Roi:
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]{1,64}", self.name) or not self.name.strip():
-            raise ValueError(f"ROI name {self.name!r} must be 1-64 printable ASCII characters without backslash")
+            raise StructureSetInputError(f"ROI name {self.name!r} must be 1-64 printable ASCII characters without backslash")
         if len(self.color) != 3 or not all(0 <= int(v) <= 255 for v in self.color):
-            raise ValueError(f"ROI colour {self.color} must be three integers 0-255")
+            raise StructureSetInputError(f"ROI colour {self.color} must be three integers 0-255")
 
 
 @dataclass(frozen=True)
@@ -101,15 +106,15 @@ class SeriesInfo:
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.structure_set_label) <= 16:
-            raise ValueError(f"StructureSetLabel {self.structure_set_label!r} must be 1-16 characters")
+            raise StructureSetInputError(f"StructureSetLabel {self.structure_set_label!r} must be 1-16 characters")
 
 
 def format_ds(values: np.ndarray) -> list[str]:
     """DS strings of at most 16 characters: 0.1 micrometre resolution, trailing zeros dropped."""
     if not np.all(np.isfinite(values)):
-        raise ValueError("contour coordinates contain NaN or infinity")
+        raise StructureSetInputError("contour coordinates contain NaN or infinity")
     if np.abs(values).max(initial=0) >= 1e10:
-        raise ValueError("contour coordinates beyond 1e10 mm")
+        raise StructureSetInputError("contour coordinates beyond 1e10 mm")
     return [text.rstrip("0").rstrip(".") if "." in text else text for text in np.char.mod("%.4f", values).tolist()]
 
 
@@ -176,26 +181,26 @@ def build_rtstruct(
 ) -> Dataset:
     """An RT Structure Set referencing exactly `volume`'s slices. Raises ValueError on bad input."""
     if not rois:
-        raise ValueError("an RT Structure Set needs at least one ROI")
+        raise StructureSetInputError("an RT Structure Set needs at least one ROI")
     names = [roi.name for roi in rois]
     if len(set(names)) != len(names):
-        raise ValueError(f"ROI names must be unique, got {names}")
+        raise StructureSetInputError(f"ROI names must be unique, got {names}")
     for roi in rois:
         if not roi.contours.contours:
-            raise ValueError(f"ROI {roi.name!r} has no contours; an empty ROI is never written")
+            raise StructureSetInputError(f"ROI {roi.name!r} has no contours; an empty ROI is never written")
         out_of_range = [c.slice_index for c in roi.contours.contours if not 0 <= c.slice_index < len(volume.slices)]
         if out_of_range:
-            raise ValueError(f"ROI {roi.name!r} has contours on slices {out_of_range[:5]} outside the CT series")
+            raise StructureSetInputError(f"ROI {roi.name!r} has contours on slices {out_of_range[:5]} outside the CT series")
     now = now or datetime.now()
     ct = volume.headers[0]
     sop_instance_uid = generate_uid()
 
     ds = Dataset()
-    ds.file_meta = file_meta(RT_STRUCTURE_SET_STORAGE, sop_instance_uid)
+    ds.file_meta = file_meta(RTStructureSetStorage, sop_instance_uid)
     _copy_from_ct(ds, ct)
     ds.InstanceCreationDate = ds.StructureSetDate = ds.SeriesDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = ds.StructureSetTime = ds.SeriesTime = now.strftime("%H%M%S")
-    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = sop_instance_uid
     ds.Modality = "RTSTRUCT"
     ds.Manufacturer = "rtnode"

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from node.pipeline.volume import Volume
+from node.errors import UserError
+from node.imaging.volume import Volume
 
 # Edge directions in (row, column) vertex steps, numbered so that code + 1 is a left turn
 # (counter-clockwise about the slice normal, as columns run along the row direction).
 _STEPS = np.array([(0, 1), (1, 0), (0, -1), (-1, 0)])
 
 
-class EmptyMaskError(ValueError):
+class EmptyMaskError(UserError):
     """The mask has no voxel: there is nothing to contour (reported, never sent as an empty ROI)."""
 
 

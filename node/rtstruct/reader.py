@@ -12,15 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom import Dataset
+from pydicom.uid import RTStructureSetStorage
 
-from node.pipeline.volume import Volume
-from node.rtstruct.builder import RT_STRUCTURE_SET_STORAGE
+from node.errors import UserError
+from node.imaging.volume import Volume
 from node.rtstruct.contours import fill_polygons
 
 PLANE_TOLERANCE_MM = 0.01
 
 
-class StructureSetError(ValueError):
+class StructureSetError(UserError):
     """The RT Structure Set does not belong to this CT or cannot be read."""
 
 
@@ -41,7 +42,7 @@ def roi_names(rtstruct: Dataset) -> list[str]:
 
 def read_masks(rtstruct: Dataset, volume: Volume) -> list[RoiMask]:
     """Every ROI of the structure set as a mask on `volume` (empty ROIs give empty masks)."""
-    if rtstruct.get("SOPClassUID") != RT_STRUCTURE_SET_STORAGE:
+    if rtstruct.get("SOPClassUID") != RTStructureSetStorage:
         raise StructureSetError(f"not an RT Structure Set (SOP Class {rtstruct.get('SOPClassUID', 'missing')})")
     names = {int(item.ROINumber): str(item.ROIName) for item in rtstruct.get("StructureSetROISequence", [])}
     frames = {

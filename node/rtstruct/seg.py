@@ -10,7 +10,7 @@ import numpy as np
 from pydicom.sr.codedict import codes
 
 from node import __version__
-from node.pipeline.volume import Volume
+from node.imaging.volume import Volume
 from node.rtstruct.builder import Algorithm
 from node.rtstruct.contours import EmptyMaskError
 

@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 
-from node.dicom import file_meta
+from node.imaging.dicomfile import file_meta
 
 # ImageOrientationPatient (row direction, column direction) per patient position.
 ORIENTATIONS: dict[str, tuple[float, ...]] = {

@@ -11,12 +11,17 @@ slice count and thickness, pixel spacing.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from node.imaging.nifti import write_mask
+from node.imaging.volume import load_series_dir
+from node.outputs import OutputPaths, write_outputs
+from node.rtstruct.builder import Algorithm, SeriesInfo
 from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
 
 HU_AIR, HU_FAT, HU_MUSCLE, HU_BONE, HU_MARROW = -1000.0, -100.0, 45.0, 700.0, 250.0
@@ -157,27 +162,21 @@ def _grow(mask: np.ndarray, margin_mm: float, spacing: tuple[float, float, float
 
 def _uid(seed: int, kind: int) -> str:
     """Deterministic UIDs under the 2.25 (UUID-derived) root, so a seed always names the same study."""
-    import uuid
-
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'rtnode-phantom-{seed}-{kind}').int}"
 
 
 def write_phantom(phantom: Phantom, out_dir: Path, *, rtstruct: bool = True) -> Path:
     """`out_dir/ct/*.dcm`, `out_dir/ctv.nii.gz` and `out_dir/rtstruct.dcm` (ground truth)."""
-    from node.pipeline.nifti import write_mask
-    from node.pipeline.volume import load_series_dir
-    from node.rtstruct.builder import Algorithm, Roi, SeriesInfo, build_rtstruct
-    from node.rtstruct.contours import contours_from_mask
-
     write_series(ct_datasets(phantom.hu, phantom.geometry, phantom.patient), out_dir / "ct")
     volume = load_series_dir(out_dir / "ct")
-    write_mask(out_dir / "ctv.nii.gz", volume, phantom.ctv)
-    if rtstruct:
-        truth = build_rtstruct(
-            volume,
-            [Roi("CTV", contours_from_mask(volume, phantom.ctv))],
-            Algorithm("rtnode-phantom-ground-truth", "1"),
-            SeriesInfo(structure_set_label="PHANTOM_TRUTH", series_description="Synthetic phantom ground-truth CTV"),
-        )
-        truth.save_as(out_dir / "rtstruct.dcm", enforce_file_format=True)
+    if not rtstruct:
+        write_mask(out_dir / "ctv.nii.gz", volume, phantom.ctv)
+        return out_dir
+    write_outputs(
+        volume,
+        phantom.ctv,
+        OutputPaths(rtstruct=out_dir / "rtstruct.dcm", mask=out_dir / "ctv.nii.gz"),
+        Algorithm("rtnode-phantom-ground-truth", "1"),
+        series=SeriesInfo(structure_set_label="PHANTOM_TRUTH", series_description="Synthetic phantom ground-truth CTV"),
+    )
     return out_dir

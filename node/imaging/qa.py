@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from node.pipeline.volume import Volume
+from node.imaging.volume import Volume
 
 WINDOW = (-160.0, 240.0)  # soft-tissue window, HU
 OUTLINE = (255, 40, 40)

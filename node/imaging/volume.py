@@ -16,18 +16,18 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_rescale
+from pydicom.uid import EnhancedCTImageStorage
+
+from node.errors import UserError
 
 log = logging.getLogger(__name__)
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 ORIENTATION_TOLERANCE = 1e-4  # direction cosines
 IN_PLANE_TOLERANCE_MM = 0.05  # slice origins off the stack axis by more than this: tilt or shear
 GAP_FACTOR = 1.5  # a step over 1.5 x the median slice spacing is a missing slice
 
 
-class SeriesError(ValueError):
+class SeriesError(UserError):
     """A CT series that cannot be turned into a Volume whose geometry is exact."""
 
 
@@ -198,7 +198,7 @@ def _check_identity(datasets: Sequence[Dataset]) -> None:
     modalities = _uids(datasets, "Modality")
     if modalities != ["CT"]:
         raise NotCTError(f"series modality is {', '.join(m or '(none)' for m in modalities)}, not CT")
-    multi = [ds for ds in datasets if ds.SOPClassUID == ENHANCED_CT_IMAGE_STORAGE or int(ds.get("NumberOfFrames", 1) or 1) > 1]
+    multi = [ds for ds in datasets if ds.SOPClassUID == EnhancedCTImageStorage or int(ds.get("NumberOfFrames", 1) or 1) > 1]
     if multi:
         raise MultiFrameError(
             f"multi-frame (Enhanced) CT is not supported: {len(multi)} object(s), e.g. SOP Instance "

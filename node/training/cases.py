@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, dcmread
 
-from node.pipeline.volume import SeriesError, Volume, load_volume, read_datasets
+from node.imaging.volume import SeriesError, Volume, load_volume, read_datasets
+from node.rtstruct.reader import StructureSetError, read_masks
+from node.synth.ct_series import ct_datasets
+from node.synth.phantom import make_phantom
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +37,6 @@ class ContouredCT:
 
 def phantom_cts(seeds: list[int]) -> Iterator[ContouredCT]:
     """Phantoms through their DICOM headers and the Volume loader, as the node would receive them."""
-    from node.synth.ct_series import ct_datasets
-    from node.synth.phantom import make_phantom
-
     for seed in seeds:
         phantom = make_phantom(seed)
         yield ContouredCT(f"phantom-{seed}", load_volume(ct_datasets(phantom.hu, phantom.geometry, phantom.patient)), phantom.ctv)
@@ -50,8 +50,6 @@ def archive_folders(root: Path) -> list[Path]:
 def archive_cts(folders: list[Path], roi_pattern: str) -> Iterator[ContouredCT]:
     """For each structure set in each folder: the CT series it references (a folder may also
     hold other series, dose grids and plans) with its first ROI matching `roi_pattern`."""
-    from node.rtstruct.reader import StructureSetError, read_masks
-
     pattern = re.compile(roi_pattern)
     for folder in folders:
         series: dict[str, list[Dataset]] = defaultdict(list)

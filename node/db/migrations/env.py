@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from node.models import Base
+from node.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from node.errors import UserError
+
 
 class QualityAwareness(nn.Module):
     """QAM with the OCM on its output: (CT, label) batch in, per-sample loss weights out."""
@@ -21,7 +23,7 @@ class QualityAwareness(nn.Module):
     def __init__(self, bound: float, channels: tuple[int, ...] = (8, 16, 32, 64)) -> None:
         super().__init__()
         if bound <= 0:
-            raise ValueError(f"the quality bound lambda must be positive, not {bound}")
+            raise UserError(f"the quality bound lambda must be positive, not {bound}")
         self.bound = bound
         layers: list[nn.Module] = []
         previous = 2  # CT and label

@@ -3,11 +3,12 @@
 Adam (lr 1e-4), BCE + Dice on every recurrent pass, and the thesis's augmentation:
 rotation up to 10 degrees, left-right flips, shifts up to 8 voxels, Gaussian noise of
 variance 0.001. Checkpoints make a run resumable; the final weights and their card are
-written by `node.pipeline.weights.save_weights`.
+written by `node.pipeline.weights.save_weights`; `node.training.recipe` assembles a whole run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -17,19 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from scipy import ndimage
 
-from node.pipeline.cases import archive_cts
+from node.errors import UserError
 from node.pipeline.inference import resolve_device
 from node.pipeline.model import Architecture, ResSEUNet3D, recurrent_loss
 from node.pipeline.preprocess import Preprocessing, resample, to_model_grid
-from node.pipeline.quality import QualityAwareness
+from node.synth.phantom import make_phantom
+from node.training.cases import archive_cts
+from node.training.quality import QualityAwareness
 
 log = logging.getLogger(__name__)
 
 MAX_SHIFT_VOXELS = 8
 MAX_ROTATION_DEGREES = 10.0
 NOISE_VARIANCE = 0.001
+LOSS = "BCE + Dice on every recurrent pass"
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,8 +74,6 @@ def to_training_case(name: str, hu: np.ndarray, spacing: tuple[float, float, flo
 
 
 def phantom_cases(seeds: list[int], prep: Preprocessing) -> Iterator[TrainingCase]:
-    from node.synth.phantom import make_phantom
-
     for seed in seeds:
         phantom = make_phantom(seed)
         spacing = (float(phantom.geometry.slice_positions[1]), *phantom.geometry.pixel_spacing)
@@ -78,7 +81,7 @@ def phantom_cases(seeds: list[int], prep: Preprocessing) -> Iterator[TrainingCas
 
 
 def archive_cases(folders: list[Path], roi_pattern: str, prep: Preprocessing) -> Iterator[TrainingCase]:
-    """Training cases from archive folders (see `node.pipeline.cases.archive_folders`)."""
+    """Training cases from archive folders (see `node.training.cases.archive_folders`)."""
     for ct in archive_cts(folders, roi_pattern):
         yield to_training_case(ct.name, ct.volume.hu, ct.volume.spacing, ct.ctv, prep)
 
@@ -140,7 +143,7 @@ def train(
 ) -> TrainingRun:
     """Train from scratch, or from `checkpoint` when resuming."""
     if not cases:
-        raise ValueError("no training cases")
+        raise UserError("no training cases")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -154,7 +157,7 @@ def train(
         state = torch.load(checkpoint, map_location=device, weights_only=False)  # our own file, written by _save_checkpoint
         model.load_state_dict(state["model"])
         if (state.get("quality") is None) != (quality is None):
-            raise ValueError(f"{checkpoint} was written {'without' if quality is not None else 'with'} Pick-and-Learn; resume it the same way")
+            raise UserError(f"{checkpoint} was written {'without' if quality is not None else 'with'} Pick-and-Learn; resume it the same way")
         if quality is not None:
             quality.load_state_dict(state["quality"])
         optimizer.load_state_dict(state["optimizer"])
@@ -229,11 +232,7 @@ def recalibrate_batchnorm(model: ResSEUNet3D, cases: list[TrainingCase], config:
 
 def _progress(show: bool, total: int, completed: int):
     if not show:
-        import contextlib
-
         return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
         TimeElapsedColumn(), TimeRemainingColumn(),

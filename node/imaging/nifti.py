@@ -12,13 +12,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from node.pipeline.volume import Volume
+from node.errors import UserError
+from node.imaging.volume import Volume
 
 GRID_TOLERANCE_MM = 0.01
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-class GridMismatchError(ValueError):
+class GridMismatchError(UserError):
     """The mask does not lie on the CT's voxel grid."""
 
 

@@ -1,4 +1,4 @@
-"""Engine creation and schema migration (Alembic scripts live in `db/`)."""
+"""Engine creation and schema migration (the Alembic scripts ship in `node/db/migrations/`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "db"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def _sqlite_pragmas(fsync: bool):

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from node.pipeline.cases import ContouredCT, phantom_cts
+from node.imaging.metrics import dice, hd95
 from node.pipeline.inference import Segmenter
-from node.pipeline.metrics import dice, hd95
+from node.training.cases import ContouredCT, phantom_cts
 
 
 @dataclass(frozen=True)

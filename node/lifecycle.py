@@ -1,0 +1,367 @@
+"""Every change of state of a job or a delivery, and nowhere else.
+
+Receiving decides *that* a series should be contoured (`submit_series`); the worker
+claims jobs in arrival order (`claim_next`), never two running jobs of one series, and
+records what it made (`record_outputs`) or why it failed (`fail_job`); the sender takes
+pending deliveries (`due_deliveries`, `take_delivery`) and records each attempt's outcome
+with backoff (`record_attempt`); an admin queues a delivery again by hand (`resend`); a
+restart puts running jobs back in the queue (`recover_after_restart`). Each transition is
+one transaction and an event in the job's log, in words an admin understands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import Engine, func, select, type_coerce, update
+from sqlalchemy.orm import Session
+
+from node.config import DeliverySection, Destination
+from node.db.models import Delivery, Instance, Job, JobEvent, Series, UTCDateTime, utcnow
+from node.errors import UserError
+from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind
+
+log = logging.getLogger(__name__)
+
+MAX_STARTS = 3  # a job that took the worker down this often is failed, not retried forever
+DELIVERABLE = (OutputKind.RTSTRUCT, OutputKind.SEG)  # the outputs that go to destinations
+
+
+def fingerprint(sop_instance_uids: Sequence[str]) -> str:
+    ordered = sorted(sop_instance_uids)
+    return hashlib.sha256(f"{len(ordered)}\n{chr(10).join(ordered)}".encode()).hexdigest()
+
+
+def add_event(session: Session, job: Job, kind: EventKind, detail: str = "") -> None:
+    session.add(JobEvent(job=job, at=utcnow(), event=kind.value, detail=detail))
+    log.info("job %s (series %s v%d): %s %s", job.id, job.series.series_instance_uid, job.version, kind.value, detail)
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    eligible: bool
+    reason: str = ""
+
+
+EligibilityRule = Callable[[Series, Sequence[Instance]], Eligibility]
+
+
+def submit_series(engine: Engine, series_instance_uid: str, eligibility_of: EligibilityRule) -> Job | None:
+    """Queue (or reject) a new job version for a quiet series, if anything arrived since its last job.
+
+    Slices that arrive while the latest job is still queued join it instead.
+    """
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        series = session.scalars(select(Series).where(Series.series_instance_uid == series_instance_uid)).one_or_none()
+        if series is None:
+            return None
+        instances = session.scalars(select(Instance).where(Instance.series_id == series.id)).all()
+        if not instances:
+            return None
+        latest = session.scalars(select(Job).where(Job.series_id == series.id).order_by(Job.version.desc()).limit(1)).first()
+        newest_arrival = max(i.last_received_at for i in instances)
+        uids = sorted(i.sop_instance_uid for i in instances)
+        if latest is not None and latest.status == JobStatus.QUEUED:
+            if latest.input_fingerprint != fingerprint(uids):
+                latest.input_uids, latest.input_fingerprint, latest.inputs_at = uids, fingerprint(uids), utcnow()
+                add_event(session, latest, EventKind.INPUTS_UPDATED, f"{len(uids)} instances before the job started")
+            return latest
+        if latest is not None and newest_arrival <= latest.inputs_at:
+            return None
+        verdict = eligibility_of(series, instances)
+        job = Job(
+            series=series,
+            version=(latest.version + 1) if latest else 1,
+            status=JobStatus.QUEUED if verdict.eligible else JobStatus.REJECTED,
+            error="" if verdict.eligible else verdict.reason,
+            input_uids=uids,
+            input_fingerprint=fingerprint(uids),
+            inputs_at=utcnow(),
+            created_at=utcnow(),
+            finished_at=None if verdict.eligible else utcnow(),
+        )
+        session.add(job)
+        session.flush()
+        if verdict.eligible:
+            add_event(session, job, EventKind.QUEUED, f"{len(uids)} instances of series {series_instance_uid}")
+        else:
+            add_event(session, job, EventKind.REJECTED, verdict.reason)
+        return job
+
+
+def claim_next(engine: Engine) -> int | None:
+    """Mark the oldest queued job running, skipping series with a job running already. Returns its id."""
+    with Session(engine) as session, session.begin():
+        running_series = select(Job.series_id).where(Job.status == JobStatus.RUNNING)
+        candidates = session.scalars(
+            select(Job).where(Job.status == JobStatus.QUEUED, Job.series_id.not_in(running_series)).order_by(Job.id).limit(1)
+        ).all()
+        for job in candidates:
+            claimed = session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+                .values(status=JobStatus.RUNNING, started_at=utcnow(), starts=Job.starts + 1)
+            )
+            if claimed.rowcount != 1:
+                continue
+            session.refresh(job)
+            if job.starts > MAX_STARTS:
+                _finish(session, job, JobStatus.FAILED, f"the worker stopped {MAX_STARTS} times while running this job: not retried")
+                continue
+            add_event(session, job, EventKind.STARTED, f"attempt {job.starts}")
+            return job.id
+    return None
+
+
+def recover_after_restart(engine: Engine) -> int:
+    """Running jobs go back to the queue: the process that ran them is gone. Nothing is deleted."""
+    with Session(engine) as session, session.begin():
+        jobs = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
+        for job in jobs:
+            job.status = JobStatus.QUEUED
+            add_event(session, job, EventKind.REQUEUED, "the node restarted while this job ran")
+        return len(jobs)
+
+
+def series_needing_jobs(engine: Engine) -> list[str]:
+    """Series with instances newer than their latest job (or no job): their timers died with the process."""
+    with Session(engine) as session:
+        latest_job = select(Job.series_id, func.max(Job.inputs_at).label("created")).group_by(Job.series_id).subquery()
+        newest = select(Instance.series_id, func.max(Instance.last_received_at).label("arrived")).group_by(Instance.series_id).subquery()
+        rows = session.execute(
+            select(
+                Series.series_instance_uid,
+                type_coerce(newest.c.arrived, UTCDateTime()),
+                type_coerce(latest_job.c.created, UTCDateTime()),
+            )
+            .join(newest, newest.c.series_id == Series.id)
+            .outerjoin(latest_job, latest_job.c.series_id == Series.id)
+        ).all()
+    return [uid for uid, arrived, created in rows if created is None or arrived > created]
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What a claimed job computes from."""
+
+    job_id: int
+    series_instance_uid: str
+    version: int
+    paths: list[Path]
+    missing: int  # input instances no longer in the database
+
+
+def job_inputs(engine: Engine, job_id: int) -> JobInputs:
+    with Session(engine) as session:
+        job = session.get(Job, job_id)
+        paths = session.scalars(select(Instance.path).where(Instance.sop_instance_uid.in_(job.input_uids))).all()
+        return JobInputs(job.id, job.series.series_instance_uid, job.version, [Path(p) for p in paths], len(job.input_uids) - len(paths))
+
+
+def set_model(engine: Engine, job_id: int, name: str, version: str) -> None:
+    """The model a job ran, recorded as soon as it is known (failed jobs keep it too)."""
+    with Session(engine) as session, session.begin():
+        job = session.get(Job, job_id)
+        job.model_name, job.model_version = name, version
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {stage: round(seconds, 3) for stage, seconds in timings.items()}
+
+
+def _finish(session: Session, job: Job, status: JobStatus, detail: str) -> None:
+    job.status, job.finished_at = status, utcnow()
+    if status == JobStatus.FAILED:
+        job.error = detail
+    add_event(session, job, EventKind(status.value), detail)
+
+
+def fail_job(engine: Engine, job_id: int, error: str, timings: dict[str, float]) -> None:
+    """The job ends `failed` with `error`, a sentence for the job log; its timings so far are kept."""
+    with Session(engine) as session, session.begin():
+        job = session.get(Job, job_id)
+        job.timings = _rounded(timings)
+        _finish(session, job, JobStatus.FAILED, error)
+
+
+def new_delivery(job: Job, destination: Destination, kind: OutputKind, path: str, sop_instance_uid: str) -> Delivery:
+    """A pending delivery of one output of `job` to one configured destination, due now."""
+    now = utcnow()
+    return Delivery(
+        job=job, destination=destination.name, ae_title=destination.ae_title, host=destination.host, port=destination.port,
+        kind=kind.value, path=path, sop_instance_uid=sop_instance_uid, status=DeliveryStatus.PENDING, attempts=0,
+        last_error="", next_attempt_at=now, created_at=now,
+    )
+
+
+def record_outputs(
+    engine: Engine,
+    job_id: int,
+    outputs: dict[OutputKind, Path],
+    sop_instance_uids: dict[OutputKind, str],
+    timings: dict[str, float],
+    destinations: Sequence[Destination],
+) -> None:
+    """A contoured job: its files, one delivery per deliverable output and destination, and older
+    versions of its series superseded (their pending sends cancelled)."""
+    with Session(engine) as session, session.begin():
+        job = session.get(Job, job_id)
+        job.outputs = {kind.value: str(path) for kind, path in outputs.items()}
+        job.timings = _rounded(timings)
+        add_event(session, job, EventKind.CONTOURED, ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+        for destination in destinations:
+            for kind, sop_instance_uid in sop_instance_uids.items():
+                session.add(new_delivery(job, destination, kind, str(outputs[kind]), sop_instance_uid))
+        _supersede_older(session, job)
+        if destinations:
+            job.status = JobStatus.SENDING
+            add_event(session, job, EventKind.SENDING, ", ".join(d.name for d in destinations))
+        else:
+            _finish(session, job, JobStatus.DONE, "no destinations configured")
+
+
+def _supersede_older(session: Session, job: Job) -> None:
+    older = session.scalars(
+        select(Job).where(Job.series_id == job.series_id, Job.version < job.version, Job.superseded_by.is_(None))
+    ).all()
+    for previous in older:
+        if not previous.outputs:
+            continue
+        previous.superseded_by = job.id
+        add_event(session, previous, EventKind.SUPERSEDED, f"by job {job.id} (v{job.version})")
+        for delivery in previous.deliveries:
+            if delivery.status == DeliveryStatus.PENDING:
+                delivery.status = DeliveryStatus.SUPERSEDED
+        _settle(session, previous)
+
+
+def _settle(session: Session, job: Job) -> None:
+    """A sending job is done when every live delivery is done, failed when one failed for good."""
+    if job.status != JobStatus.SENDING:
+        return
+    live = [d for d in job.deliveries if d.status != DeliveryStatus.SUPERSEDED]
+    if any(d.status == DeliveryStatus.PENDING for d in live):
+        return
+    failed = [d for d in live if d.status == DeliveryStatus.FAILED]
+    if failed:
+        _finish(session, job, JobStatus.FAILED, "; ".join(f"delivery to {d.destination} failed: {d.last_error}" for d in failed))
+    elif live:
+        _finish(session, job, JobStatus.DONE, f"delivered to {', '.join(sorted({d.destination for d in live}))}")
+    else:
+        _finish(session, job, JobStatus.DONE, "superseded by a newer version before delivery")
+
+
+def resend(engine: Engine, job_id: int, destinations: Sequence[Destination], sop_instance_uid_of: Callable[[str], str]) -> int:
+    """Queue new deliveries of a job's outputs by hand; returns how many.
+
+    `sop_instance_uid_of(path)` reads an output file's SOP Instance UID.
+    """
+    with Session(engine) as session, session.begin():
+        job = session.get(Job, job_id)
+        if job is None:
+            raise UserError(f"no job {job_id}")
+        if OutputKind.RTSTRUCT not in job.outputs:
+            raise UserError(f"job {job_id} has no RT Structure Set to send (status {job.status})")
+        kinds = [kind for kind in DELIVERABLE if kind in job.outputs]
+        for destination in destinations:
+            for kind in kinds:
+                path = job.outputs[kind]
+                session.add(new_delivery(job, destination, kind, path, sop_instance_uid_of(path)))
+        job.status, job.finished_at = JobStatus.SENDING, None
+        add_event(session, job, EventKind.RESEND, f"queued by hand to {', '.join(d.name for d in destinations)}")
+        return len(kinds) * len(destinations)
+
+
+@dataclass(frozen=True)
+class DeliveryOrder:
+    """One pending delivery as the sender needs it: what to send where."""
+
+    id: int
+    destination: str
+    ae_title: str
+    host: str
+    port: int
+    kind: OutputKind
+    path: Path
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one send attempt ended."""
+
+    delivered: bool
+    retry: bool  # only meaningful when not delivered: would waiting help?
+    detail: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff of failed sends: first retry, doubling, capped; given up after max_age."""
+
+    first_retry_seconds: float
+    max_retry_seconds: float
+    max_age_seconds: float
+
+    @classmethod
+    def from_config(cls, delivery: DeliverySection) -> RetryPolicy:
+        return cls(delivery.first_retry_seconds, delivery.max_retry_seconds, delivery.max_age_seconds)
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before the next attempt after `attempts` failed ones."""
+        return min(self.first_retry_seconds * 2 ** (attempts - 1), self.max_retry_seconds)
+
+    def next_attempt(self, attempts: int, created_at: datetime, now: datetime) -> datetime | None:
+        """When to try again, or None when the delivery has been failing for max_age already."""
+        if (now - created_at).total_seconds() >= self.max_age_seconds:
+            return None
+        return now + timedelta(seconds=self.backoff(attempts))
+
+
+def due_deliveries(engine: Engine) -> list[int]:
+    with Session(engine) as session:
+        return list(
+            session.scalars(
+                select(Delivery.id)
+                .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= utcnow())
+                .order_by(Delivery.id)
+            ).all()
+        )
+
+
+def take_delivery(engine: Engine, delivery_id: int) -> DeliveryOrder | None:
+    """The delivery, if it is still pending (a newer version may have superseded it meanwhile)."""
+    with Session(engine) as session:
+        d = session.get(Delivery, delivery_id)
+        if d is None or d.status != DeliveryStatus.PENDING:
+            return None
+        return DeliveryOrder(d.id, d.destination, d.ae_title, d.host, d.port, OutputKind(d.kind), Path(d.path))
+
+
+def record_attempt(engine: Engine, delivery_id: int, outcome: Outcome, seconds: float, policy: RetryPolicy) -> None:
+    """Count the attempt: delivered, retried later with backoff, or failed for good; then settle the job."""
+    with Session(engine) as session, session.begin():
+        delivery = session.get(Delivery, delivery_id)
+        job = delivery.job
+        delivery.attempts += 1
+        now = utcnow()
+        if outcome.delivered:
+            delivery.status, delivery.delivered_at, delivery.last_error = DeliveryStatus.DONE, now, ""
+            job.timings = {**job.timings, "send": round(job.timings.get("send", 0) + seconds, 3)}
+            add_event(session, job, EventKind.DELIVERED, f"{delivery.kind} to {delivery.destination} (attempt {delivery.attempts})")
+        else:
+            delivery.last_error = outcome.detail
+            retry_at = policy.next_attempt(delivery.attempts, delivery.created_at, now) if outcome.retry else None
+            if retry_at is not None:
+                delivery.next_attempt_at = retry_at
+                wait = (retry_at - now).total_seconds()
+                add_event(session, job, EventKind.SEND_FAILED, f"{outcome.detail}; retry {delivery.attempts + 1} in {wait:.0f} s")
+            else:
+                delivery.status = DeliveryStatus.FAILED
+                why = "gave up: delivery.max_age_seconds reached" if outcome.retry else "not retried: this will not improve by waiting"
+                add_event(session, job, EventKind.SEND_FAILED, f"{outcome.detail}; {why}")
+        _settle(session, job)

@@ -1,0 +1,83 @@
+"""One writer of what a contouring run makes: the RT Structure Set, and beside it the NIfTI
+mask, the DICOM SEG and the QA picture. The worker, `rtnode contour` and `rtnode rtstruct`
+all write through it, so what the node sends and what the CLI writes cannot drift apart."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from node.imaging.dicomfile import save_dataset
+from node.imaging.nifti import write_mask
+from node.imaging.qa import write_montage
+from node.imaging.volume import Volume
+from node.rtstruct.builder import Algorithm, Roi, SeriesInfo, build_rtstruct
+from node.rtstruct.contours import contours_from_mask
+from node.rtstruct.seg import build_seg
+from node.vocabulary import OutputKind
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Where each output goes; None: not written."""
+
+    rtstruct: Path
+    mask: Path | None = None
+    seg: Path | None = None
+    qa: Path | None = None
+
+    @classmethod
+    def in_directory(cls, directory: Path, *, seg: bool) -> OutputPaths:
+        """A job's outputs in its own folder: everything, the SEG when asked for."""
+        return cls(directory / "rtstruct.dcm", directory / "mask.nii.gz", directory / "seg.dcm" if seg else None, directory / "qa.png")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    paths: dict[OutputKind, Path]
+    sop_instance_uids: dict[OutputKind, str]  # of the DICOM outputs
+    timings: dict[str, float] = field(default_factory=dict)  # "rtstruct", and "outputs" for the rest
+
+
+def auto_contour_series(version: int, algorithm: Algorithm) -> SeriesInfo:
+    """Label and description of version `version` of a series' auto-contour: UNAPPROVED, the
+    model named, and what it supersedes."""
+    label = "AUTO_CTV" if version == 1 else f"AUTO_CTV_V{version}"[:16]
+    supersedes = f", supersedes v{version - 1}" if version > 1 else ""
+    return SeriesInfo(structure_set_label=label, series_description=f"UNAPPROVED auto-contour v{version}{supersedes} ({algorithm.label})"[:64])
+
+
+def write_outputs(
+    volume: Volume,
+    mask: np.ndarray,
+    paths: OutputPaths,
+    algorithm: Algorithm,
+    roi_name: str = "CTV",
+    series: SeriesInfo = SeriesInfo(),
+) -> Outputs:
+    """Raises EmptyMaskError (nothing is written) when the mask holds no voxel."""
+    start = time.perf_counter()
+    rtstruct = build_rtstruct(volume, [Roi(roi_name, contours_from_mask(volume, mask))], algorithm, series)
+    save_dataset(rtstruct, paths.rtstruct)
+    written = {OutputKind.RTSTRUCT: paths.rtstruct}
+    uids = {OutputKind.RTSTRUCT: str(rtstruct.SOPInstanceUID)}
+    timings = {"rtstruct": time.perf_counter() - start}
+
+    start = time.perf_counter()
+    if paths.mask is not None:
+        write_mask(paths.mask, volume, mask)
+        written[OutputKind.MASK] = paths.mask
+    if paths.seg is not None:
+        seg = build_seg(volume, mask, algorithm, label=roi_name)
+        save_dataset(seg, paths.seg)
+        written[OutputKind.SEG] = paths.seg
+        uids[OutputKind.SEG] = str(seg.SOPInstanceUID)
+    if paths.qa is not None:
+        write_montage(paths.qa, volume, mask)
+        written[OutputKind.QA] = paths.qa
+    if len(written) > 1:
+        timings["outputs"] = time.perf_counter() - start
+    return Outputs(written, uids, timings)

@@ -1,0 +1,109 @@
+"""Process wiring: `rtnode serve` (receiving, with one worker process beside it) and
+`rtnode worker` (the job worker and the sender), each stopped cleanly by SIGTERM/SIGINT.
+
+The worker is its own process, so inference never stalls the SCP's threads. It dies with
+its parent (PR_SET_PDEATHSIG): a killed node never leaves a second worker behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from node.completion import CompletionTracker
+from node.config import Config
+from node.db.engine import open_database
+from node.lifecycle import recover_after_restart, series_needing_jobs
+from node.scp import StorageSCP
+from node.store import InstanceStore
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: the one way every rtnode process is asked to stop."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def open_node_database(config: Config) -> Engine:
+    return open_database(config.node.database_url, fsync=config.node.fsync)
+
+
+class WorkerProcess:
+    """One `rtnode worker` beside the receiving process, restarted when it dies."""
+
+    def __init__(self, config_path: Path) -> None:
+        self._command = [sys.executable, "-m", "node", "--config", str(config_path), "worker"]
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(self._command, preexec_fn=_die_with_parent)
+        log.info("worker process %d started", self._process.pid)
+
+    def keep_alive(self) -> None:
+        if self._process is not None and self._process.poll() is not None:
+            log.error("worker process exited with status %s: starting a new one", self._process.returncode)
+            self.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def serve(config: Config, config_path: Path) -> int:
+    """Receive until asked to stop; the worker process runs the jobs."""
+    stop = stop_on_signals()
+    engine = open_node_database(config)
+    requeued = recover_after_restart(engine)
+    if requeued:
+        log.info("%d job(s) that were running at the last stop are queued again", requeued)
+    tracker = CompletionTracker(config, engine)
+    tracker.start(series_needing_jobs(engine))
+    worker = WorkerProcess(config_path.resolve())
+    worker.start()
+    scp = StorageSCP(config, InstanceStore(engine, config.incoming_dir, fsync=config.node.fsync), tracker)
+    scp.start()
+    while not stop.wait(1.0):
+        worker.keep_alive()
+    log.info("stopping: no new associations, waiting for in-flight ones")
+    scp.stop()
+    tracker.stop()
+    worker.stop()
+    return 0
+
+
+def run_worker(config: Config) -> int:
+    """Jobs in this thread, deliveries in another, until asked to stop."""
+    # Imported here, not at the top: `rtnode serve` imports this module and must not load torch.
+    from node.sender import Sender
+    from node.worker import Worker
+
+    stop = stop_on_signals()
+    engine = open_node_database(config)
+    sender = threading.Thread(target=Sender(config, engine).run_forever, args=(stop,), name="sender", daemon=True)
+    sender.start()
+    Worker(config, engine).run_forever(stop)
+    sender.join(timeout=60)
+    return 0
