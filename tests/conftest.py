@@ -7,11 +7,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from node.harness import NodeProcess, free_port
-from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -59,29 +57,3 @@ def node_factory(tmp_path):
 def node(node_factory) -> NodeProcess:
     return node_factory().start()
 
-
-def phantom_hu(slices: int, rows: int, columns: int, seed: int = 0) -> np.ndarray:
-    """A water cylinder in air with some noise: enough structure for I/O tests."""
-    rng = np.random.default_rng(seed)
-    r, c = np.mgrid[0:rows, 0:columns]
-    inside = ((r - rows / 2) / (rows * 0.4)) ** 2 + ((c - columns / 2) / (columns * 0.45)) ** 2 < 1
-    hu = np.where(inside, 20.0, -1000.0)[None].repeat(slices, axis=0)
-    return hu + rng.normal(0, 10, hu.shape)
-
-
-def write_ct(
-    out_dir: Path,
-    slices: int = 50,
-    rows: int = 128,
-    columns: int = 128,
-    *,
-    spacing: float = 2.5,
-    pixel_spacing: tuple[float, float] = (1.5, 1.5),
-    patient: PatientStudy | None = None,
-) -> list[Path]:
-    geometry = SeriesGeometry(
-        pixel_spacing=pixel_spacing,
-        slice_positions=uniform_positions(slices, spacing),
-        origin=(-columns * pixel_spacing[1] / 2, -rows * pixel_spacing[0] / 2, -100.0),
-    )
-    return write_series(ct_datasets(phantom_hu(slices, rows, columns), geometry, patient), out_dir)

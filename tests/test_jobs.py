@@ -22,8 +22,8 @@ from node.lifecycle import (
     submit_series,
 )
 from node.store import CallingPeer, InstanceStore
+from node.synth.ct_series import write_cylinder_ct
 from node.vocabulary import JobStatus
-from tests.conftest import write_ct
 
 SENDER = CallingPeer("SCANNER", "127.0.0.1")
 
@@ -51,7 +51,7 @@ def set_status(engine, job_id: int, status: str) -> None:
 
 
 def test_versions_follow_arrivals(engine, tmp_path):
-    files = write_ct(tmp_path / "ct", slices=8, rows=16, columns=16)
+    files = write_cylinder_ct(tmp_path / "ct", slices=8, rows=16, columns=16)
     uid = dcmread(files[0]).SeriesInstanceUID
     store_files(engine, tmp_path, files[:6])
     assert series_needing_jobs(engine) == [uid]
@@ -75,7 +75,7 @@ def test_versions_follow_arrivals(engine, tmp_path):
 
 
 def test_never_two_running_jobs_of_one_series(engine, tmp_path):
-    files = write_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
+    files = write_cylinder_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
     uid = dcmread(files[0]).SeriesInstanceUID
     store_files(engine, tmp_path, files)
     first = submit(engine, uid)
@@ -89,7 +89,7 @@ def test_never_two_running_jobs_of_one_series(engine, tmp_path):
 
 
 def test_restart_requeues_running_jobs_and_gives_up_after_repeated_crashes(engine, tmp_path):
-    files = write_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
+    files = write_cylinder_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
     uid = dcmread(files[0]).SeriesInstanceUID
     store_files(engine, tmp_path, files)
     job = submit(engine, uid)
@@ -104,7 +104,7 @@ def test_restart_requeues_running_jobs_and_gives_up_after_repeated_crashes(engin
 
 
 def test_eligibility_and_completeness(engine, tmp_path):
-    files = write_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
+    files = write_cylinder_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
     store_files(engine, tmp_path, files)
     uid = dcmread(files[0]).SeriesInstanceUID
     rejected = submit_series(engine, uid, lambda s, i: eligibility(s, i, min_slices=20))

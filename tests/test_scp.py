@@ -16,7 +16,8 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from tests.conftest import DCMTK_ENV, require_tool, run_tool, shared_data, write_ct
+from node.synth.ct_series import write_cylinder_ct
+from tests.conftest import DCMTK_ENV, require_tool, run_tool, shared_data
 
 
 def echo(port: int, calling: str = "ECHOSCU", called: str = "RTNODE") -> subprocess.CompletedProcess:
@@ -45,7 +46,7 @@ def test_echo(node):
 
 
 def test_store_series_identical_files_and_rows(node, tmp_path):
-    sent = write_ct(tmp_path / "ct", slices=50)
+    sent = write_cylinder_ct(tmp_path / "ct", slices=50)
     result = storescu(node.port, tmp_path / "ct", "+sd")
     assert result.returncode == 0, result.stderr
 
@@ -72,7 +73,7 @@ def test_store_series_identical_files_and_rows(node, tmp_path):
 
 
 def test_repeat_is_idempotent(node, tmp_path):
-    write_ct(tmp_path / "ct", slices=5)
+    write_cylinder_ct(tmp_path / "ct", slices=5)
     assert storescu(node.port, tmp_path / "ct", "+sd").returncode == 0
     assert storescu(node.port, tmp_path / "ct", "+sd").returncode == 0
     assert len(stored_files(node.data_dir)) == 5
@@ -134,7 +135,7 @@ def test_caller_from_other_host_rejected(node_factory):
 
 def test_sigkill_after_success_loses_nothing(node_factory, tmp_path):
     node = node_factory().start()
-    write_ct(tmp_path / "ct", slices=30)
+    write_cylinder_ct(tmp_path / "ct", slices=30)
     assert storescu(node.port, tmp_path / "ct", "+sd").returncode == 0
     node.kill()
     assert len(stored_files(node.data_dir)) == 30
@@ -170,7 +171,7 @@ def test_association_never_released_is_dropped(node):
 
 def test_ten_simultaneous_associations(node, tmp_path):
     for i in range(10):
-        write_ct(tmp_path / f"ct{i}", slices=8, rows=64, columns=64)
+        write_cylinder_ct(tmp_path / f"ct{i}", slices=8, rows=64, columns=64)
     processes = [
         subprocess.Popen(
             [require_tool("storescu"), "-aet", f"SCANNER{i}", "-aec", "RTNODE", "+sd", "127.0.0.1", str(node.port), str(tmp_path / f"ct{i}")],
@@ -186,7 +187,7 @@ def test_ten_simultaneous_associations(node, tmp_path):
 
 
 def test_sigterm_lets_in_flight_association_finish(node, tmp_path):
-    paths = write_ct(tmp_path / "ct", slices=3, rows=64, columns=64)
+    paths = write_cylinder_ct(tmp_path / "ct", slices=3, rows=64, columns=64)
     ae = AE(ae_title="SCANNER")
     ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
     assoc = ae.associate("127.0.0.1", node.port, ae_title="RTNODE")
@@ -205,7 +206,7 @@ def test_sigterm_lets_in_flight_association_finish(node, tmp_path):
 def test_store_failure_answers_out_of_resources_and_node_keeps_serving(node, tmp_path):
     (node.data_dir).mkdir(parents=True, exist_ok=True)
     (node.data_dir / "incoming").write_text("not a directory")  # every file write now fails
-    write_ct(tmp_path / "ct", slices=2, rows=32, columns=32)
+    write_cylinder_ct(tmp_path / "ct", slices=2, rows=32, columns=32)
     ae = AE(ae_title="SCANNER")
     ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
     assoc = ae.associate("127.0.0.1", node.port, ae_title="RTNODE")
@@ -218,7 +219,7 @@ def test_store_failure_answers_out_of_resources_and_node_keeps_serving(node, tmp
 
 
 def test_concurrent_repeats_make_one_row(node, tmp_path):
-    paths = write_ct(tmp_path / "ct", slices=4, rows=32, columns=32)
+    paths = write_cylinder_ct(tmp_path / "ct", slices=4, rows=32, columns=32)
 
     def send() -> None:
         ae = AE(ae_title="SCANNER")

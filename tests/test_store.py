@@ -16,7 +16,7 @@ from sqlalchemy.orm import sessionmaker
 from node.db.engine import open_database
 from node.db.models import Instance
 from node.store import CallingPeer, InstanceStore, StoreRefused
-from tests.conftest import write_ct
+from node.synth.ct_series import write_cylinder_ct
 
 SENDER = CallingPeer("SCANNER", "127.0.0.1")
 EXPLICIT = ExplicitVRLittleEndian
@@ -36,7 +36,7 @@ def encoded(ds) -> bytes:
 
 @pytest.fixture
 def slice_ds(tmp_path):
-    return dcmread(write_ct(tmp_path / "ct", slices=1, rows=16, columns=16)[0])
+    return dcmread(write_cylinder_ct(tmp_path / "ct", slices=1, rows=16, columns=16)[0])
 
 
 def test_saved_file_is_the_received_bytes(store, slice_ds):

@@ -157,3 +157,31 @@ def write_series(datasets: Sequence[Dataset], out_dir: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def cylinder_hu(slices: int, rows: int, columns: int, seed: int = 0) -> np.ndarray:
+    """A water cylinder in air with some noise: enough structure for I/O tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    r, c = np.mgrid[0:rows, 0:columns]
+    inside = ((r - rows / 2) / (rows * 0.4)) ** 2 + ((c - columns / 2) / (columns * 0.45)) ** 2 < 1
+    hu = np.where(inside, 20.0, -1000.0)[None].repeat(slices, axis=0)
+    return hu + rng.normal(0, 10, hu.shape)
+
+
+def write_cylinder_ct(
+    out_dir: Path,
+    slices: int = 50,
+    rows: int = 128,
+    columns: int = 128,
+    *,
+    spacing: float = 2.5,
+    pixel_spacing: tuple[float, float] = (1.5, 1.5),
+    patient: PatientStudy | None = None,
+) -> list[Path]:
+    """A cylinder CT series written as Part 10 files, one per slice."""
+    geometry = SeriesGeometry(
+        pixel_spacing=pixel_spacing,
+        slice_positions=uniform_positions(slices, spacing),
+        origin=(-columns * pixel_spacing[1] / 2, -rows * pixel_spacing[0] / 2, -100.0),
+    )
+    return write_series(ct_datasets(cylinder_hu(slices, rows, columns), geometry, patient), out_dir)
