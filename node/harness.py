@@ -4,6 +4,7 @@ the benchmarks start a node."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -15,6 +16,8 @@ from pathlib import Path
 from node.config import BUNDLED_WEIGHTS
 
 LOOPBACK = "127.0.0.1"
+# For DCMTK peers (storescu, storescp, echoscu): without TCP_NODELAY they stall ~45 ms per message on Nagle's algorithm.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def free_port() -> int:

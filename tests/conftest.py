@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from node.harness import NodeProcess, free_port
+from node.harness import DCMTK_ENV, NodeProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 # Tools the test command installs; with RTNODE_REQUIRE_TOOLS=1 (set by scripts/test.sh) a missing one fails.
 REQUIRE_TOOLS = os.environ.get("RTNODE_REQUIRE_TOOLS") == "1"
-# Without TCP_NODELAY DCMTK stalls ~45 ms per message on Nagle's algorithm.
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def require_tool(name: str) -> str:
