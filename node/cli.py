@@ -102,8 +102,13 @@ def cmd_resend(args: argparse.Namespace) -> int:
     config = _config(args)
     destinations = [d for d in config.destinations if args.destination in (None, d.name)]
     if not destinations:
-        raise UserError(f"no destination named {args.destination!r} in the configuration" if args.destination else "no destinations configured")
-    count = resend(_database(args), args.job_id, destinations, lambda path: str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+        named = f"no destination named {args.destination!r} in the configuration"
+        raise UserError(named if args.destination else "no destinations configured")
+
+    def sop_instance_uid_of(path: str) -> str:
+        return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+    count = resend(_database(args), args.job_id, destinations, sop_instance_uid_of)
     print(f"queued {count} delivery(ies) of job {args.job_id}; the running node sends them")
     return 0
 
@@ -131,7 +136,8 @@ def cmd_rtstruct(args: argparse.Namespace) -> int:
 
     volume = _load_ct(args.ct_dir)
     mask = read_mask(args.mask, volume)
-    write_outputs(volume, mask, OutputPaths(rtstruct=args.out), Algorithm(args.algorithm_name, args.algorithm_version), args.roi_name)
+    algorithm = Algorithm(args.algorithm_name, args.algorithm_version)
+    write_outputs(volume, mask, OutputPaths(rtstruct=args.out), algorithm, args.roi_name)
     print(f"wrote {args.out}: ROI {args.roi_name!r}, {int(mask.sum())} voxels on {_slices(mask)} slices")
     return 0
 
@@ -254,7 +260,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
     )
     if result.holdout is not None:
-        print(f"held-out phantoms {args.holdout}: mean Dice {result.holdout.mean_dice:.3f}, mean HD95 {result.holdout.mean_hd95:.1f} mm")
+        holdout = result.holdout
+        print(f"held-out phantoms {args.holdout}: mean Dice {holdout.mean_dice:.3f}, mean HD95 {holdout.mean_hd95:.1f} mm")
     if result.least_trusted:
         print("labels the quality module trusts least (weight 1 = an average case; check these contours):")
         for name, weight in result.least_trusted:
@@ -368,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--holdout", help="phantom seeds to evaluate after training, e.g. 10000-10009 (recorded in the card)")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when torch sees a GPU")
 
-    evaluate = add("evaluate", cmd_evaluate, "k-fold cross-validation of training (Dice, HD95), or --weights on held-out phantoms")
+    evaluate = add(
+        "evaluate", cmd_evaluate, "k-fold cross-validation of training (Dice, HD95), or --weights on held-out phantoms"
+    )
     training_options(evaluate)
     evaluate.add_argument("--folds", type=int, default=3, help="folds of the cross-validation")
     evaluate.add_argument("--weights", type=Path, help="evaluate these weights on held-out phantoms instead")
