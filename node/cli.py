@@ -209,10 +209,13 @@ def _triple(text: str, kind=float) -> tuple:
 
 def _seeds(text: str) -> list[int]:
     """'1000-1009' or '1,2,3'."""
-    if "-" in text:
-        first, last = (int(v) for v in text.split("-"))
-        return list(range(first, last + 1))
-    return [int(v) for v in text.split(",")]
+    try:
+        if "-" in text:
+            first, last = (int(v) for v in text.split("-"))
+            return list(range(first, last + 1))
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 1000-1009 or 1,2,3, got {text!r}") from None
 
 
 def _training_config(args: argparse.Namespace):
@@ -254,14 +257,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         name=args.name,
         version=args.version,
         command=_command_line(),
-        holdout_seeds=_seeds(args.holdout) if args.holdout else None,
+        holdout_seeds=args.holdout,
         checkpoint=args.checkpoint,
         resume=args.resume,
         show_progress=not args.quiet,
     )
     if result.holdout is not None:
         holdout = result.holdout
-        print(f"held-out phantoms {args.holdout}: mean Dice {holdout.mean_dice:.3f}, mean HD95 {holdout.mean_hd95:.1f} mm")
+        seeds = f"{args.holdout[0]}-{args.holdout[-1]}"
+        print(f"held-out phantoms {seeds}: mean Dice {holdout.mean_dice:.3f}, mean HD95 {holdout.mean_hd95:.1f} mm")
     if result.least_trusted:
         print("labels the quality module trusts least (weight 1 = an average case; check these contours):")
         for name, weight in result.least_trusted:
@@ -276,7 +280,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from node.training.recipe import cross_validate, overall
 
     if args.weights is not None:
-        summary = evaluate_on_phantoms(Segmenter.from_weights(args.weights, args.device), _seeds(args.seeds))
+        summary = evaluate_on_phantoms(Segmenter.from_weights(args.weights, args.device), args.seeds)
         for r in summary.results:
             print(f"{r.case:<16} Dice {r.dice:.3f}  HD95 {r.hd95_mm:6.1f} mm")
         print(f"mean             Dice {summary.mean_dice:.3f}  HD95 {summary.mean_hd95:6.1f} mm")
@@ -372,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     train.add_argument("--name", default="ctv-unet3d")
     train.add_argument("--version", default=__version__)
-    train.add_argument("--holdout", help="phantom seeds to evaluate after training, e.g. 10000-10009 (recorded in the card)")
+    train.add_argument(
+        "--holdout", type=_seeds, help="phantom seeds to evaluate after training, e.g. 10000-10009 (recorded in the card)"
+    )
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when torch sees a GPU")
 
     evaluate = add(
@@ -381,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_options(evaluate)
     evaluate.add_argument("--folds", type=int, default=3, help="folds of the cross-validation")
     evaluate.add_argument("--weights", type=Path, help="evaluate these weights on held-out phantoms instead")
-    evaluate.add_argument("--seeds", default="10000-10009", help="held-out phantom seeds for --weights")
+    evaluate.add_argument("--seeds", type=_seeds, default="10000-10009", help="held-out phantom seeds for --weights")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="for training and inference")
 
     contour = add("contour", cmd_contour, "contour the CTV of a CT series and write an RT Structure Set")
