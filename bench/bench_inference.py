@@ -26,10 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from node.config import BUNDLED_WEIGHTS
 
-REPO = Path(__file__).resolve().parent.parent
-BUNDLED = REPO / "weights" / "ctv-unet3d.safetensors"
 CONFIGS = ["bundled", "bundled-bf16", "thesis-resize", "thesis-resize-bf16", "thesis-spacing"]
 
 
@@ -43,7 +41,9 @@ def make_ct(directory: Path) -> None:
         hu = np.concatenate([hu, np.repeat(hu[-1:], 100 - hu.shape[0], axis=0)])
     hu = hu[:100]
     thickness = float(phantom.geometry.slice_positions[1])
-    geometry = SeriesGeometry(phantom.geometry.pixel_spacing, uniform_positions(100, thickness), "HFS", phantom.geometry.origin)
+    geometry = SeriesGeometry(
+        phantom.geometry.pixel_spacing, uniform_positions(100, thickness), "HFS", phantom.geometry.origin
+    )
     write_series(ct_datasets(hu, geometry, phantom.patient), directory)
 
 
@@ -60,7 +60,9 @@ def thesis_weights(directory: Path, mode: str) -> Path:
         model = ResSEUNet3D(Architecture())
         # Untrained weights would give an empty mask; a positive bias makes the postprocessing do real work.
         torch.nn.init.constant_(model.head.bias, 0.1)
-        card = ModelCard("thesis-size-untrained", "bench", Architecture(), Preprocessing(mode=mode), intended_use="benchmark only")
+        card = ModelCard(
+            "thesis-size-untrained", "bench", Architecture(), Preprocessing(mode=mode), intended_use="benchmark only"
+        )
         save_weights(model, card, path)
     return path
 
@@ -69,14 +71,14 @@ def run_one(name: str, ct_dir: Path, device: str, work: Path) -> dict:
     import torch
 
     from node.imaging.volume import load_series_dir
+    from node.outputs import OutputPaths, write_outputs
     from node.pipeline.inference import DeviceError, Segmenter
-    from node.rtstruct.builder import Roi, build_rtstruct
-    from node.rtstruct.contours import contours_from_mask
+    from node.rtstruct.builder import Algorithm
 
     precision = "bf16" if name.endswith("bf16") else "fp32"
     if precision == "bf16" and device == "cuda":
         precision = "fp16"
-    weights = BUNDLED if name.startswith("bundled") else thesis_weights(work, "resize" if "resize" in name else "spacing")
+    weights = BUNDLED_WEIGHTS if name.startswith("bundled") else thesis_weights(work, "resize" if "resize" in name else "spacing")
     try:
         segmenter = Segmenter.from_weights(weights, device, precision)
     except DeviceError as exc:
@@ -91,7 +93,8 @@ def run_one(name: str, ct_dir: Path, device: str, work: Path) -> dict:
     timings.update(prediction.timings)
     start = time.perf_counter()
     if prediction.mask.any():
-        build_rtstruct(volume, [Roi("CTV", contours_from_mask(volume, prediction.mask))], segmenter.algorithm)
+        algorithm = Algorithm(segmenter.card.name, segmenter.card.version)
+        write_outputs(volume, prediction.mask, OutputPaths(rtstruct=work / f"{name}.dcm"), algorithm)
     timings["rtstruct"] = time.perf_counter() - start
     np.save(work / f"{name}.npy", prediction.mask)
     result = {

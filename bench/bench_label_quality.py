@@ -12,19 +12,15 @@ label against its phantom's truth, i.e. how wrong each label really is.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from node.imaging.metrics import dice  # noqa: E402
-from node.pipeline.model import Architecture  # noqa: E402
-from node.pipeline.preprocess import Preprocessing  # noqa: E402
-from node.training.train import TrainConfig, TrainingCase, phantom_cases, train  # noqa: E402
+from node.imaging.metrics import dice
+from node.pipeline.model import Architecture
+from node.pipeline.preprocess import Preprocessing
+from node.training.train import TrainConfig, TrainingCase, phantom_cases, train
 
 SPACING = (5.0, 8.0, 8.0)
 
@@ -42,8 +38,12 @@ def main() -> None:
     ball = ndimage.generate_binary_structure(3, 1)
     iterations = max(1, round(args.margin_mm / SPACING[1]))
     eroded, dilated = cases[6], cases[7]
-    cases[6] = TrainingCase(f"{eroded.name} eroded", eroded.image, ndimage.binary_erosion(eroded.mask, ball, iterations=iterations))
-    cases[7] = TrainingCase(f"{dilated.name} dilated", dilated.image, ndimage.binary_dilation(dilated.mask, ball, iterations=iterations))
+    cases[6] = TrainingCase(
+        f"{eroded.name} eroded", eroded.image, ndimage.binary_erosion(eroded.mask, ball, iterations=iterations)
+    )
+    cases[7] = TrainingCase(
+        f"{dilated.name} dilated", dilated.image, ndimage.binary_dilation(dilated.mask, ball, iterations=iterations)
+    )
 
     config = TrainConfig(
         steps=args.steps, batch_size=4, learning_rate=1e-3, seed=0, architecture=Architecture(channels=(4, 8, 16)),

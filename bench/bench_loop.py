@@ -14,16 +14,13 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pydicom import dcmread
 
-from pydicom import dcmread  # noqa: E402
-
-from tests.conftest import DCMTK_ENV, NodeProcess, free_port, wait_for_port  # noqa: E402
+from node.harness import DCMTK_ENV, NodeProcess, destination_toml, free_port, wait_for_port
 
 MODEL_STAGES = ("preprocess", "pass_1", "pass_2", "postprocess")
 
@@ -38,7 +35,10 @@ def write_case(directory: Path, seed: int) -> str:
     hu = phantom.hu
     if hu.shape[0] < 100:
         hu = np.concatenate([hu, np.repeat(hu[-1:], 100 - hu.shape[0], axis=0)])
-    geometry = SeriesGeometry(phantom.geometry.pixel_spacing, uniform_positions(100, float(phantom.geometry.slice_positions[1])), "HFS", phantom.geometry.origin)
+    thickness = float(phantom.geometry.slice_positions[1])
+    geometry = SeriesGeometry(
+        phantom.geometry.pixel_spacing, uniform_positions(100, thickness), "HFS", phantom.geometry.origin
+    )
     write_series(ct_datasets(hu[:100], geometry, phantom.patient), directory)
     return phantom.patient.series_instance_uid
 
@@ -99,8 +99,7 @@ def main() -> None:
         tps_port = free_port()
         tps = subprocess.Popen(["storescp", "-aet", "TPS", "+uf", "-od", str(tps_dir), str(tps_port)], env=DCMTK_ENV)
         wait_for_port(tps_port)
-        destinations = f'[[destinations]]\nname = "tps"\nae_title = "TPS"\nhost = "127.0.0.1"\nport = {tps_port}\n'
-        node = NodeProcess(root=work / "node", port=free_port(), sections=destinations).start()
+        node = NodeProcess(root=work / "node", port=free_port(), sections=destination_toml("tps", "TPS", tps_port)).start()
         try:
             push_and_wait(node, tps_dir, cases[:1])  # warm-up: the worker loads the model
             single = push_and_wait(node, tps_dir, cases[1:2])

@@ -12,17 +12,15 @@ import argparse
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pynetdicom import AE, evt
 
-from pynetdicom import AE, evt  # noqa: E402
-
-from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES  # noqa: E402
-from tests.conftest import DCMTK_ENV, NodeProcess, free_port, wait_for_port, write_ct  # noqa: E402
+from node.harness import DCMTK_ENV, NodeProcess, free_port, wait_for_port
+from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from node.synth.ct_series import write_cylinder_ct
 
 
 def push(port: int, series_dir: Path) -> float:
@@ -96,7 +94,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         series_dir = work / "ct"
-        write_ct(series_dir, slices=args.slices, rows=512, columns=512, pixel_spacing=(0.9765625, 0.9765625))
+        write_cylinder_ct(series_dir, slices=args.slices, rows=512, columns=512, pixel_spacing=(0.9765625, 0.9765625))
         megabytes = sum(p.stat().st_size for p in series_dir.iterdir()) / 1e6
         push_storescp = [time_storescp(series_dir, work) for _ in range(args.repeats)]
         push_bare = [time_bare_pynetdicom(series_dir, work) for _ in range(args.repeats)]

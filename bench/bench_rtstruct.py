@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from node.imaging.volume import load_volume  # noqa: E402
-from node.rtstruct.builder import Algorithm, Roi, build_rtstruct  # noqa: E402
-from node.rtstruct.contours import contours_from_mask  # noqa: E402
-from node.synth.ct_series import SeriesGeometry, ct_datasets, uniform_positions  # noqa: E402
+from node.imaging.volume import load_volume
+from node.rtstruct.builder import Algorithm, Roi, build_rtstruct
+from node.rtstruct.contours import contours_from_mask
+from node.synth.ct_series import SeriesGeometry, ct_datasets, uniform_positions
 
 
 def ctv_like_mask(shape: tuple[int, int, int], spacing: tuple[float, float, float], seed: int = 0) -> np.ndarray:
@@ -43,7 +39,9 @@ def main() -> None:
     args = parser.parse_args()
 
     shape, spacing = (300, 512, 512), (2.5, 0.9765625, 0.9765625)
-    geometry = SeriesGeometry(pixel_spacing=spacing[1:], slice_positions=uniform_positions(shape[0], spacing[0]), origin=(-250, -250, -375))
+    geometry = SeriesGeometry(
+        pixel_spacing=spacing[1:], slice_positions=uniform_positions(shape[0], spacing[0]), origin=(-250, -250, -375)
+    )
     volume = load_volume(ct_datasets(np.zeros(shape, dtype=np.int16), geometry))
     mask = ctv_like_mask(shape, spacing)
     volume_cm3 = mask.sum() * np.prod(spacing) / 1000

@@ -40,7 +40,9 @@ def eligibility(series: Series, instances: list[Instance], min_slices: int) -> E
     if "LOCALIZER" in [str(v).upper() for v in image_type]:
         return Eligibility(False, f"series {uid} is a localizer (scout) series: not contoured")
     if len(instances) < min_slices:
-        return Eligibility(False, f"series {uid} has {len(instances)} slices, fewer than completion.min_slices = {min_slices}: not contoured")
+        return Eligibility(
+            False, f"series {uid} has {len(instances)} slices, fewer than completion.min_slices = {min_slices}: not contoured"
+        )
     return Eligibility(True)
 
 
@@ -105,7 +107,11 @@ class CompletionTracker:
                     select(Instance.path).join(Series).where(Series.series_instance_uid == uid)
                 ).all()
             if looks_complete(list(paths), self._config.completion.min_slices):
-                log.info("series %s looks complete after association release: starting in %.1f s", uid, self._config.completion.release_grace_seconds)
+                log.info(
+                    "series %s looks complete after association release: starting in %.1f s",
+                    uid,
+                    self._config.completion.release_grace_seconds,
+                )
                 self.arm(uid, self._config.completion.release_grace_seconds)
 
     def association_aborted(self, association_id: int) -> None:

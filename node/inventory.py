@@ -92,7 +92,9 @@ def study_lines(studies: list[StudySummary]) -> list[str]:
         return ["no studies received"]
     lines = []
     for study in studies:
-        lines.append(f"study {study.study_instance_uid}  patient {study.patient_id!r} {study.patient_name!r}  date {study.study_date}")
+        lines.append(
+            f"study {study.study_instance_uid}  patient {study.patient_id!r} {study.patient_name!r}  date {study.study_date}"
+        )
         for series in study.series:
             lines.append(
                 f"  series {series.series_instance_uid}  {series.modality:<8} {series.instances:>5} instances"

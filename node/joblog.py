@@ -68,7 +68,8 @@ def describe_job(engine: Engine, job_id: int) -> dict | None:
 def summary_line(job: dict) -> str:
     timings = " ".join(f"{k}={v:.2f}s" for k, v in job["timings"].items())
     deliveries = ", ".join(f"{d['destination']}:{d['status']}({d['attempts']})" for d in job["deliveries"]) or "-"
-    line = f"#{job['id']:<5} {job['status']:<9} v{job['version']} series ...{job['series_instance_uid'][-24:]}  {job['instances']:>4} slices"
+    line = f"#{job['id']:<5} {job['status']:<9} v{job['version']} series ...{job['series_instance_uid'][-24:]}"
+    line += f"  {job['instances']:>4} slices"
     line += f"  {timings or '-'}  deliveries {deliveries}"
     if job["error"]:
         line += f"\n       error: {job['error']}"
@@ -84,7 +85,8 @@ def detail_lines(job: dict) -> list[str]:
     lines.append("timings             " + ", ".join(f"{k} {v:.2f}s" for k, v in job["timings"].items()))
     lines += [f"output {kind:<13} {path}" for kind, path in job["outputs"].items()]
     lines += [
-        f"delivery            {d['kind']} -> {d['destination']}: {d['status']} after {d['attempts']} attempt(s) {d['last_error'] or ''}"
+        f"delivery            {d['kind']} -> {d['destination']}: {d['status']} after {d['attempts']} attempt(s)"
+        f" {d['last_error'] or ''}"
         for d in job["deliveries"]
     ]
     lines += [f"  {e['at']}  {e['event']:<12} {e['detail']}" for e in job["events"]]

@@ -111,7 +111,9 @@ def claim_next(engine: Engine) -> int | None:
                 continue
             session.refresh(job)
             if job.starts > MAX_STARTS:
-                _finish(session, job, JobStatus.FAILED, f"the worker stopped {MAX_STARTS} times while running this job: not retried")
+                _finish(
+                    session, job, JobStatus.FAILED, f"the worker stopped {MAX_STARTS} times while running this job: not retried"
+                )
                 continue
             add_event(session, job, EventKind.STARTED, f"attempt {job.starts}")
             return job.id
@@ -132,7 +134,11 @@ def series_needing_jobs(engine: Engine) -> list[str]:
     """Series with instances newer than their latest job (or no job): their timers died with the process."""
     with Session(engine) as session:
         latest_job = select(Job.series_id, func.max(Job.inputs_at).label("created")).group_by(Job.series_id).subquery()
-        newest = select(Instance.series_id, func.max(Instance.last_received_at).label("arrived")).group_by(Instance.series_id).subquery()
+        newest = (
+            select(Instance.series_id, func.max(Instance.last_received_at).label("arrived"))
+            .group_by(Instance.series_id)
+            .subquery()
+        )
         rows = session.execute(
             select(
                 Series.series_instance_uid,
@@ -160,7 +166,9 @@ def job_inputs(engine: Engine, job_id: int) -> JobInputs:
     with Session(engine) as session:
         job = session.get(Job, job_id)
         paths = session.scalars(select(Instance.path).where(Instance.sop_instance_uid.in_(job.input_uids))).all()
-        return JobInputs(job.id, job.series.series_instance_uid, job.version, [Path(p) for p in paths], len(job.input_uids) - len(paths))
+        return JobInputs(
+            job.id, job.series.series_instance_uid, job.version, [Path(p) for p in paths], len(job.input_uids) - len(paths)
+        )
 
 
 def set_model(engine: Engine, job_id: int, name: str, version: str) -> None:
@@ -352,7 +360,9 @@ def record_attempt(engine: Engine, delivery_id: int, outcome: Outcome, seconds: 
         if outcome.delivered:
             delivery.status, delivery.delivered_at, delivery.last_error = DeliveryStatus.DONE, now, ""
             job.timings = {**job.timings, "send": round(job.timings.get("send", 0) + seconds, 3)}
-            add_event(session, job, EventKind.DELIVERED, f"{delivery.kind} to {delivery.destination} (attempt {delivery.attempts})")
+            add_event(
+                session, job, EventKind.DELIVERED, f"{delivery.kind} to {delivery.destination} (attempt {delivery.attempts})"
+            )
         else:
             delivery.last_error = outcome.detail
             retry_at = policy.next_attempt(delivery.attempts, delivery.created_at, now) if outcome.retry else None
@@ -362,6 +372,10 @@ def record_attempt(engine: Engine, delivery_id: int, outcome: Outcome, seconds: 
                 add_event(session, job, EventKind.SEND_FAILED, f"{outcome.detail}; retry {delivery.attempts + 1} in {wait:.0f} s")
             else:
                 delivery.status = DeliveryStatus.FAILED
-                why = "gave up: delivery.max_age_seconds reached" if outcome.retry else "not retried: this will not improve by waiting"
+                why = (
+                    "gave up: delivery.max_age_seconds reached"
+                    if outcome.retry
+                    else "not retried: this will not improve by waiting"
+                )
                 add_event(session, job, EventKind.SEND_FAILED, f"{outcome.detail}; {why}")
         _settle(session, job)

@@ -32,7 +32,9 @@ class OutputPaths:
     @classmethod
     def in_directory(cls, directory: Path, *, seg: bool) -> OutputPaths:
         """A job's outputs in its own folder: everything, the SEG when asked for."""
-        return cls(directory / "rtstruct.dcm", directory / "mask.nii.gz", directory / "seg.dcm" if seg else None, directory / "qa.png")
+        return cls(
+            directory / "rtstruct.dcm", directory / "mask.nii.gz", directory / "seg.dcm" if seg else None, directory / "qa.png"
+        )
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ def auto_contour_series(version: int, algorithm: Algorithm) -> SeriesInfo:
     model named, and what it supersedes."""
     label = "AUTO_CTV" if version == 1 else f"AUTO_CTV_V{version}"[:16]
     supersedes = f", supersedes v{version - 1}" if version > 1 else ""
-    return SeriesInfo(structure_set_label=label, series_description=f"UNAPPROVED auto-contour v{version}{supersedes} ({algorithm.label})"[:64])
+    description = f"UNAPPROVED auto-contour v{version}{supersedes} ({algorithm.label})"[:64]
+    return SeriesInfo(structure_set_label=label, series_description=description)
 
 
 def write_outputs(

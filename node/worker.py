@@ -63,7 +63,9 @@ class Worker:
             lifecycle.fail_job(self._engine, job_id, f"internal error: {exc!r}", timings)
             return
         timings.update(outputs.timings)
-        lifecycle.record_outputs(self._engine, job_id, outputs.paths, outputs.sop_instance_uids, timings, self._config.destinations)
+        lifecycle.record_outputs(
+            self._engine, job_id, outputs.paths, outputs.sop_instance_uids, timings, self._config.destinations
+        )
 
     def _compute(self, job_id: int, timings: dict[str, float]):
         inputs = lifecycle.job_inputs(self._engine, job_id)
@@ -88,7 +90,12 @@ class Worker:
         paths = OutputPaths.in_directory(self._config.jobs_dir / str(job_id), seg=self._config.delivery.send_seg)
         try:
             return write_outputs(
-                volume, prediction.mask, paths, algorithm, self._config.model.roi_name, auto_contour_series(inputs.version, algorithm)
+                volume,
+                prediction.mask,
+                paths,
+                algorithm,
+                self._config.model.roi_name,
+                auto_contour_series(inputs.version, algorithm),
             )
         except EmptyMaskError as exc:
             raise JobFailed(f"no CTV found in series {inputs.series_instance_uid} by {algorithm.label}: nothing sent") from exc

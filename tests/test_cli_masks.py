@@ -22,7 +22,10 @@ def rtnode(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(params=["HFS", "HFP", "FFS"])
 def ct_dir(request, tmp_path) -> Path:
     geometry = SeriesGeometry(
-        pixel_spacing=(0.8, 1.2), slice_positions=uniform_positions(6, 2.0), patient_position=request.param, origin=(-30.5, 12.25, 40)
+        pixel_spacing=(0.8, 1.2),
+        slice_positions=uniform_positions(6, 2.0),
+        patient_position=request.param,
+        origin=(-30.5, 12.25, 40),
     )
     directory = tmp_path / "ct"
     write_series(ct_datasets(np.zeros((6, 19, 24)), geometry), directory)

@@ -47,7 +47,10 @@ def test_env_variable_and_flag_precedence(tmp_path, monkeypatch):
         ("[node]\nport = 70000\n", "node.port = 70000"),
         ('[node]\nae_title = "A\\\\B"\n', "node.ae_title = 'A\\\\B'"),
         ("[node]\nprot = 1\n", "node.prot: unknown key"),
-        ('[security]\nallowed_callers = [{ ae_title = "X", host = "not-an-ip" }]\n', "security.allowed_callers.0.host = 'not-an-ip'"),
+        (
+            '[security]\nallowed_callers = [{ ae_title = "X", host = "not-an-ip" }]\n',
+            "security.allowed_callers.0.host = 'not-an-ip'",
+        ),
         ("[completion]\nquiet_seconds = -1\n", "completion.quiet_seconds = -1"),
         ('[model]\ndevice = "tpu"\n', "model.device = 'tpu'"),
         ('[[destinations]]\nname = "tps"\nae_title = "TPS"\nhost = "h"\n', "destinations.0.port"),

@@ -174,7 +174,10 @@ def test_ten_simultaneous_associations(node, tmp_path):
         write_cylinder_ct(tmp_path / f"ct{i}", slices=8, rows=64, columns=64)
     processes = [
         subprocess.Popen(
-            [require_tool("storescu"), "-aet", f"SCANNER{i}", "-aec", "RTNODE", "+sd", "127.0.0.1", str(node.port), str(tmp_path / f"ct{i}")],
+            [
+                require_tool("storescu"), "-aet", f"SCANNER{i}", "-aec", "RTNODE",
+                "+sd", "127.0.0.1", str(node.port), str(tmp_path / f"ct{i}"),
+            ],
             env=DCMTK_ENV,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

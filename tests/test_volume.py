@@ -29,7 +29,10 @@ from tests.conftest import shared_data
 def series(slices: int = 6, rows: int = 12, columns: int = 10, position: str = "HFS", spacing: float = 2.5):
     hu = np.arange(slices * rows * columns, dtype=float).reshape(slices, rows, columns) % 2000 - 1000
     geometry = SeriesGeometry(
-        pixel_spacing=(0.8, 1.1), slice_positions=uniform_positions(slices, spacing), patient_position=position, origin=(10, -20, -50)
+        pixel_spacing=(0.8, 1.1),
+        slice_positions=uniform_positions(slices, spacing),
+        patient_position=position,
+        origin=(10, -20, -50),
     )
     return hu, ct_datasets(hu, geometry)
 

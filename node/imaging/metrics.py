@@ -19,7 +19,10 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float, float]) -> f
     """95th percentile of the symmetric surface distance in mm (inf when one mask is empty)."""
     if not a.any() or not b.any():
         return float("inf")
-    box = tuple(slice(max(min(i.min(), j.min()) - 2, 0), max(i.max(), j.max()) + 3) for i, j in zip(np.nonzero(a), np.nonzero(b), strict=True))
+    box = tuple(
+        slice(max(min(i.min(), j.min()) - 2, 0), max(i.max(), j.max()) + 3)
+        for i, j in zip(np.nonzero(a), np.nonzero(b), strict=True)
+    )
     a, b = a[box], b[box]
     surface_a, surface_b = _surface(a), _surface(b)
     to_b = ndimage.distance_transform_edt(~surface_b, sampling=spacing)[surface_a]

@@ -84,7 +84,9 @@ def mask_from_nifti(image: nib.Nifti1Image, volume: Volume) -> np.ndarray:
         if sense[a] < 0:
             permuted[axis_of[a], 3] += data.shape[a] - 1
     expected = ct_lps @ permuted
-    corners = np.array([[i, j, k, 1] for i in (0, data.shape[0] - 1) for j in (0, data.shape[1] - 1) for k in (0, data.shape[2] - 1)]).T
+    corners = np.array(
+        [[i, j, k, 1] for i in (0, data.shape[0] - 1) for j in (0, data.shape[1] - 1) for k in (0, data.shape[2] - 1)]
+    ).T
     if np.abs(expected @ corners - nifti_lps @ corners).max() > GRID_TOLERANCE_MM:
         raise mismatch
     aligned = np.transpose(data != 0, np.argsort(axis_of))  # now (column, row, slice) order of the CT

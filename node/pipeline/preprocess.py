@@ -78,7 +78,9 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
 PassFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def sliding_window(run: PassFunction, image: torch.Tensor, previous: torch.Tensor, window: tuple[int, int, int], overlap: float) -> torch.Tensor:
+def sliding_window(
+    run: PassFunction, image: torch.Tensor, previous: torch.Tensor, window: tuple[int, int, int], overlap: float
+) -> torch.Tensor:
     """Probability map of `image` (D, H, W) from overlapping windows, averaged where they overlap.
 
     `run(ct, previous_mask)` takes and returns (1, 1, *window) tensors. Volumes smaller than a

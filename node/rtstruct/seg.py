@@ -15,7 +15,9 @@ from node.rtstruct.builder import Algorithm
 from node.rtstruct.contours import EmptyMaskError
 
 
-def build_seg(volume: Volume, mask: np.ndarray, algorithm: Algorithm, label: str = "CTV", series_number: int = 9002) -> hd.seg.Segmentation:
+def build_seg(
+    volume: Volume, mask: np.ndarray, algorithm: Algorithm, label: str = "CTV", series_number: int = 9002
+) -> hd.seg.Segmentation:
     if mask.shape != volume.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the CT volume's {volume.shape}")
     if not mask.any():

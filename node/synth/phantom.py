@@ -114,7 +114,9 @@ def make_phantom(seed: int) -> Phantom:
     cervix = grid.tube(cervix_c[:2], u(12, 17), (cervix_c[2] - cervix_len / 2, cervix_c[2] + cervix_len / 2))
     uterus_c = cervix_c + [u(-8, 8), -u(10, 25), cervix_len / 2 + u(25, 40)]
     uterus = grid.ellipsoid(uterus_c, (u(28, 42), u(20, 30), u(35, 50)), tilt_deg=u(-35, -10))
-    vagina = grid.tube(cervix_c[:2] + [0, u(0, 6)], u(8, 12), (cervix_c[2] - cervix_len / 2 - u(20, 30), cervix_c[2] - cervix_len / 2))
+    vagina = grid.tube(
+        cervix_c[:2] + [0, u(0, 6)], u(8, 12), (cervix_c[2] - cervix_len / 2 - u(20, 30), cervix_c[2] - cervix_len / 2)
+    )
     parametria = np.zeros(grid.shape, bool)
     for side in (-1, 1):
         parametria |= grid.ellipsoid(cervix_c + [side * u(22, 32), 0, u(0, 12)], (u(16, 24), u(12, 18), u(16, 24)))

@@ -2,10 +2,10 @@
 clinic's archive of CT series with the RT Structure Sets its doctors drew.
 
 An archive folder holds one or more RT Structure Sets and, in it or below it, the CT series
-they reference (plans, dose grids and other series beside them are left alone). Only contours a human stands behind become labels: structure sets marked
-REJECTED are skipped, and so are ROIs generated AUTOMATIC (this node's own output, or any
-other auto-contouring) unless their structure set is APPROVED, so the model never learns
-from unreviewed machine output.
+they reference (plans, dose grids and other series beside them are left alone). Only contours
+a human stands behind become labels: structure sets marked REJECTED are skipped, and so are
+ROIs generated AUTOMATIC (this node's own output, or any other auto-contouring) unless their
+structure set is APPROVED, so the model never learns from unreviewed machine output.
 """
 
 from __future__ import annotations

@@ -67,7 +67,9 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
 
 
-def to_training_case(name: str, hu: np.ndarray, spacing: tuple[float, float, float], mask: np.ndarray, prep: Preprocessing) -> TrainingCase:
+def to_training_case(
+    name: str, hu: np.ndarray, spacing: tuple[float, float, float], mask: np.ndarray, prep: Preprocessing
+) -> TrainingCase:
     image = to_model_grid(hu, spacing, prep)
     on_grid = resample(torch.from_numpy(mask.astype(np.float32)), tuple(image.shape)) >= 0.5
     return TrainingCase(name, image.numpy(), on_grid.numpy())
@@ -106,7 +108,9 @@ def centred_crop(case: TrainingCase, shape: tuple[int, int, int]) -> tuple[np.nd
     return _crop(image, mask, centre, shape)
 
 
-def augmented_crop(case: TrainingCase, shape: tuple[int, int, int], rng: np.random.Generator, target_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def augmented_crop(
+    case: TrainingCase, shape: tuple[int, int, int], rng: np.random.Generator, target_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
     image, mask = _padded(case, shape)
     if mask.any() and rng.random() < target_fraction:
         voxels = np.argwhere(mask)
@@ -127,7 +131,8 @@ def augmented_crop(case: TrainingCase, shape: tuple[int, int, int], rng: np.rand
 def _save_checkpoint(path: Path, model, quality, optimizer, step: int, rng: np.random.Generator, history: list) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(
-        {"model": model.state_dict(), "quality": quality.state_dict() if quality is not None else None, "optimizer": optimizer.state_dict(),
+        {"model": model.state_dict(), "quality": quality.state_dict() if quality is not None else None,
+         "optimizer": optimizer.state_dict(),
          "step": step, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "history": history},
         temporary,
     )
@@ -157,7 +162,9 @@ def train(
         state = torch.load(checkpoint, map_location=device, weights_only=False)  # our own file, written by _save_checkpoint
         model.load_state_dict(state["model"])
         if (state.get("quality") is None) != (quality is None):
-            raise UserError(f"{checkpoint} was written {'without' if quality is not None else 'with'} Pick-and-Learn; resume it the same way")
+            raise UserError(
+                f"{checkpoint} was written {'without' if quality is not None else 'with'} Pick-and-Learn; resume it the same way"
+            )
         if quality is not None:
             quality.load_state_dict(state["quality"])
         optimizer.load_state_dict(state["optimizer"])
@@ -173,7 +180,10 @@ def train(
     with progress as bar:
         task = bar.add_task("training", total=config.steps, completed=step, loss=float("nan")) if bar else None
         while step < config.steps:
-            batch = [augmented_crop(cases[rng.integers(len(cases))], shape, rng, config.target_fraction) for _ in range(config.batch_size)]
+            batch = [
+                augmented_crop(cases[rng.integers(len(cases))], shape, rng, config.target_fraction)
+                for _ in range(config.batch_size)
+            ]
             images = torch.from_numpy(np.stack([b[0] for b in batch]))[:, None].to(device, memory_format=torch.channels_last_3d)
             masks = torch.from_numpy(np.stack([b[1] for b in batch]))[:, None].to(device)
             weights = quality(images, masks) if quality is not None else None
@@ -208,7 +218,9 @@ def label_weights(quality: QualityAwareness, cases: list[TrainingCase], shape: t
     return {case.name: float(w) for case, w in zip(cases, weights, strict=True)}
 
 
-def recalibrate_batchnorm(model: ResSEUNet3D, cases: list[TrainingCase], config: TrainConfig, rng: np.random.Generator, crops: int = 48) -> None:
+def recalibrate_batchnorm(
+    model: ResSEUNet3D, cases: list[TrainingCase], config: TrainConfig, rng: np.random.Generator, crops: int = 48
+) -> None:
     """Replace the running BatchNorm statistics by exact averages over training crops, per pass.
 
     The running averages lag behind the weights (momentum 0.1 while Adam moves them);
