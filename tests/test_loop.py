@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from node.harness import NodeProcess, free_port, wait_for_port
+from node.harness import DCMTK_ENV, NodeProcess, free_port, wait_for_port
 from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
 from node.synth.phantom import make_phantom
-from tests.conftest import DCMTK_ENV, require_tool, run_tool
+from node.vocabulary import DeliveryStatus, JobStatus
+from tests.conftest import require_tool, run_tool
 
 QUIET = 3.0
 
@@ -72,7 +73,8 @@ def phantom_series(directory: Path, seed: int) -> list[Path]:
 
 def push(node: NodeProcess, files, *options: str) -> None:
     paths = [str(p) for p in files] if isinstance(files, list) else [str(files)]
-    result = run_tool(require_tool("storescu"), "-aet", "SCANNER", "-aec", "RTNODE", *options, "127.0.0.1", str(node.port), *paths)
+    storescu = require_tool("storescu")
+    result = run_tool(storescu, "-aet", "SCANNER", "-aec", "RTNODE", *options, "127.0.0.1", str(node.port), *paths)
     assert result.returncode == 0, result.stderr
 
 
@@ -87,7 +89,9 @@ def peek(node: NodeProcess) -> list[dict]:
     if not node.database.exists():
         return []
     with sqlite3.connect(node.database, timeout=10) as connection:
-        rows = connection.execute("select id, status, version, input_uids, error, superseded_by from jobs order by id desc").fetchall()
+        rows = connection.execute(
+            "select id, status, version, input_uids, error, superseded_by from jobs order by id desc"
+        ).fetchall()
         deliveries = connection.execute("select job_id, status, attempts from deliveries order by id").fetchall()
     return [
         {
@@ -110,7 +114,9 @@ def wait_for(node: NodeProcess, predicate, timeout: float = 180.0, what: str = "
         if predicate(current):
             return current
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}: jobs {json.dumps(jobs(node), indent=1)}\n--- node log ---\n{node.log()[-5000:]}")
+    raise AssertionError(
+        f"timed out waiting for {what}: jobs {json.dumps(jobs(node), indent=1)}\n--- node log ---\n{node.log()[-5000:]}"
+    )
 
 
 def node_running_a_job(loop_node, tps, tmp_path: Path, seed: int) -> NodeProcess:
@@ -143,7 +149,8 @@ def test_pushed_series_comes_back_as_rtstruct(loop_node, tps, tmp_path):
     (received,) = tps.files()
     rs = dcmread(received)
     assert rs.Modality == "RTSTRUCT" and rs.ApprovalStatus == "UNAPPROVED"
-    images = rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].ContourImageSequence
+    (frame,) = rs.ReferencedFrameOfReferenceSequence
+    images = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].ContourImageSequence
     assert {i.ReferencedSOPInstanceUID for i in images} == {dcmread(p).SOPInstanceUID for p in sent}
     validation = subprocess.run([require_tool("dciodvfy"), str(received)], capture_output=True, text=True)
     assert not [line for line in validation.stderr.splitlines() if line.startswith("Error")]
@@ -214,7 +221,9 @@ def test_sigkill_during_inference_then_restart(loop_node, tps, tmp_path):
     assert len(tps.files()) == 1
 
 
-def small_series(directory: Path, *, slices: int = 24, modality_mr: bool = False, localizer: bool = False, gap: bool = False) -> list[Path]:
+def small_series(
+    directory: Path, *, slices: int = 24, modality_mr: bool = False, localizer: bool = False, gap: bool = False
+) -> list[Path]:
     geometry = SeriesGeometry(pixel_spacing=(1.5, 1.5), slice_positions=uniform_positions(slices, 3.0), origin=(-96, -96, -40))
     datasets = ct_datasets(np.full((slices, 128, 128), -1000.0), geometry, PatientStudy())
     if gap:
@@ -271,12 +280,23 @@ def test_echo_stays_fast_while_a_job_runs(loop_node, tps, tmp_path):
 
 
 def test_demo_runs_the_whole_loop(tmp_path):
+    workdir = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "node", "demo", "--workdir", str(tmp_path / "demo")],
+        [sys.executable, "-m", "node", "demo", "--workdir", str(workdir)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "RT Structure Set received" in result.stdout and "done" in result.stdout
-    assert "ApprovalStatus UNAPPROVED" in result.stdout
-    assert (tmp_path / "demo" / "data" / "jobs" / "1" / "qa.png").is_file()
-    assert len(list((tmp_path / "demo" / "tps").iterdir())) == 1
+    assert "RT Structure Set received" in result.stdout
+    with sqlite3.connect(workdir / "rtnode.sqlite3") as connection:
+        (job,) = connection.execute("select id, status, error, outputs from jobs").fetchall()
+        deliveries = connection.execute(
+            "select job_id, destination, kind, status, attempts, sop_instance_uid from deliveries"
+        ).fetchall()
+    job_id, status, error, outputs = job
+    assert (status, error) == (JobStatus.DONE, ""), result.stdout
+    (received,) = (workdir / "tps").iterdir()
+    rs = dcmread(received)
+    assert deliveries == [(job_id, "tps", "rtstruct", DeliveryStatus.DONE, 1, rs.SOPInstanceUID)]
+    assert rs.ApprovalStatus == "UNAPPROVED"
+    qa = Path(json.loads(outputs)["qa"])
+    assert qa == workdir / "data" / "jobs" / "1" / "qa.png" and qa.is_file()

@@ -1,25 +1,37 @@
-"""The delineation model: shapes, learning, weights with their card, the bundled weights, devices."""
+"""The delineation model: shapes, learning, weights with their card, the bundled weights, devices,
+and `rtnode contour` with them. The phantoms are in test_phantom.py, cross-validation in
+test_cross_validation.py."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pydicom import dcmread
 
+from node.config import BUNDLED_WEIGHTS
+from node.imaging.metrics import dice
+from node.imaging.nifti import read_mask
 from node.imaging.volume import load_series_dir
 from node.pipeline.inference import DeviceError, Segmenter, resolve_device
 from node.pipeline.model import Architecture, ResSEUNet3D, recurrent_loss
 from node.pipeline.preprocess import Preprocessing, sliding_window, window_starts
 from node.pipeline.weights import ModelCard, WeightsError, card_path, load_weights, save_weights
+from node.rtstruct.reader import read_masks
+from node.synth.ct_series import ct_datasets, write_cylinder_ct, write_series
+from node.synth.phantom import make_phantom
 from node.training.evaluate import evaluate_on_phantoms
 from tests.conftest import REPO, require_tool, shared_data
 
 TINY = Architecture(channels=(4, 8, 8, 12, 16), passes=2)
-BUNDLED = REPO / "weights" / "ctv-unet3d.safetensors"
+BUNDLED = BUNDLED_WEIGHTS
+HELD_OUT_DICE = 0.85  # what the bundled weights must reach on phantoms they were not trained on (README)
 
 
 def test_every_pass_gives_logits_of_the_input_shape():
@@ -109,69 +121,69 @@ def rtnode(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "node", *map(str, args)], capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
-def test_contour_real_ct_writes_valid_rtstruct_or_says_no_ctv(tmp_path):
+def contour(ct: Path, out: Path) -> subprocess.CompletedProcess:
+    return rtnode("contour", ct, "--out", out / "rs.dcm", "--mask-out", out / "m.nii.gz", "--device", "cpu")
+
+
+def assert_valid_dicom(path: Path) -> None:
+    validation = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+    assert not [line for line in validation.stderr.splitlines() if line.startswith("Error")], validation.stderr
+
+
+def test_contour_finds_the_ctv_of_an_unseen_phantom(tmp_path):
+    """A phantom has a CTV: `rtnode contour` must find it and write it as a valid RT Structure Set."""
+    phantom = make_phantom(30005)  # unseen: the bundled weights were trained on seeds 0-39
+    write_series(ct_datasets(phantom.hu, phantom.geometry, phantom.patient), tmp_path / "ct")
+    result = contour(tmp_path / "ct", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {tmp_path / 'rs.dcm'}: CTV "), result.stdout
+    volume = load_series_dir(tmp_path / "ct")
+    mask = read_mask(tmp_path / "m.nii.gz", volume)
+    assert dice(mask, phantom.ctv) >= HELD_OUT_DICE
+    (roi,) = read_masks(dcmread(tmp_path / "rs.dcm"), volume)
+    assert roi.name == "CTV"
+    np.testing.assert_array_equal(roi.mask, mask)
+    assert_valid_dicom(tmp_path / "rs.dcm")
+
+
+def test_contour_says_no_ctv_found_when_there_is_none(tmp_path):
+    """A water cylinder holds no pelvis: exit status 3, one line saying so, nothing written."""
+    ct = tmp_path / "ct"
+    write_cylinder_ct(ct, slices=40, rows=128, columns=128)
+    result = contour(ct, tmp_path / "out")
+    assert result.returncode == 3, result.stdout + result.stderr
+    said = rf"rtnode: no CTV found in {re.escape(str(ct))} by ctv-unet3d 0\.1\.0: nothing written \(preprocess .*\)\n"
+    assert re.fullmatch(said, result.stderr), result.stderr
+    assert result.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_contour_real_rando_ct_writes_a_valid_rtstruct(tmp_path):
+    """The real RANDO CT, a uniform-tissue phantom without a uterus. The weights bundled since
+    commit 7dd5abb contour about 77 cm3 there (a false positive); the weights before them found
+    no CTV, as the README still says. This pins today's behaviour: a CTV, written as a valid RT
+    Structure Set. Weights that find nothing here fail it: then assert exit status 3 and
+    "no CTV found" instead, as in the test above."""
     ct = shared_data("rando-pelvis-phantom/CT")
-    result = rtnode("contour", ct, "--out", tmp_path / "rs.dcm", "--mask-out", tmp_path / "m.nii.gz", "--device", "cpu")
-    assert "Traceback" not in result.stderr
-    if result.returncode == 3:
-        assert "no CTV found" in result.stderr
-        return
+    result = contour(ct, tmp_path)
     assert result.returncode == 0, result.stderr
-    validation = subprocess.run([require_tool("dciodvfy"), str(tmp_path / "rs.dcm")], capture_output=True, text=True)
-    assert not [line for line in validation.stderr.splitlines() if line.startswith("Error")]
-
-
-def test_synth_writes_ct_mask_and_rtstruct_that_agree(tmp_path):
-    from pydicom import dcmread
-
-    from node.imaging.nifti import read_mask
-    from node.rtstruct.reader import read_masks
-
-    result = rtnode("synth", tmp_path, "--cases", "1", "--seed", "123")
-    assert result.returncode == 0, result.stderr
-    case = tmp_path / "phantom-00123"
-    volume = load_series_dir(case / "ct")
-    truth = read_mask(case / "ctv.nii.gz", volume)
-    (roi,) = read_masks(dcmread(case / "rtstruct.dcm"), volume)
-    assert truth.sum() > 1000
-    np.testing.assert_array_equal(roi.mask, truth)
-    validation = subprocess.run([require_tool("dciodvfy"), str(next((case / "ct").iterdir()))], capture_output=True, text=True)
-    assert not [line for line in validation.stderr.splitlines() if line.startswith("Error")]
-
-
-def test_cross_validation_prints_each_fold_and_the_mean():
-    result = rtnode(
-        "evaluate", "--folds", "2", "--phantoms", "2", "--seed", "900", "--steps", "2", "--channels", "4,8,8,8,8",
-        "--spacing", "8,8,8", "--shape", "16,32,32", "--quiet",
-    )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines if not line.startswith(" ")] == ["fold 1", "fold 2", "mean over 2 folds"]
-    assert [line.split()[0] for line in lines if line.startswith(" ")] == ["phantom-900", "phantom-901"]
-    assert all("Dice" in line and "HD95" in line for line in lines)
-
-
-def test_phantoms_are_deterministic_and_varied():
-    from node.synth.phantom import make_phantom
-
-    a, b, c = make_phantom(5), make_phantom(5), make_phantom(6)
-    np.testing.assert_array_equal(a.hu, b.hu)
-    assert a.patient.study_instance_uid == b.patient.study_instance_uid != c.patient.study_instance_uid
-    assert a.hu.shape != c.hu.shape or a.geometry.pixel_spacing != c.geometry.pixel_spacing
+    assert result.stdout.startswith(f"wrote {tmp_path / 'rs.dcm'}: CTV "), result.stdout
+    volume = load_series_dir(ct)
+    (roi,) = read_masks(dcmread(tmp_path / "rs.dcm"), volume)
+    np.testing.assert_array_equal(roi.mask, read_mask(tmp_path / "m.nii.gz", volume))
+    assert roi.mask.any()
+    assert_valid_dicom(tmp_path / "rs.dcm")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_mask_matches_cpu_mask():
-    from node.imaging.metrics import dice
     from node.imaging.volume import load_volume
-    from node.synth.ct_series import ct_datasets
-    from node.synth.phantom import make_phantom
 
     phantom = make_phantom(30001)
     volume = load_volume(ct_datasets(phantom.hu, phantom.geometry, phantom.patient))
     cpu = Segmenter.from_weights(BUNDLED, "cpu").predict(volume).mask
     gpu = Segmenter.from_weights(BUNDLED, "cuda").predict(volume).mask
+    assert dice(cpu, phantom.ctv) >= HELD_OUT_DICE  # two empty masks would agree perfectly
     assert dice(cpu, gpu) >= 0.99
 
 
@@ -192,7 +204,12 @@ def test_bf16_on_a_cpu_without_it_is_a_clear_error():
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])],
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+        ),
+    ],
 )
 def test_training_runs_on_the_device_asked_for(device):
     from node.training.train import TrainConfig, TrainingCase, train

@@ -13,9 +13,10 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-from pydicom import config as pydicom_config
 from pydicom import dcmread
 
+from node.imaging.dicomfile import save_dataset, strict_writing
+from node.imaging.metrics import dice
 from node.imaging.volume import Volume, load_series_dir
 from node.rtstruct.builder import (
     COPIED_FROM_CT,
@@ -34,11 +35,10 @@ ALGORITHM = Algorithm(name="ctv-unet3d", version="0.1.0")
 
 
 @pytest.fixture(autouse=True)
-def strict_writing():
-    previous = pydicom_config.settings.writing_validation_mode
-    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
-    yield
-    pydicom_config.settings.writing_validation_mode = previous
+def strictly():
+    """pydicom refuses invalid values in everything a test here writes, as the node's writer does."""
+    with strict_writing():
+        yield
 
 
 @dataclass
@@ -93,15 +93,8 @@ def written(request, tmp_path_factory):
     case = make_case(tmp_path, *CASES[request.param])
     rtstruct = build_rtstruct(case.volume, [Roi("CTV", contours_from_mask(case.volume, case.mask))], ALGORITHM)
     path = tmp_path / "rs.dcm"
-    previous = pydicom_config.settings.writing_validation_mode
-    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
-    rtstruct.save_as(path, enforce_file_format=True)
-    pydicom_config.settings.writing_validation_mode = previous
+    save_dataset(rtstruct, path)  # module scope: the autouse fixture is not active here
     return case, path
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 def test_round_trip_is_exact(written):
@@ -147,7 +140,8 @@ def test_references_and_copied_attributes(written):
     assert rs.file_meta.MediaStorageSOPInstanceUID == rs.SOPInstanceUID
     assert rs.file_meta.MediaStorageSOPClassUID == rs.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3"
     assert rs.Modality == "RTSTRUCT"
-    assert rs.SeriesInstanceUID != ct.SeriesInstanceUID and rs.SOPInstanceUID not in {s.sop_instance_uid for s in case.volume.slices}
+    assert rs.SeriesInstanceUID != ct.SeriesInstanceUID
+    assert rs.SOPInstanceUID not in {s.sop_instance_uid for s in case.volume.slices}
     for keyword in COPIED_FROM_CT:
         assert rs[keyword].value == ct[keyword].value, keyword
     assert len(rs.StructureSetLabel) <= 16 and rs.StructureSetDate and rs.StructureSetTime
@@ -259,7 +253,7 @@ def test_seg_is_valid_and_lossless(written, tmp_path):
     case, _ = written
     seg = build_seg(case.volume, case.mask, ALGORITHM)
     path = tmp_path / "seg.dcm"
-    seg.save_as(path)
+    save_dataset(seg, path)
     result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
     assert not [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
     reread = hd.seg.segread(path)

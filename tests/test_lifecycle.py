@@ -1,0 +1,275 @@
+"""Job and delivery transitions without a network: the retry schedule, how C-STORE answers are
+classified, and each transition of `node.lifecycle` on a real SQLite database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian
+from sqlalchemy.orm import Session
+
+from node.config import Destination
+from node.db.engine import open_database
+from node.db.models import Job, utcnow
+from node.errors import UserError
+from node.lifecycle import (
+    Eligibility,
+    Outcome,
+    RetryPolicy,
+    claim_next,
+    due_deliveries,
+    record_attempt,
+    record_outputs,
+    recover_after_restart,
+    resend,
+    submit_series,
+    take_delivery,
+)
+from node.sender import classify_store_status
+from node.store import CallingPeer, InstanceStore
+from node.synth.ct_series import write_cylinder_ct
+from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind
+
+TPS = Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=11112)
+POLICY = RetryPolicy(first_retry_seconds=30, max_retry_seconds=300, max_age_seconds=3600)
+CREATED = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+# --- the backoff schedule ---------------------------------------------------------------
+
+
+def test_backoff_starts_at_the_first_retry_and_doubles_up_to_the_cap():
+    policy = RetryPolicy(first_retry_seconds=5, max_retry_seconds=60, max_age_seconds=3600)
+    assert [policy.backoff(attempts) for attempts in range(1, 8)] == [5, 10, 20, 40, 60, 60, 60]
+
+
+def test_next_attempt_is_now_plus_the_backoff():
+    now = CREATED + timedelta(seconds=10)
+    assert POLICY.next_attempt(1, CREATED, now) == now + timedelta(seconds=30)
+    assert POLICY.next_attempt(2, CREATED, now) == now + timedelta(seconds=60)
+    assert POLICY.next_attempt(20, CREATED, now) == now + timedelta(seconds=300)  # capped
+
+
+def test_no_next_attempt_once_the_delivery_is_max_age_old():
+    just_before = CREATED + timedelta(seconds=3600) - timedelta(microseconds=1)
+    assert POLICY.next_attempt(9, CREATED, just_before) == just_before + timedelta(seconds=300)
+    assert POLICY.next_attempt(9, CREATED, CREATED + timedelta(seconds=3600)) is None  # exactly at the boundary
+    assert POLICY.next_attempt(1, CREATED, CREATED + timedelta(hours=5)) is None
+
+
+# --- C-STORE answers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [0x0000, 0xB000, 0xB007, 0xB006], ids=lambda c: f"0x{c:04X}")
+def test_success_and_warnings_are_delivered(code):
+    outcome = classify_store_status(code, "tps")
+    assert outcome.delivered, outcome
+    assert "tps" in outcome.detail and f"0x{code:04X}" in outcome.detail
+
+
+@pytest.mark.parametrize("code", [0xA700, 0xA7FF], ids=lambda c: f"0x{c:04X}")
+def test_out_of_resources_is_retried(code):
+    outcome = classify_store_status(code, "tps")
+    assert (outcome.delivered, outcome.retry) == (False, True)
+    assert "Refused: Out of Resources" in outcome.detail and f"0x{code:04X}" in outcome.detail
+
+
+@pytest.mark.parametrize("code", [0xA900, 0xC000, 0x0122, 0xFE00], ids=lambda c: f"0x{c:04X}")
+def test_other_failures_are_not_retried(code):
+    outcome = classify_store_status(code, "tps")
+    assert (outcome.delivered, outcome.retry) == (False, False)
+    assert "tps" in outcome.detail and f"0x{code:04X}" in outcome.detail
+
+
+def test_no_response_is_retried():
+    outcome = classify_store_status(None, "tps")
+    assert (outcome.delivered, outcome.retry) == (False, True)
+    assert "no C-STORE response from tps" in outcome.detail
+
+
+# --- transitions on SQLite --------------------------------------------------------------
+
+
+@pytest.fixture
+def engine(tmp_path):
+    return open_database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+
+
+@pytest.fixture
+def series(engine, tmp_path) -> tuple[str, list[Path]]:
+    """A small CT stored as the SCP stores it: (its Series Instance UID, its files)."""
+    files = write_cylinder_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
+    store_files(engine, tmp_path, files)
+    return dcmread(files[0]).SeriesInstanceUID, files
+
+
+def store_files(engine, tmp_path: Path, files: list[Path]) -> None:
+    store = InstanceStore(engine, tmp_path / "incoming", fsync=False)
+    for path in files:
+        buffer = BytesIO()
+        dcmwrite(buffer, dcmread(path), enforce_file_format=True)
+        store.save(buffer.getvalue(), ExplicitVRLittleEndian, CallingPeer("SCANNER", "127.0.0.1"))
+
+
+def running_job(engine, uid: str) -> int:
+    job = submit_series(engine, uid, lambda series, instances: Eligibility(True))
+    assert job is not None and job.status == JobStatus.QUEUED
+    assert claim_next(engine) == job.id
+    return job.id
+
+
+def contoured(engine, tmp_path: Path, job_id: int, destinations=(TPS,)) -> None:
+    """record_outputs with small stand-in files for every output."""
+    folder = tmp_path / "jobs" / str(job_id)
+    folder.mkdir(parents=True)
+    outputs = {}
+    for kind, name in [(OutputKind.RTSTRUCT, "rtstruct.dcm"), (OutputKind.MASK, "mask.nii.gz"), (OutputKind.QA, "qa.png")]:
+        outputs[kind] = folder / name
+        outputs[kind].write_bytes(b"stand-in")
+    uids = {OutputKind.RTSTRUCT: f"2.25.{job_id}"}
+    record_outputs(engine, job_id, outputs, uids, {"load": 0.1, "pass_1": 1.0}, list(destinations))
+
+
+def job_row(engine, job_id: int) -> Job:
+    with Session(engine, expire_on_commit=False) as session:
+        job = session.get(Job, job_id)
+        _ = job.deliveries, job.events  # loaded before the session closes
+        return job
+
+
+def events(job: Job) -> list[tuple[str, str]]:
+    return [(e.event, e.detail) for e in job.events]
+
+
+def test_contoured_job_with_a_destination_is_sending_with_one_pending_delivery(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    contoured(engine, tmp_path, job_id)
+    job = job_row(engine, job_id)
+    assert job.status == JobStatus.SENDING
+    assert set(job.outputs) == {OutputKind.RTSTRUCT, OutputKind.MASK, OutputKind.QA}
+    (delivery,) = job.deliveries
+    assert (delivery.status, delivery.destination, delivery.attempts) == (DeliveryStatus.PENDING, "tps", 0)
+    assert delivery.kind == OutputKind.RTSTRUCT
+    assert delivery.sop_instance_uid == f"2.25.{job_id}" and delivery.path == job.outputs[OutputKind.RTSTRUCT]
+    assert [kind for kind, _ in events(job)][-2:] == [EventKind.CONTOURED, EventKind.SENDING]
+    assert due_deliveries(engine) == [delivery.id]
+    order = take_delivery(engine, delivery.id)
+    assert (order.destination, order.ae_title, order.port, order.kind) == ("tps", "TPS", 11112, OutputKind.RTSTRUCT)
+
+
+def test_contoured_job_without_destinations_is_done(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    contoured(engine, tmp_path, job_id, destinations=())
+    job = job_row(engine, job_id)
+    assert job.status == JobStatus.DONE and job.deliveries == [] and job.finished_at is not None
+    assert events(job)[-1] == (EventKind.DONE, "no destinations configured")
+
+
+def test_a_retryable_failure_keeps_the_delivery_pending_until_the_first_retry(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    contoured(engine, tmp_path, job_id)
+    (delivery_id,) = due_deliveries(engine)
+    before = utcnow()
+    record_attempt(engine, delivery_id, classify_store_status(None, "tps"), 0.5, POLICY)
+    after = utcnow()
+    job = job_row(engine, job_id)
+    (delivery,) = job.deliveries
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.PENDING, 1)
+    assert delivery.last_error == "no C-STORE response from tps"
+    first_retry = timedelta(seconds=POLICY.first_retry_seconds)
+    assert before + first_retry <= delivery.next_attempt_at <= after + first_retry
+    assert events(job)[-1] == (EventKind.SEND_FAILED, "no C-STORE response from tps; retry 2 in 30 s")
+    assert job.status == JobStatus.SENDING
+    assert due_deliveries(engine) == []  # not due before its next attempt
+
+
+def test_a_delivered_outcome_makes_delivery_and_job_done(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    contoured(engine, tmp_path, job_id)
+    (delivery_id,) = due_deliveries(engine)
+    record_attempt(engine, delivery_id, classify_store_status(None, "tps"), 0.5, POLICY)
+    record_attempt(engine, delivery_id, classify_store_status(0x0000, "tps"), 0.25, POLICY)
+    job = job_row(engine, job_id)
+    (delivery,) = job.deliveries
+    assert (delivery.status, delivery.attempts, delivery.last_error) == (DeliveryStatus.DONE, 2, "")
+    assert delivery.delivered_at is not None
+    assert job.status == JobStatus.DONE and job.finished_at is not None and job.error == ""
+    assert job.timings["send"] == 0.25  # only the attempt that delivered
+    assert events(job)[-2:] == [(EventKind.DELIVERED, "rtstruct to tps (attempt 2)"), (EventKind.DONE, "delivered to tps")]
+    assert take_delivery(engine, delivery_id) is None  # never sent again
+
+
+def test_a_permanent_failure_fails_the_job_naming_the_destination(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    contoured(engine, tmp_path, job_id)
+    (delivery_id,) = due_deliveries(engine)
+    record_attempt(engine, delivery_id, classify_store_status(0xA900, "tps"), 0.5, POLICY)
+    job = job_row(engine, job_id)
+    (delivery,) = job.deliveries
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.FAILED, 1)
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith("delivery to tps failed: tps answered C-STORE failure status 0xA900"), job.error
+    assert (EventKind.SEND_FAILED, f"{delivery.last_error}; not retried: this will not improve by waiting") in events(job)
+    assert events(job)[-1][0] == EventKind.FAILED
+
+
+def test_a_retryable_failure_past_max_age_gives_up(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    contoured(engine, tmp_path, job_id)
+    (delivery_id,) = due_deliveries(engine)
+    impatient = RetryPolicy(first_retry_seconds=30, max_retry_seconds=300, max_age_seconds=0)
+    record_attempt(engine, delivery_id, Outcome(False, True, "cannot reach TPS@127.0.0.1:11112"), 0.5, impatient)
+    job = job_row(engine, job_id)
+    assert job.deliveries[0].status == DeliveryStatus.FAILED and job.status == JobStatus.FAILED
+    gave_up = "cannot reach TPS@127.0.0.1:11112; gave up: delivery.max_age_seconds reached"
+    assert events(job)[-2] == (EventKind.SEND_FAILED, gave_up)
+    assert "delivery to tps failed: cannot reach TPS@127.0.0.1:11112" in job.error
+
+
+def test_a_second_version_supersedes_the_first(engine, series, tmp_path):
+    uid, files = series
+    first = running_job(engine, uid)
+    contoured(engine, tmp_path, first)
+    store_files(engine, tmp_path, files[:2])  # slices sent again: a new version
+    second = running_job(engine, uid)
+    assert job_row(engine, second).version == 2
+    contoured(engine, tmp_path, second)
+
+    old, new = job_row(engine, first), job_row(engine, second)
+    assert old.superseded_by == second
+    assert [d.status for d in old.deliveries] == [DeliveryStatus.SUPERSEDED]
+    assert old.status == JobStatus.DONE and old.error == ""
+    assert (EventKind.SUPERSEDED, f"by job {second} (v2)") in events(old)
+    assert events(old)[-1] == (EventKind.DONE, "superseded by a newer version before delivery")
+    assert new.status == JobStatus.SENDING and [d.status for d in new.deliveries] == [DeliveryStatus.PENDING]
+    assert take_delivery(engine, old.deliveries[0].id) is None
+    assert due_deliveries(engine) == [new.deliveries[0].id]
+
+
+def test_resend_needs_an_rtstruct(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    with pytest.raises(UserError, match=f"job {job_id} has no RT Structure Set to send"):
+        resend(engine, job_id, [TPS], lambda path: "2.25.1")
+    with pytest.raises(UserError, match="no job 999"):
+        resend(engine, 999, [TPS], lambda path: "2.25.1")
+
+    contoured(engine, tmp_path, job_id, destinations=())
+    assert resend(engine, job_id, [TPS], lambda path: "2.25.1") == 1
+    job = job_row(engine, job_id)
+    assert job.status == JobStatus.SENDING and job.finished_at is None
+    assert [(d.status, d.destination, d.sop_instance_uid) for d in job.deliveries] == [(DeliveryStatus.PENDING, "tps", "2.25.1")]
+    assert events(job)[-1] == (EventKind.RESEND, "queued by hand to tps")
+
+
+def test_restart_requeues_running_jobs(engine, series):
+    job_id = running_job(engine, series[0])
+    assert recover_after_restart(engine) == 1
+    job = job_row(engine, job_id)
+    assert job.status == JobStatus.QUEUED
+    assert events(job)[-1] == (EventKind.REQUEUED, "the node restarted while this job ran")
+    assert recover_after_restart(engine) == 0  # nothing running any more
+    assert claim_next(engine) == job_id and job_row(engine, job_id).starts == 2
