@@ -25,6 +25,7 @@ from node.imaging.volume import load_series_dir
 from node.joblog import list_jobs, summary_line
 from node.synth.ct_series import ct_datasets, write_series
 from node.synth.phantom import make_phantom
+from node.vocabulary import JobStatus
 
 DEMO_SEED = 50_000  # far from the bundled weights' training seeds
 
@@ -51,6 +52,16 @@ class Receiver:
 
     def stop(self) -> None:
         self._ae.shutdown()
+
+
+def _settled_job(engine, timeout: float = 30.0) -> dict:
+    """The demo's job once the sender has recorded the delivery (it stores, then records)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (job,) = list_jobs(engine, limit=1)
+        if job["status"] != JobStatus.SENDING or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
 
 
 def run_demo(workdir: Path | None, weights: Path, timeout: float = 600.0) -> int:
@@ -92,8 +103,7 @@ def run_demo(workdir: Path | None, weights: Path, timeout: float = 600.0) -> int
             print(f"rtnode demo: no RT Structure Set arrived within {timeout:.0f} s; see {node.log_path}", file=sys.stderr)
             return 1
         latency = time.perf_counter() - sent_at
-        time.sleep(0.5)  # let the sender record the delivery
-        (job,) = list_jobs(make_engine(node.database_url), limit=1)
+        job = _settled_job(make_engine(node.database_url))
         received = sorted(receiver.directory.iterdir())[-1]
         print(f"RT Structure Set received {latency:.1f} s after the last slice was acknowledged")
         print(summary_line(job))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,13 @@ def shared_data(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"test data {path} is absent")
     return path
+
+
+def rtnode(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The rtnode command line in a subprocess, from the source tree."""
+    return subprocess.run(
+        [sys.executable, "-m", "node", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from node.synth.ct_series import SeriesGeometry, ct_datasets, uniform_positions, write_series
+from tests.conftest import rtnode
 from tests.test_rtstruct import shapes_mask
 
 sitk = pytest.importorskip("SimpleITK")
 
-
-def rtnode(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node", *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(params=["HFS", "HFP", "FFS"])

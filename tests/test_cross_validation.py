@@ -9,7 +9,8 @@ from node.errors import UserError
 from node.training.evaluate import fold_indices
 from node.training.recipe import TrainingData, cross_validate
 from node.training.train import TrainConfig
-from tests.test_training_data import SMALL, rtnode, write_archive
+from tests.conftest import rtnode
+from tests.test_training_data import SMALL, write_archive
 
 
 @pytest.mark.parametrize(("count", "folds"), [(2, 2), (3, 3), (7, 3), (10, 4)])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from node.rtstruct.reader import read_masks
 from node.synth.ct_series import ct_datasets, write_cylinder_ct, write_series
 from node.synth.phantom import make_phantom
 from node.training.evaluate import evaluate_on_phantoms
-from tests.conftest import REPO, require_tool, shared_data
+from tests.conftest import require_tool, rtnode, shared_data
 
 TINY = Architecture(channels=(4, 8, 8, 12, 16), passes=2)
 BUNDLED = BUNDLED_WEIGHTS
@@ -116,9 +115,6 @@ def test_bundled_weights_on_unseen_phantoms():
     summary = evaluate_on_phantoms(segmenter, [30001, 30002, 30003, 30004])
     assert summary.mean_dice >= 0.85, summary.to_json()
 
-
-def rtnode(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node", *map(str, args)], capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
 def contour(ct: Path, out: Path) -> subprocess.CompletedProcess:

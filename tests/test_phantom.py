@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import numpy as np
 from pydicom import dcmread
@@ -13,11 +12,7 @@ from node.imaging.nifti import read_mask
 from node.imaging.volume import load_series_dir
 from node.rtstruct.reader import read_masks
 from node.synth.phantom import make_phantom
-from tests.conftest import REPO, require_tool
-
-
-def rtnode(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node", *map(str, args)], capture_output=True, text=True, timeout=600, cwd=REPO)
+from tests.conftest import require_tool, rtnode
 
 
 def test_phantoms_are_deterministic_and_varied():

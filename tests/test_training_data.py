@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,10 @@ from pydicom import dcmread
 
 from node.pipeline.model import bce_dice_loss, recurrent_loss
 from node.training.quality import QualityAwareness
-from tests.conftest import REPO, shared_data
+from tests.conftest import rtnode, shared_data
 
 SMALL = ["--channels", "4,8", "--spacing", "8,8,8", "--shape", "16,32,32", "--steps", "2", "--quiet"]
 
-
-def rtnode(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node", *map(str, args)], capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
 def write_archive(root: Path) -> Path:
