@@ -67,6 +67,14 @@ class NodeSection(_Section):
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     # On SIGTERM/SIGINT, how long in-flight associations may take to finish.
     shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # A connection that has not completed association negotiation this long after it opened is dropped.
+    negotiation_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    # Connections still negotiating, in all and from one peer address; more are refused at once, so
+    # half-open connections cannot take the slots of callers that are allowed.
+    max_unnegotiated_connections: Annotated[int, Field(ge=1)] = 8
+    max_unnegotiated_per_peer: Annotated[int, Field(ge=1)] = 2
+    # Largest decoded size of one instance (after inflating a Deflated transfer syntax); larger is refused.
+    max_instance_mb: Annotated[float, Field(gt=0)] = 256.0
 
 
 class AllowedCaller(_Section):
@@ -111,6 +119,8 @@ class ModelSection(_Section):
     weights: Path = BUNDLED_WEIGHTS
     device: Literal["auto", "cpu", "cuda"] = "auto"
     roi_name: Annotated[str, Field(min_length=1, max_length=64)] = "CTV"
+    # A series with more slices is refused with a sentence before loading, not by running out of memory.
+    max_slices: Annotated[int, Field(ge=2)] = 2000
 
 
 class Destination(_Section):
@@ -118,6 +128,10 @@ class Destination(_Section):
     ae_title: AETitle
     host: str
     port: Port
+    # Planning systems can take minutes to import a structure set before they answer the C-STORE.
+    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0  # association negotiation
+    dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0  # waiting for the C-STORE response
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0  # silence on the connection
 
 
 class Config(_Section):

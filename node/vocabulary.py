@@ -25,6 +25,8 @@ class DeliveryStatus(StrEnum):
 class EventKind(StrEnum):
     QUEUED = "queued"
     INPUTS_UPDATED = "inputs updated"
+    REPEAT = "repeat"  # the same instances again: no new version
+    RERUN = "rerun"  # a new version with the same instances, asked for by hand
     REJECTED = "rejected"
     STARTED = "started"
     REQUEUED = "requeued"
@@ -32,6 +34,7 @@ class EventKind(StrEnum):
     SENDING = "sending"
     DELIVERED = "delivered"
     SEND_FAILED = "send failed"
+    SEND_INTERRUPTED = "send interrupted"  # a restart cut an attempt off; it counts
     RESEND = "resend"
     SUPERSEDED = "superseded"
     DONE = "done"

@@ -156,9 +156,33 @@ class Delivery(Base):
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     status: Mapped[str] = mapped_column(String(16), index=True)  # pending done failed superseded
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Set while an attempt is on the wire: a restart that finds it set counts the cut-off attempt.
+    attempt_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str] = mapped_column(Text, default="")
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class Conflict(Base):
+    """An instance whose SOP Instance UID the node already holds with other content (another
+    study or series, or other bytes): kept aside under `path`, never stored over the original."""
+
+    __tablename__ = "conflicts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    study_instance_uid: Mapped[str] = mapped_column(UID)
+    series_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)  # the instance held already
+    reason: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    instance: Mapped[Instance] = relationship()
