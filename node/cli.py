@@ -113,6 +113,14 @@ def cmd_resend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from node.lifecycle import rerun
+
+    job = rerun(_database(args), args.job_id)
+    print(f"queued job {job.id} (v{job.version}) with the instances of job {args.job_id}; the running node contours it")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from node.demo import run_demo
 
@@ -335,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     resend_parser = add("resend", cmd_resend, "queue the outputs of a job for delivery again")
     resend_parser.add_argument("job_id", type=int, metavar="JOB")
     resend_parser.add_argument("--destination", help="only this destination (default: all)")
+    rerun_parser = add("rerun", cmd_rerun, "contour a job's instances again as a new version (an unchanged re-send does not)")
+    rerun_parser.add_argument("job_id", type=int, metavar="JOB")
 
     rtstruct = add("rtstruct", cmd_rtstruct, "write an RT Structure Set for a NIfTI mask on a CT series' grid")
     rtstruct.add_argument("ct_dir", type=Path, metavar="CT_DIR", help="folder with the CT series")

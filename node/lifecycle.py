@@ -73,6 +73,11 @@ def submit_series(engine: Engine, series_instance_uid: str, eligibility_of: Elig
             return latest
         if latest is not None and newest_arrival <= latest.inputs_at:
             return None
+        if latest is not None and latest.input_fingerprint == fingerprint(uids):
+            latest.inputs_at = utcnow()
+            repeat = f"the same {len(uids)} instances again: no new version (rtnode rerun makes one)"
+            add_event(session, latest, EventKind.REPEAT, repeat)
+            return None
         verdict = eligibility_of(series, instances)
         job = Job(
             series=series,
@@ -121,13 +126,74 @@ def claim_next(engine: Engine) -> int | None:
 
 
 def recover_after_restart(engine: Engine) -> int:
-    """Running jobs go back to the queue: the process that ran them is gone. Nothing is deleted."""
+    """At start-up, running jobs go back to the queue: the process that ran them is gone with the
+    node. A node restart is not the job's fault, so that attempt does not count toward MAX_STARTS.
+    Send attempts that were on the wire are counted as failed attempts. Nothing is deleted."""
+    with Session(engine) as session, session.begin():
+        jobs = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
+        for job in jobs:
+            job.status, job.starts = JobStatus.QUEUED, max(job.starts - 1, 0)
+            add_event(session, job, EventKind.REQUEUED, "the node restarted while this job ran (not counted as a crash)")
+        _count_interrupted_sends(session)
+        return len(jobs)
+
+
+def requeue_after_worker_death(engine: Engine, exit_status: int | None) -> int:
+    """The worker process died while the node stayed up: its running job goes back to the queue,
+    and this counts toward MAX_STARTS (a job that kills the worker every time must end)."""
     with Session(engine) as session, session.begin():
         jobs = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
         for job in jobs:
             job.status = JobStatus.QUEUED
-            add_event(session, job, EventKind.REQUEUED, "the node restarted while this job ran")
+            detail = f"the worker process stopped (status {exit_status}) while this job ran: attempt {job.starts} of {MAX_STARTS}"
+            add_event(session, job, EventKind.REQUEUED, detail)
+        _count_interrupted_sends(session)
         return len(jobs)
+
+
+def _count_interrupted_sends(session: Session) -> None:
+    """An attempt cut off by a restart counts: its delivery waits for the next one as after a failure."""
+    deliveries = session.scalars(
+        select(Delivery).where(Delivery.status == DeliveryStatus.PENDING, Delivery.attempt_started_at.is_not(None))
+    ).all()
+    for delivery in deliveries:
+        delivery.attempts += 1
+        delivery.attempt_started_at = None
+        delivery.last_error = "the attempt was cut off by a restart"
+        delivery.next_attempt_at = utcnow()
+        detail = f"{delivery.kind} to {delivery.destination}: attempt {delivery.attempts}"
+        add_event(session, delivery.job, EventKind.SEND_INTERRUPTED, detail)
+
+
+def rerun(engine: Engine, job_id: int) -> Job:
+    """A new version of a job's series from the same instances, on purpose (a fixed model, a lost
+    structure set); the usual supersede rules apply when it is contoured."""
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        job = session.get(Job, job_id)
+        if job is None:
+            raise UserError(f"no job {job_id}")
+        if job.status == JobStatus.REJECTED:
+            raise UserError(f"job {job_id} was rejected ({job.error}); a rerun would be rejected again")
+        busy = session.scalars(
+            select(Job).where(Job.series_id == job.series_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        ).first()
+        if busy is not None:
+            raise UserError(f"job {busy.id} of the same series is {busy.status}: wait for it to finish")
+        held = session.scalars(select(func.count(Instance.id)).where(Instance.sop_instance_uid.in_(job.input_uids))).one()
+        if held != len(job.input_uids):
+            missing = len(job.input_uids) - held
+            raise UserError(f"{missing} of job {job_id}'s input instances are no longer held: it cannot be re-run")
+        latest = session.scalars(select(func.max(Job.version)).where(Job.series_id == job.series_id)).one()
+        now = utcnow()
+        new = Job(
+            series=job.series, version=latest + 1, status=JobStatus.QUEUED, error="", input_uids=list(job.input_uids),
+            input_fingerprint=job.input_fingerprint, inputs_at=now, created_at=now,
+        )
+        session.add(new)
+        session.flush()
+        detail = f"asked for by hand: the {len(job.input_uids)} instances of job {job_id} (v{job.version})"
+        add_event(session, new, EventKind.RERUN, detail)
+        return new
 
 
 def series_needing_jobs(engine: Engine) -> list[str]:
@@ -342,11 +408,13 @@ def due_deliveries(engine: Engine) -> list[int]:
 
 
 def take_delivery(engine: Engine, delivery_id: int) -> DeliveryOrder | None:
-    """The delivery, if it is still pending (a newer version may have superseded it meanwhile)."""
-    with Session(engine) as session:
+    """The delivery, if it is still pending (a newer version may have superseded it meanwhile),
+    marked as on the wire until `record_attempt`."""
+    with Session(engine) as session, session.begin():
         d = session.get(Delivery, delivery_id)
         if d is None or d.status != DeliveryStatus.PENDING:
             return None
+        d.attempt_started_at = utcnow()
         return DeliveryOrder(d.id, d.destination, d.ae_title, d.host, d.port, OutputKind(d.kind), Path(d.path))
 
 
@@ -356,6 +424,7 @@ def record_attempt(engine: Engine, delivery_id: int, outcome: Outcome, seconds: 
         delivery = session.get(Delivery, delivery_id)
         job = delivery.job
         delivery.attempts += 1
+        delivery.attempt_started_at = None
         now = utcnow()
         if outcome.delivered:
             delivery.status, delivery.delivered_at, delivery.last_error = DeliveryStatus.DONE, now, ""

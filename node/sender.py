@@ -19,7 +19,7 @@ from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CL
 from sqlalchemy import Engine
 
 from node import lifecycle
-from node.config import Config
+from node.config import Config, Destination
 from node.lifecycle import DeliveryOrder, Outcome, RetryPolicy
 from node.vocabulary import OutputKind
 
@@ -45,10 +45,22 @@ def classify_store_status(code: int | None, destination: str) -> Outcome:
     return Outcome(False, transient, f"{destination} answered C-STORE failure status 0x{code:04X}{described}")
 
 
+def _destination(config: Config, order: DeliveryOrder) -> Destination:
+    """The configured destination of a delivery, for its timeouts; one removed from the
+    configuration since the delivery was queued is sent to as recorded, with default timeouts."""
+    configured = {d.name: d for d in config.destinations}
+    return configured.get(order.destination) or Destination(
+        name=order.destination, ae_title=order.ae_title, host=order.host, port=order.port
+    )
+
+
 def c_store(config: Config, order: DeliveryOrder) -> Outcome:
     peer = f"{order.ae_title}@{order.host}:{order.port}"
+    timeouts = _destination(config, order)
     ae = AE(ae_title=config.node.ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.acse_timeout = timeouts.acse_timeout_seconds
+    ae.dimse_timeout = timeouts.dimse_timeout_seconds
+    ae.network_timeout = timeouts.network_timeout_seconds
     ae.add_requested_context(SOP_CLASSES[order.kind], ExplicitVRLittleEndian)
     assoc = ae.associate(order.host, order.port, ae_title=order.ae_title)
     if not assoc.is_established:

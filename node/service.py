@@ -20,7 +20,8 @@ from sqlalchemy import Engine
 from node.completion import CompletionTracker
 from node.config import Config
 from node.db.engine import open_database
-from node.lifecycle import recover_after_restart, series_needing_jobs
+from node.errors import UserError
+from node.lifecycle import recover_after_restart, requeue_after_worker_death, series_needing_jobs
 from node.scp import StorageSCP
 from node.store import InstanceStore
 
@@ -56,10 +57,14 @@ class WorkerProcess:
         self._process = subprocess.Popen(self._command, preexec_fn=_die_with_parent)
         log.info("worker process %d started", self._process.pid)
 
-    def keep_alive(self) -> None:
-        if self._process is not None and self._process.poll() is not None:
-            log.error("worker process exited with status %s: starting a new one", self._process.returncode)
-            self.start()
+    def keep_alive(self) -> int | None:
+        """Start a new worker if the last one died; returns the dead one's exit status."""
+        if self._process is None or self._process.poll() is None:
+            return None
+        status = self._process.returncode
+        log.error("worker process exited with status %s: starting a new one", status)
+        self.start()
+        return status
 
     def stop(self, timeout: float = 60.0) -> None:
         if self._process is None or self._process.poll() is not None:
@@ -86,7 +91,9 @@ def serve(config: Config, config_path: Path) -> int:
     scp = StorageSCP(config, InstanceStore(engine, config.incoming_dir, fsync=config.node.fsync), tracker)
     scp.start()
     while not stop.wait(1.0):
-        worker.keep_alive()
+        died = worker.keep_alive()
+        if died is not None:
+            requeue_after_worker_death(engine, died)
     log.info("stopping: no new associations, waiting for in-flight ones")
     scp.stop()
     tracker.stop()
@@ -104,6 +111,14 @@ def run_worker(config: Config) -> int:
     engine = open_node_database(config)
     sender = threading.Thread(target=Sender(config, engine).run_forever, args=(stop,), name="sender", daemon=True)
     sender.start()
-    Worker(config, engine).run_forever(stop)
+    worker = Worker(config, engine)
+    try:
+        worker.load_model()
+    except UserError as exc:
+        # Found now, not by the first job: queued jobs wait for a fixed model, deliveries go on.
+        log.error("the worker does not take jobs: the model cannot be used: %s", exc)
+        stop.wait()
+    else:
+        worker.run_forever(stop)
     sender.join(timeout=60)
     return 0

@@ -36,8 +36,8 @@ class Worker:
         self._engine = engine
         self._segmenter: Segmenter | None = None
 
-    @property
-    def segmenter(self) -> Segmenter:
+    def load_model(self) -> Segmenter:
+        """The model, loaded once. Raises WeightsError or DeviceError when it cannot be used."""
         if self._segmenter is None:
             self._segmenter = Segmenter.from_weights(self._config.model.weights, self._config.model.device)
             log.info("model %s on %s", self._segmenter.card.label, self._segmenter.device)
@@ -79,7 +79,7 @@ class Worker:
         timings["load"] = time.perf_counter() - start
 
         try:
-            segmenter = self.segmenter
+            segmenter = self.load_model()
         except (WeightsError, DeviceError) as exc:
             raise JobFailed(f"the model cannot be used: {exc}") from exc
         prediction = segmenter.predict(volume)

@@ -14,10 +14,13 @@ from sqlalchemy.orm import Session
 from node.completion import eligibility, looks_complete
 from node.db.engine import open_database
 from node.db.models import Job
+from node.errors import UserError
 from node.lifecycle import (
     claim_next,
     fingerprint,
     recover_after_restart,
+    requeue_after_worker_death,
+    rerun,
     series_needing_jobs,
     submit_series,
 )
@@ -69,18 +72,25 @@ def test_versions_follow_arrivals(engine, tmp_path):
     set_status(engine, first.id, JobStatus.DONE)
     assert submit(engine, uid) is None
 
-    store_files(engine, tmp_path, files[:2])  # a repeat after done makes version 2
-    second = submit(engine, uid)
-    assert (second.version, second.status) == (2, JobStatus.QUEUED)
+    store_files(engine, tmp_path, files[:2])  # an unchanged re-send after done: a repeat, no new version
+    assert submit(engine, uid) is None
+    with Session(engine) as session:
+        assert session.get(Job, first.id).events[-1].event == "repeat"
+    assert series_needing_jobs(engine) == []  # recorded once, not again at the next start
+
+    second = rerun(engine, first.id)  # on purpose
+    assert (second.version, second.status, second.input_fingerprint) == (2, JobStatus.QUEUED, same.input_fingerprint)
+    with pytest.raises(UserError, match=f"job {second.id} of the same series is queued"):
+        rerun(engine, first.id)
 
 
 def test_never_two_running_jobs_of_one_series(engine, tmp_path):
     files = write_cylinder_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
     uid = dcmread(files[0]).SeriesInstanceUID
-    store_files(engine, tmp_path, files)
+    store_files(engine, tmp_path, files[:5])
     first = submit(engine, uid)
     assert claim_next(engine) == first.id
-    store_files(engine, tmp_path, files[:1])
+    store_files(engine, tmp_path, files[5:])  # a late slice while version 1 runs
     second = submit(engine, uid)
     assert second.version == 2
     assert claim_next(engine) is None  # version 1 still runs
@@ -88,19 +98,24 @@ def test_never_two_running_jobs_of_one_series(engine, tmp_path):
     assert claim_next(engine) == second.id
 
 
-def test_restart_requeues_running_jobs_and_gives_up_after_repeated_crashes(engine, tmp_path):
+def test_node_restarts_requeue_without_counting_but_worker_deaths_count(engine, tmp_path):
     files = write_cylinder_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
     uid = dcmread(files[0]).SeriesInstanceUID
     store_files(engine, tmp_path, files)
     job = submit(engine, uid)
-    for _ in range(3):
+    for _ in range(5):  # the node killed again and again while the job runs: not the job's fault
         assert claim_next(engine) == job.id
         assert recover_after_restart(engine) == 1
+    for _ in range(3):  # the worker process dies under it while the node stays up
+        assert claim_next(engine) == job.id
+        assert requeue_after_worker_death(engine, -9) == 1
     assert claim_next(engine) is None
     with Session(engine) as session:
         crashed = session.get(Job, job.id)
         assert crashed.status == "failed" and "stopped 3 times" in crashed.error
-        assert [e.event for e in crashed.events].count("requeued") == 3
+        details = [e.detail for e in crashed.events if e.event == "requeued"]
+        assert details.count("the node restarted while this job ran (not counted as a crash)") == 5
+        assert [d for d in details if d.startswith("the worker process stopped (status -9)")][-1].endswith("attempt 3 of 3")
 
 
 def test_eligibility_and_completeness(engine, tmp_path):

@@ -26,6 +26,7 @@ from node.lifecycle import (
     record_attempt,
     record_outputs,
     recover_after_restart,
+    rerun,
     resend,
     submit_series,
     take_delivery,
@@ -234,8 +235,8 @@ def test_a_second_version_supersedes_the_first(engine, series, tmp_path):
     uid, files = series
     first = running_job(engine, uid)
     contoured(engine, tmp_path, first)
-    store_files(engine, tmp_path, files[:2])  # slices sent again: a new version
-    second = running_job(engine, uid)
+    second = rerun(engine, first).id  # a new version (an unchanged re-send would be a repeat)
+    assert claim_next(engine) == second
     assert job_row(engine, second).version == 2
     contoured(engine, tmp_path, second)
 
@@ -270,6 +271,32 @@ def test_restart_requeues_running_jobs(engine, series):
     assert recover_after_restart(engine) == 1
     job = job_row(engine, job_id)
     assert job.status == JobStatus.QUEUED
-    assert events(job)[-1] == (EventKind.REQUEUED, "the node restarted while this job ran")
+    assert events(job)[-1] == (EventKind.REQUEUED, "the node restarted while this job ran (not counted as a crash)")
     assert recover_after_restart(engine) == 0  # nothing running any more
-    assert claim_next(engine) == job_id and job_row(engine, job_id).starts == 2
+    assert claim_next(engine) == job_id and job_row(engine, job_id).starts == 1
+
+
+def test_a_send_cut_off_by_a_restart_counts_as_an_attempt(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    contoured(engine, tmp_path, job_id)
+    (delivery_id,) = due_deliveries(engine)
+    assert take_delivery(engine, delivery_id) is not None  # on the wire ... and the node is killed
+    recover_after_restart(engine)
+    (delivery,) = job_row(engine, job_id).deliveries
+    assert (delivery.status, delivery.attempts, delivery.attempt_started_at) == (DeliveryStatus.PENDING, 1, None)
+    assert delivery.last_error == "the attempt was cut off by a restart"
+    assert events(job_row(engine, job_id))[-1] == (EventKind.SEND_INTERRUPTED, "rtstruct to tps: attempt 1")
+    assert due_deliveries(engine) == [delivery_id]  # tried again at once
+    take_delivery(engine, delivery_id)
+    record_attempt(engine, delivery_id, Outcome(True, False, "stored"), 0.1, POLICY)
+    (delivery,) = job_row(engine, job_id).deliveries
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.DONE, 2)
+    assert recover_after_restart(engine) == 0 and job_row(engine, job_id).deliveries[0].attempts == 2  # nothing to count
+
+
+def test_rerun_refuses_what_cannot_be_rerun(engine, series):
+    job_id = running_job(engine, series[0])
+    with pytest.raises(UserError, match=f"job {job_id} of the same series is running"):
+        rerun(engine, job_id)
+    with pytest.raises(UserError, match="no job 999"):
+        rerun(engine, 999)

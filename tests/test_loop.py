@@ -1,8 +1,12 @@
-"""The whole loop with real peers: DCMTK storescu as the scanner, DCMTK storescp as the planning system."""
+"""The whole loop with real peers: DCMTK storescu as the scanner, DCMTK storescp as the planning system;
+repeats, reruns, restarts and crashes included."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -13,6 +17,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
+from node.config import BUNDLED_WEIGHTS
 from node.harness import DCMTK_ENV, NodeProcess, free_port, wait_for_port
 from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
 from node.synth.phantom import make_phantom
@@ -177,17 +182,29 @@ def test_series_over_three_associations_makes_one_job(loop_node, tps, tmp_path):
     assert len(current) == 1 and current[0]["instances"] == len(files) and current[0]["status"] == "done"
 
 
-def test_resent_slices_make_version_two_that_supersedes(loop_node, tps, tmp_path):
+def events_of(node: NodeProcess, job_id: int) -> list[str]:
+    with sqlite3.connect(node.database, timeout=10) as connection:
+        return [e for (e,) in connection.execute("select event from job_events where job_id = ? order by id", (job_id,))]
+
+
+def test_unchanged_resend_is_a_repeat_and_rerun_makes_version_two_that_supersedes(loop_node, tps, tmp_path):
     node = loop_node().start()
     tps.start()
     phantom_series(tmp_path / "ct", seed=40003)
     push(node, tmp_path / "ct", "+sd")
-    wait_for(node, lambda j: settled(j) and j[0]["status"] == "done", what="version 1")
-    push(node, tmp_path / "ct", "+sd")
+    first = wait_for(node, lambda j: settled(j) and j[0]["status"] == "done", what="version 1")[0]
+    push(node, tmp_path / "ct", "+sd")  # the same instances again
+    deadline = time.monotonic() + 60
+    while "repeat" not in events_of(node, first["id"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert events_of(node, first["id"])[-1] == "repeat" and len(jobs(node)) == 1
+    result = node.rtnode("rerun", str(first["id"]))
+    assert result.returncode == 0, result.stderr
     wait_for(node, lambda j: settled(j, 2), what="version 2")
     newest, oldest = jobs(node)
     assert (oldest["version"], newest["version"]) == (1, 2)
     assert newest["status"] == "done" and oldest["superseded_by"] == newest["id"]
+    assert newest["input_fingerprint"] == oldest["input_fingerprint"]
     descriptions = sorted(dcmread(p).SeriesDescription for p in tps.files())
     assert len(descriptions) == 2 and "v2, supersedes v1" in descriptions[-1]
 
@@ -300,3 +317,72 @@ def test_demo_runs_the_whole_loop(tmp_path):
     assert rs.ApprovalStatus == "UNAPPROVED"
     qa = Path(json.loads(outputs)["qa"])
     assert qa == workdir / "data" / "jobs" / "1" / "qa.png" and qa.is_file()
+
+
+# --- restarts and crashes: a node killed while a job runs is not the job's fault; a worker that
+# dies under a job three times fails it; unusable weights are found at start-up, receiving goes on
+
+
+def worker_pid(node: NodeProcess, timeout: float = 30.0) -> int:
+    """The `rtnode worker` child of the node process."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{node.process.pid}/task/{node.process.pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.1)
+    raise AssertionError(f"no worker process under {node.process.pid}")
+
+
+def starts(node: NodeProcess) -> int:
+    """How often the node's one job has been taken up by a worker."""
+    with sqlite3.connect(node.database, timeout=10) as connection:
+        return connection.execute("select count(*) from job_events where event = 'started'").fetchone()[0]
+
+
+def test_node_killed_three_times_while_a_job_runs_still_finishes_it(loop_node, tps, tmp_path):
+    node = node_running_a_job(loop_node, tps, tmp_path, seed=40010)
+    for attempt in range(2, 5):
+        node.kill()  # the worker dies with it
+        node.start()
+        wait_for(node, lambda j, n=attempt: starts(node) == n and j[0]["status"] == "running", what=f"attempt {attempt}")
+    node.kill()
+    node.start()
+    wait_for(node, settled, what="the job after the restarts")
+    (job,) = jobs(node)
+    assert job["status"] == "done", job
+    detail = json.loads(node.rtnode("job", str(job["id"]), "--json").stdout)
+    requeued = [e["detail"] for e in detail["events"] if e["event"] == "requeued"]
+    assert requeued == ["the node restarted while this job ran (not counted as a crash)"] * 4
+
+
+def test_a_worker_that_dies_under_a_job_three_times_fails_it(loop_node, tps, tmp_path):
+    node = node_running_a_job(loop_node, tps, tmp_path, seed=40011)
+    for attempt in range(1, 4):
+        wait_for(node, lambda j, n=attempt: starts(node) == n and j[0]["status"] == "running", what=f"attempt {attempt}")
+        os.kill(worker_pid(node), signal.SIGKILL)  # the node stays up
+    wait_for(node, settled, what="the job to fail")
+    (job,) = jobs(node)
+    assert job["status"] == "failed" and "the worker stopped 3 times while running this job" in job["error"], job
+    assert node.log().count("worker process exited with status -9") == 3
+
+
+def test_unusable_weights_are_found_at_start_up_and_receiving_goes_on(node_factory, tmp_path):
+    weights = tmp_path / "weights" / BUNDLED_WEIGHTS.name
+    weights.parent.mkdir()
+    shutil.copy(BUNDLED_WEIGHTS.with_suffix(".json"), weights.with_suffix(".json"))
+    damaged = bytearray(BUNDLED_WEIGHTS.read_bytes())
+    damaged[-100] ^= 0xFF
+    weights.write_bytes(bytes(damaged))
+    node = node_factory(weights=weights, sections="[completion]\nquiet_seconds = 1.0\nmin_slices = 10\n").start()
+    deadline = time.monotonic() + 60
+    while "the worker does not take jobs" not in node.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "the worker does not take jobs: the model cannot be used: weights" in node.log()
+    assert "do not match their model card" in node.log()
+    assert run_tool(require_tool("echoscu"), "-aec", "RTNODE", "127.0.0.1", str(node.port)).returncode == 0
+    phantom_series(tmp_path / "ct", seed=40012)
+    push(node, tmp_path / "ct", "+sd")
+    wait_for(node, lambda j: len(j) == 1, what="the job")
+    time.sleep(3)
+    assert [j["status"] for j in peek(node)] == ["queued"]  # waits for usable weights, not failed
