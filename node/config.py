@@ -115,6 +115,17 @@ class DeliverySection(_Section):
     send_seg: bool = False  # also send the DICOM SEG copy
 
 
+class RetentionSection(_Section):
+    # Received instances are kept this long after their series' latest job ended ...
+    incoming_days: Annotated[float, Field(gt=0)] = 30.0
+    # ... job outputs this long after their job ended ...
+    outputs_days: Annotated[float, Field(gt=0)] = 30.0
+    # ... and above this size of data_dir the oldest finished studies go first (none: no ceiling).
+    max_storage_gb: Annotated[float | None, Field(gt=0)] = None
+    # How often the node applies the policy (it also does after each job).
+    interval_minutes: Annotated[float, Field(gt=0)] = 60.0
+
+
 class ModelSection(_Section):
     weights: Path = BUNDLED_WEIGHTS
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -140,6 +151,7 @@ class Config(_Section):
     completion: CompletionSection = CompletionSection()
     model: ModelSection = ModelSection()
     delivery: DeliverySection = DeliverySection()
+    retention: RetentionSection = RetentionSection()
     destinations: list[Destination] = []
 
     @property

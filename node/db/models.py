@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, MetaData, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 UID = String(64)
@@ -59,6 +59,8 @@ class Study(Base):
     study_date: Mapped[str] = mapped_column(String(8), default="")
     study_description: Mapped[str] = mapped_column(String(64), default="")
     accession_number: Mapped[str] = mapped_column(String(16), default="")
+    # An admin's `rtnode protect`: retention never removes anything of this study.
+    protected: Mapped[bool] = mapped_column(Boolean, default=False)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
@@ -95,6 +97,8 @@ class Instance(Base):
     # A repeat of an instance we already hold is answered Success and counted, not stored again.
     times_received: Mapped[int] = mapped_column(Integer, default=1)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Set by retention before the file is deleted, so no unmarked row ever points at a missing file.
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -119,6 +123,8 @@ class Job(Base):
     outputs: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> path
     starts: Mapped[int] = mapped_column(Integer, default=0)  # how often a worker took it up
     superseded_by: Mapped[int | None] = mapped_column(Integer)
+    # Set by retention before the output files are deleted.
+    outputs_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
