@@ -126,6 +126,24 @@ class RetentionSection(_Section):
     interval_minutes: Annotated[float, Field(gt=0)] = 60.0
 
 
+def _patterns(values: list[str]) -> list[str]:
+    for value in values:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+    return values
+
+
+class FeedbackSection(_Section):
+    # The reviewed target ROI of a structure set that comes back: the first ROI whose name matches
+    # one of these (case-insensitive).
+    target_roi_patterns: Annotated[list[str], AfterValidator(_patterns), Field(min_length=1)] = ["^CTV"]
+    surface_tolerance_mm: Annotated[float, Field(gt=0)] = 2.0
+    # A case counts as "edited by less than the threshold" when its surface Dice is at least this.
+    minor_edit_surface_dice: Annotated[float, Field(gt=0, le=1)] = 0.95
+
+
 class ModelSection(_Section):
     weights: Path = BUNDLED_WEIGHTS
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -152,6 +170,7 @@ class Config(_Section):
     model: ModelSection = ModelSection()
     delivery: DeliverySection = DeliverySection()
     retention: RetentionSection = RetentionSection()
+    feedback: FeedbackSection = FeedbackSection()
     destinations: list[Destination] = []
 
     @property

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 UID = String(64)
@@ -192,3 +192,36 @@ class Conflict(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     instance: Mapped[Instance] = relationship()
+
+
+class Review(Base):
+    """An RT Structure Set that came back (the planning system or PACS sends the reviewed set), and
+    what it says about the auto-contour of the job it matches: the edit, measured."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)  # the received structure set
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)  # null when unmatched
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending, done (measured or classified)
+    kind: Mapped[str] = mapped_column(String(16), default="")  # review, not a review, unmatched, unreadable
+    reason: Mapped[str] = mapped_column(Text, default="")
+    approval_status: Mapped[str] = mapped_column(String(16), default="")
+    structure_set_label: Mapped[str] = mapped_column(String(64), default="")
+    structure_set_date: Mapped[str] = mapped_column(String(8), default="")
+    roi_name: Mapped[str] = mapped_column(String(64), default="")
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    dice: Mapped[float | None] = mapped_column(Float)
+    hd95_mm: Mapped[float | None] = mapped_column(Float)
+    surface_dice: Mapped[float | None] = mapped_column(Float)
+    surface_tolerance_mm: Mapped[float | None] = mapped_column(Float)
+    auto_volume_cm3: Mapped[float | None] = mapped_column(Float)
+    reviewed_volume_cm3: Mapped[float | None] = mapped_column(Float)
+    added_cm3: Mapped[float | None] = mapped_column(Float)
+    removed_cm3: Mapped[float | None] = mapped_column(Float)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    measured_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    instance: Mapped[Instance] = relationship()
+    job: Mapped[Job | None] = relationship()
