@@ -8,7 +8,10 @@ with the peer's AE title and address so an admin can tell who sent what.
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 from pydicom.uid import (
@@ -46,7 +49,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.config import Config
+from node.config import Config, NodeSection
 from node.store import CallingPeer, InstanceStore, StoreRefused
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,147 @@ TRANSFER_SYNTAXES = [
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 
+# How often the server closes connections past their negotiation deadline.
+_POLL_SECONDS = 0.2
+# Closed connections: the first per peer and reason is logged, then a count per this long.
+_LOG_INTERVAL_SECONDS = 60.0
+
+
+class _RateLimitedLog:
+    """Logs the first closed connection per peer and reason in an interval and counts the rest,
+    so a flood of connections makes a few lines, not one each."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._counts: dict[tuple[str, str], tuple[float, int]] = {}  # (peer, reason) -> (logged at, not logged)
+
+    def __call__(self, peer: str, reason: str) -> None:
+        logged = self._counts.get((peer, reason))
+        if logged is None:
+            log.warning("closed connection from %s: %s", peer, reason)
+            self._counts[(peer, reason)] = (time.monotonic(), 0)
+        else:
+            self._counts[(peer, reason)] = (logged[0], logged[1] + 1)
+
+    def flush(self) -> None:
+        """Logs the count of each interval that has ended, and forgets it."""
+        now = time.monotonic()
+        for (peer, reason), (logged_at, count) in list(self._counts.items()):
+            if now - logged_at >= self._interval:
+                if count:
+                    log.warning("closed %d more connections from %s in %.0f s: %s", count, peer, now - logged_at, reason)
+                del self._counts[(peer, reason)]
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    address: tuple
+    deadline: float  # monotonic; by then the association must be negotiated
+
+    @property
+    def peer(self) -> str:
+        return self.address[0]
+
+
+def _hang_up(sock: socket.socket) -> None:
+    """Ends a read blocked on the socket (pynetdicom's, on a PDU that never completes); its owner closes it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _NegotiationGuardServer(ThreadedAssociationServer):
+    """pynetdicom's server, with a bound on connections that have not negotiated an association.
+
+    pynetdicom gives each connection an association thread that counts against
+    `maximum_associations` from the start, and whose reader waits for good on a PDU that never
+    completes: 33 half-open connections locked every caller out. Here a connection is handed to
+    pynetdicom only while few enough are negotiating, from its peer address and in all; until then
+    it waits. It is closed if not negotiated `negotiation_timeout_seconds` after it opened.
+    """
+
+    def __init__(self, *args, node: NodeSection, **kwargs) -> None:
+        # The listen backlog (socketserver's default 5): a burst beyond it waits a SYN retry (1 s, 3 s, ...).
+        self.request_queue_size = node.max_associations
+        super().__init__(*args, **kwargs)
+        self._node = node
+        self._lock = threading.Lock()  # guards the lists and every start of an association thread
+        self._waiting: list[_Connection] = []
+        self._negotiating: list[_Connection] = []
+        self._log_closed = _RateLimitedLog(_LOG_INTERVAL_SECONDS)
+        self.bind(evt.EVT_CONN_OPEN, self._on_conn_open)
+        self.bind(evt.EVT_ESTABLISHED, self._on_established)
+
+    def process_request(self, request, client_address) -> None:
+        """Queues the new connection for `_admit`; refuses it if its peer already has too many queued."""
+        connection = _Connection(request, client_address, time.monotonic() + self._node.negotiation_timeout_seconds)
+        with self._lock:
+            if sum(c.peer == connection.peer for c in self._waiting) >= self._node.max_associations:
+                self._log_closed(connection.peer, "more than max_associations connections waiting to negotiate")
+                self.shutdown_request(request)
+                return
+            self._waiting.append(connection)
+        self._admit()
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        self._admit()
+
+    def _admit(self) -> None:
+        """Closes connections past their deadline; hands waiting ones, first come first served, to
+        pynetdicom while the limits allow."""
+        node = self._node
+        now = time.monotonic()
+        timeout = f"negotiation_timeout_seconds ({node.negotiation_timeout_seconds:g} s)"
+        with self._lock:
+            # A socket pynetdicom closed (peer gone, association rejected) no longer counts.
+            self._negotiating = [c for c in self._negotiating if c.sock.fileno() != -1]
+            for conn in [c for c in self._negotiating if now >= c.deadline]:
+                self._negotiating.remove(conn)
+                self._log_closed(conn.peer, f"no association negotiated within {timeout}")
+                _hang_up(conn.sock)
+            for conn in list(self._waiting):
+                if now >= conn.deadline:
+                    self._waiting.remove(conn)
+                    self._log_closed(conn.peer, f"waited {timeout} for a turn (max_unnegotiated_per_peer, _connections)")
+                    self.shutdown_request(conn.sock)
+                elif (
+                    len(self._negotiating) < node.max_unnegotiated_connections
+                    and sum(c.peer == conn.peer for c in self._negotiating) < node.max_unnegotiated_per_peer
+                ):
+                    self._waiting.remove(conn)
+                    self._negotiating.append(conn)
+                    super().process_request(conn.sock, conn.address)
+            self._log_closed.flush()
+
+    def _on_conn_open(self, event: Event) -> None:
+        """Until negotiated, pynetdicom's ACSE timer (which ends the association thread) runs to the deadline."""
+        sock = event.assoc.dul.socket.socket
+        with self._lock:
+            deadline = next((c.deadline for c in self._negotiating if c.sock is sock), time.monotonic())
+        event.assoc.acse_timeout = max(deadline - time.monotonic(), 0.0)
+
+    def _on_established(self, event: Event) -> None:
+        event.assoc.acse_timeout = self.ae.acse_timeout  # from now on it bounds only the release handshake
+        sock = event.assoc.dul.socket.socket
+        with self._lock:
+            self._negotiating = [c for c in self._negotiating if c.sock is not sock]
+        self._admit()  # now, not at the next poll: a sender's parallel associations wait little
+
+    def server_close(self) -> None:
+        """Also closes the connections not yet negotiated: a reader blocked on one would hold up
+        pynetdicom's shutdown, which aborts each association and waits for it."""
+        with self._lock:
+            for conn in self._negotiating:
+                _hang_up(conn.sock)
+            for conn in self._waiting:
+                self.shutdown_request(conn.sock)
+            self._negotiating, self._waiting = [], []
+        super().server_close()
+
+
 class SeriesObserver(Protocol):
     """Told what arrived on which association (the series-completion tracker)."""
 
@@ -112,7 +256,9 @@ class StorageSCP:
         ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = node.max_pdu_bytes
         ae.network_timeout = node.network_timeout_seconds
-        ae.acse_timeout = 30
+        # The ACSE (ARTIM) timer; pynetdicom's 30 s kept silent connections that long. Until an association is
+        # negotiated, _NegotiationGuardServer runs it to the connection's deadline.
+        ae.acse_timeout = node.negotiation_timeout_seconds
         ae.dimse_timeout = 60
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
@@ -135,7 +281,12 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_released),
         ]
         address = (self._config.node.host, self._config.node.port)
-        self._server = self._ae.start_server(address, block=False, evt_handlers=handlers)
+        # As ae.start_server(block=False) does, with our server class (which make_server takes, start_server not).
+        self._server = self._ae.make_server(
+            address, evt_handlers=handlers, server_class=_NegotiationGuardServer, node=self._config.node
+        )
+        self._ae._servers.append(self._server)
+        threading.Thread(target=self._server.serve_forever, args=(_POLL_SECONDS,), name="AcceptorServer", daemon=True).start()
         log.info(
             "listening as %s on %s:%d (%d storage SOP classes)",
             self._config.node.ae_title,
