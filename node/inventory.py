@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from sqlalchemy import Engine, func, select, type_coerce
 from sqlalchemy.orm import Session
 
-from node.db.models import Instance, Series, Study, UTCDateTime
+from node.db.models import Conflict, Instance, Series, Study, UTCDateTime
+
+
+@dataclass(frozen=True)
+class ConflictSummary:
+    """An instance kept aside: it reuses a SOP Instance UID the node holds with other content."""
+
+    sop_instance_uid: str
+    reason: str
+    kept_at: str
+    received_at: datetime
+    calling_ae_title: str
 
 
 @dataclass(frozen=True)
@@ -18,8 +30,10 @@ class SeriesSummary:
     series_number: int | None
     description: str
     instances: int
-    first_received_at: datetime
-    last_received_at: datetime
+    first_received_at: datetime | None  # None: only conflicts claim this series
+    last_received_at: datetime | None
+    removed_at: datetime | None  # when retention removed its instances (the last of them); None while any is held
+    conflicts: list[ConflictSummary]
 
 
 @dataclass(frozen=True)
@@ -34,9 +48,20 @@ class StudySummary:
     def to_json(self) -> dict:
         data = asdict(self)
         for item in data["series"]:
-            item["first_received_at"] = item["first_received_at"].isoformat()
-            item["last_received_at"] = item["last_received_at"].isoformat()
+            for key in ("first_received_at", "last_received_at", "removed_at"):
+                item[key] = item[key].isoformat() if item[key] else None
+            for conflict in item["conflicts"]:
+                conflict["received_at"] = conflict["received_at"].isoformat()
         return data
+
+
+def _conflicts_by_series(session: Session) -> dict[str, list[ConflictSummary]]:
+    conflicts = defaultdict(list)
+    for row in session.scalars(select(Conflict).order_by(Conflict.id)):
+        conflicts[row.series_instance_uid].append(
+            ConflictSummary(row.sop_instance_uid, row.reason, row.path, row.received_at, row.calling_ae_title)
+        )
+    return conflicts
 
 
 def list_studies(engine: Engine) -> list[StudySummary]:
@@ -46,21 +71,26 @@ def list_studies(engine: Engine) -> list[StudySummary]:
             func.count(Instance.id).label("count"),
             func.min(Instance.received_at).label("first"),
             func.max(Instance.last_received_at).label("last"),
+            func.count(Instance.removed_at).label("removed"),
+            func.max(Instance.removed_at).label("removed_at"),
         )
         .group_by(Instance.series_id)
         .subquery()
     )
     first = type_coerce(arrivals.c.first, UTCDateTime())
     last = type_coerce(arrivals.c.last, UTCDateTime())
+    removed_at = type_coerce(arrivals.c.removed_at, UTCDateTime())
     with Session(engine) as session:
+        # Outer join: a series only conflicts claim has no instances, and is listed all the same.
         rows = session.execute(
-            select(Study, Series, arrivals.c.count, first, last)
+            select(Study, Series, arrivals.c.count, first, last, arrivals.c.removed, removed_at)
             .join(Series, Series.study_id == Study.id)
-            .join(arrivals, arrivals.c.series_id == Series.id)
+            .outerjoin(arrivals, arrivals.c.series_id == Series.id)
             .order_by(Study.id, Series.id)
         ).all()
+        conflicts = _conflicts_by_series(session)
     studies: dict[int, StudySummary] = {}
-    for study, series, count, first_received_at, last_received_at in rows:
+    for study, series, count, first_received_at, last_received_at, removed, last_removed_at in rows:
         summary = studies.setdefault(
             study.id,
             StudySummary(
@@ -78,16 +108,18 @@ def list_studies(engine: Engine) -> list[StudySummary]:
                 modality=series.modality,
                 series_number=series.series_number,
                 description=series.series_description,
-                instances=count,
+                instances=count or 0,
                 first_received_at=first_received_at,
                 last_received_at=last_received_at,
+                removed_at=last_removed_at if count and removed == count else None,
+                conflicts=conflicts.get(series.series_instance_uid, []),
             )
         )
     return list(studies.values())
 
 
 def study_lines(studies: list[StudySummary]) -> list[str]:
-    """`rtnode studies` as text: one line per study, one indented line per series."""
+    """`rtnode studies` as text: one line per study, one indented line per series and per conflict."""
     if not studies:
         return ["no studies received"]
     lines = []
@@ -96,9 +128,19 @@ def study_lines(studies: list[StudySummary]) -> list[str]:
             f"study {study.study_instance_uid}  patient {study.patient_id!r} {study.patient_name!r}  date {study.study_date}"
         )
         for series in study.series:
+            received = (
+                f"  received {series.first_received_at:%Y-%m-%d %H:%M:%S} .. {series.last_received_at:%H:%M:%S} UTC"
+                if series.first_received_at
+                else ""
+            )
             lines.append(
                 f"  series {series.series_instance_uid}  {series.modality:<8} {series.instances:>5} instances"
-                f"  {series.description!r}  received {series.first_received_at:%Y-%m-%d %H:%M:%S}"
-                f" .. {series.last_received_at:%H:%M:%S} UTC"
+                f"  {series.description!r}{received}"
+                + (f"  removed on {series.removed_at:%Y-%m-%d} by retention" if series.removed_at else "")
             )
+            for conflict in series.conflicts:
+                lines.append(
+                    f"    conflict {conflict.sop_instance_uid} from {conflict.calling_ae_title}"
+                    f" at {conflict.received_at:%Y-%m-%d %H:%M:%S} UTC: {conflict.reason}; kept at {conflict.kept_at}"
+                )
     return lines

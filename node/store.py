@@ -3,6 +3,11 @@
 The SCP answers Success only after `InstanceStore.save` returns, so everything it
 acknowledged survives a SIGKILL the next instant: the file was written under a
 temporary name, fsynced and renamed into place, and its row committed.
+
+Whatever `save` refuses, it refuses before answering, with a failure status the sender
+sees, and leaves nothing behind (no file, no row): an instance too large once decoded,
+one that cannot be decoded, UIDs missing or malformed, pixel data that cannot be whole.
+An instance whose SOP Instance UID is held with other content is kept aside as a conflict.
 """
 
 from __future__ import annotations
@@ -10,25 +15,31 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 import tempfile
 import threading
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.charset import decode_bytes
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom.status import Status
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, Row, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.db.models import Instance, Series, Study, utcnow
+from node.db.models import Conflict, Instance, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
 _instances = Instance.__table__
 _series = Series.__table__
 _studies = Study.__table__
+_conflicts = Conflict.__table__
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -38,6 +49,17 @@ Status.add("OUT_OF_RESOURCES", 0xA700)
 Status.add("CANNOT_DECODE", 0xC000)
 Status.add("MISSING_UID", 0xC001)
 Status.add("INVALID_UID", 0xC002)
+Status.add("INSTANCE_TOO_LARGE", 0xC003)
+Status.add("INCOMPLETE_PIXEL_DATA", 0xC004)
+# A SOP Instance UID held with other content: 0111H "Duplicate SOP Instance" is the failure the
+# standard names for exactly this (PS3.7 C.4; pynetdicom lists it among the C-STORE statuses).
+# A failure, not a warning: the instance is kept aside but not received. Not 0xA7xx either:
+# a retry cannot succeed until the sender fixes its UIDs.
+Status.add("DUPLICATE_SOP_INSTANCE", 0x0111)
+
+# Inflating in steps of this many bytes, counted and dropped, bounds a deflate bomb's memory.
+_INFLATE_STEP = 1 << 20
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 _HEADER_TAGS = [
     "SpecificCharacterSet",
@@ -56,6 +78,19 @@ _HEADER_TAGS = [
     "SeriesDescription",
     "InstanceNumber",
 ]
+_IMAGE_TAGS = ["Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames"]
+# What a decoder may raise on hostile bytes, deep nesting and corrupt deflate streams included.
+_UNDECODABLE = (
+    InvalidDicomError,
+    ValueError,
+    TypeError,
+    EOFError,
+    OSError,
+    KeyError,
+    NotImplementedError,
+    struct.error,
+    zlib.error,
+)
 
 
 class StoreRefused(Exception):
@@ -102,8 +137,13 @@ class StoredInstance:
 
 
 def _text(ds, keyword: str, limit: int = 64) -> str:
-    """A stripped string cut to its column's length, so over-long values cannot fail a commit."""
+    """A stripped string cut to its column's length, so over-long values cannot fail a commit.
+
+    A value too long for its VR's 16-bit length arrives as UN, i.e. bytes: decoded first, so
+    `rtnode studies` shows text, not `b'...'`."""
     value = ds.get(keyword)
+    if isinstance(value, bytes):
+        value = decode_bytes(value, ds.original_character_set, set())
     return "" if value is None else str(value).strip()[:limit]
 
 
@@ -115,10 +155,91 @@ def _int(ds, keyword: str) -> int | None:
         return None
 
 
-def read_header(encoded: bytes) -> InstanceHeader:
+def _split_part10(encoded: bytes) -> tuple[str, int]:
+    """The transfer syntax the file meta names, and where the dataset after the meta starts."""
+    stream = BytesIO(encoded)
+    read_preamble(stream, False)
+    meta = read_dataset(stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
+    return str(meta.get("TransferSyntaxUID", "")), stream.tell()
+
+
+def _inflated_size(deflated: memoryview, limit: int) -> int:
+    """Inflate step by step, counting the bytes and dropping them, until past `limit`:
+    a deflate bomb is measured without ever being held in memory."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    for start in range(0, len(deflated), _INFLATE_STEP):
+        pending = deflated[start : start + _INFLATE_STEP]
+        while pending:
+            size += len(inflater.decompress(pending, _INFLATE_STEP))
+            if size > limit:
+                return size  # never flush() here: it would inflate all the input left, at once
+            pending = inflater.unconsumed_tail
+    return size + len(inflater.flush())  # all input taken: at most a few bytes are left
+
+
+def _check_decoded_size(encoded: bytes, transfer_syntax: str, offset: int, limit: int) -> None:
+    """Refuse an instance larger than `limit` bytes once decoded, before pydicom inflates it."""
+    size = len(encoded)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        size = offset + _inflated_size(memoryview(encoded)[offset:], limit)
+    if size > limit:
+        raise StoreRefused(Status.INSTANCE_TOO_LARGE, f"instance exceeds node.max_instance_mb once decoded (over {limit} bytes)")
+
+
+def _complete_fragments(data: bytes) -> int:
+    """How many fragments follow the Basic Offset Table; refused unless every item is whole."""
+    offset = items = 0
+    while offset < len(data):
+        if len(data) - offset < 8:
+            raise StoreRefused(Status.INCOMPLETE_PIXEL_DATA, f"pixel data item at byte {offset} is cut short")
+        group, element, length = struct.unpack_from("<HHI", data, offset)
+        if (group, element) != (0xFFFE, 0xE000) or offset + 8 + length > len(data):
+            raise StoreRefused(Status.INCOMPLETE_PIXEL_DATA, f"pixel data item at byte {offset} is not whole")
+        offset += 8 + length
+        items += 1
+    return items - 1
+
+
+def _check_pixel_data(encoded: bytes, ds, encapsulated: bool) -> None:
+    """Refuse an image whose pixel data cannot be whole, read as stored and never decoded: the
+    sender hears it now, where a job failing later would tell it nothing. Read apart from the
+    header: pydicom drops every element of a dataset that ends inside an undefined length."""
+    element = dcmread(BytesIO(encoded), specific_tags=["PixelData"]).get_item(0x7FE00010)
+    if element is None:
+        raise StoreRefused(Status.INCOMPLETE_PIXEL_DATA, "the image's pixel data is missing or cut short")
+    data = element.value or b""
+    if element.length != _UNDEFINED_LENGTH and len(data) < element.length:
+        raise StoreRefused(
+            Status.INCOMPLETE_PIXEL_DATA,
+            f"pixel data claims {element.length} bytes but the dataset ends after {len(data)}",
+        )
+    frames = _int(ds, "NumberOfFrames") or 1
+    if encapsulated:
+        fragments = _complete_fragments(data)
+        if fragments < frames:
+            raise StoreRefused(
+                Status.INCOMPLETE_PIXEL_DATA, f"encapsulated pixel data has {fragments} fragment(s) for {frames} frame(s)"
+            )
+        return
+    shape = [_int(ds, keyword) for keyword in ("Rows", "Columns", "BitsAllocated")]
+    if None in shape:
+        raise StoreRefused(Status.INCOMPLETE_PIXEL_DATA, "pixel data without Rows, Columns or BitsAllocated")
+    rows, columns, bits = shape
+    needed = (rows * columns * (_int(ds, "SamplesPerPixel") or 1) * frames * bits + 7) // 8  # BitsAllocated 1: packed
+    if len(data) < needed:
+        raise StoreRefused(
+            Status.INCOMPLETE_PIXEL_DATA,
+            f"pixel data has {len(data)} bytes; Rows x Columns x SamplesPerPixel x frames x BitsAllocated needs {needed}",
+        )
+
+
+def read_header(encoded: bytes, max_decoded_bytes: int) -> InstanceHeader:
     """Parse the identifying attributes of a Part 10 byte stream; raise StoreRefused if unusable."""
     try:
-        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        transfer_syntax, offset = _split_part10(encoded)
+        _check_decoded_size(encoded, transfer_syntax, offset, max_decoded_bytes)
+        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS + _IMAGE_TAGS)
         uids = {
             keyword: _text(ds, keyword, 1024)
             for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -135,14 +256,18 @@ def read_header(encoded: bytes) -> InstanceHeader:
             "series_description": _text(ds, "SeriesDescription"),
             "instance_number": _int(ds, "InstanceNumber"),
         }
-    except (InvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError, NotImplementedError) as exc:
+        missing = [keyword for keyword, value in uids.items() if not value]
+        if missing:
+            raise StoreRefused(Status.MISSING_UID, f"dataset lacks {', '.join(missing)}")
+        invalid = [f"{keyword}={value!r}" for keyword, value in uids.items() if len(value) > 64 or not _UID.match(value)]
+        if invalid:
+            raise StoreRefused(Status.INVALID_UID, f"dataset has malformed UIDs: {', '.join(invalid)}")
+        if "Rows" in ds:  # an image
+            _check_pixel_data(encoded, ds, UID(transfer_syntax).is_encapsulated)
+    except RecursionError as exc:
+        raise StoreRefused(Status.CANNOT_DECODE, "dataset cannot be decoded: sequences nested too deeply") from exc
+    except _UNDECODABLE as exc:
         raise StoreRefused(Status.CANNOT_DECODE, f"dataset cannot be decoded: {exc}") from exc
-    missing = [keyword for keyword, value in uids.items() if not value]
-    if missing:
-        raise StoreRefused(Status.MISSING_UID, f"dataset lacks {', '.join(missing)}")
-    invalid = [f"{keyword}={value!r}" for keyword, value in uids.items() if len(value) > 64 or not _UID.match(value)]
-    if invalid:
-        raise StoreRefused(Status.INVALID_UID, f"dataset has malformed UIDs: {', '.join(invalid)}")
     return InstanceHeader(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
@@ -150,6 +275,16 @@ def read_header(encoded: bytes) -> InstanceHeader:
         series_instance_uid=uids["SeriesInstanceUID"],
         **header_fields,
     )
+
+
+def _other_dataset(held_path: str, received: bytes) -> bool:
+    """Whether the held file carries other dataset bytes than `received` (its file meta is ours,
+    not the sender's, so it is left out); a file that has gone cannot tell, so no."""
+    path = Path(held_path)
+    if not path.is_file():
+        return False
+    held = path.read_bytes()
+    return memoryview(held)[_split_part10(held)[1] :] != memoryview(received)[_split_part10(received)[1] :]
 
 
 def _fsync_directory(path: Path) -> None:
@@ -179,14 +314,20 @@ def write_durably(path: Path, data: bytes, *, fsync: bool) -> None:
 
 
 class InstanceStore:
-    """Files under `<data_dir>/incoming/<study>/<series>/<sop>.dcm`, rows in the database."""
+    """Files under `<data_dir>/incoming/<study>/<series>/<sop>.dcm`, rows in the database;
+    conflicting instances under `<data_dir>/conflicts/<sop>/<n>.dcm`."""
 
-    def __init__(self, engine: Engine, incoming_dir: Path, *, fsync: bool = True) -> None:
+    def __init__(self, engine: Engine, incoming_dir: Path, *, fsync: bool = True, max_instance_mb: float = 256.0) -> None:
         self._engine = engine
         self._incoming_dir = incoming_dir
+        self._conflicts_dir = incoming_dir.parent / "conflicts"
         self._fsync = fsync
+        self._max_instance_bytes = int(max_instance_mb * 1024 * 1024)
         # SQLite has one writer at a time anyway; serialising here avoids get-or-create races.
         self._db_lock = threading.Lock()
+        # Saves of one SOP Instance UID take turns, so a repeat or a conflict is judged against
+        # what is held, never against a write in flight; other UIDs still go in parallel.
+        self._uid_locks = [threading.Lock() for _ in range(64)]
         # Committed series rows by UID: a series' slices then cost one INSERT each.
         self._series_ids: dict[str, int] = {}
 
@@ -195,47 +336,131 @@ class InstanceStore:
             self._incoming_dir / header.study_instance_uid / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
         )
 
+    def remove_orphans(self) -> int:
+        """Delete the temporary files of writes a killed process never finished (never
+        acknowledged, so nothing is lost); call before receiving. Returns how many."""
+        orphans = [path for folder in (self._incoming_dir, self._conflicts_dir) for path in folder.rglob(".*.dcm.*.part")]
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        if orphans:
+            log.info("removed %d temporary file(s) left by writes interrupted at the last stop", len(orphans))
+        return len(orphans)
+
     def save(self, encoded: bytes, transfer_syntax_uid: str, peer: CallingPeer) -> StoredInstance:
         """Store one Part 10 byte stream; return only when it is durable. Raises StoreRefused."""
-        header = read_header(encoded)
+        header = read_header(encoded, self._max_instance_bytes)
         path = self.path_for(header)
-        try:
-            if self._count_repeat(header, peer):
-                return StoredInstance(header, path, duplicate=True)
-            write_durably(path, encoded, fsync=self._fsync)
-        except OSError as exc:
-            raise StoreRefused(Status.OUT_OF_RESOURCES, f"cannot write {path}: {exc.strerror or exc}") from exc
-        except SQLAlchemyError as exc:
-            raise StoreRefused(Status.OUT_OF_RESOURCES, f"database error: {exc}") from exc
-        try:
-            duplicate = self._record(header, path, len(encoded), transfer_syntax_uid, peer)
-        except SQLAlchemyError as exc:
-            path.unlink(missing_ok=True)
-            raise StoreRefused(Status.OUT_OF_RESOURCES, f"database error: {exc}") from exc
-        return StoredInstance(header, path, duplicate=duplicate)
+        with self._uid_locks[hash(header.sop_instance_uid) % len(self._uid_locks)]:
+            try:
+                held = self._held(header.sop_instance_uid)
+                if held is not None:
+                    self._refuse_conflict(held, header, encoded, transfer_syntax_uid, peer)
+                    kept = held.path
+                    if held.removed_at is not None or not Path(kept).is_file():  # removed by retention, or lost: restore it
+                        if held.removed_at is not None:
+                            self._unmark_removed(held.id)
+                        write_durably(path, encoded, fsync=self._fsync)
+                        kept = str(path)
+                    self._count_repeat(held.id, kept, header, peer)
+                    return StoredInstance(header, Path(kept), duplicate=True)
+                write_durably(path, encoded, fsync=self._fsync)
+            except OSError as exc:
+                raise StoreRefused(Status.OUT_OF_RESOURCES, f"cannot write {path}: {exc.strerror or exc}") from exc
+            except SQLAlchemyError as exc:
+                raise StoreRefused(Status.OUT_OF_RESOURCES, f"database error: {exc}") from exc
+            try:
+                self._record(header, path, len(encoded), transfer_syntax_uid, peer)
+            except SQLAlchemyError as exc:
+                path.unlink(missing_ok=True)
+                raise StoreRefused(Status.OUT_OF_RESOURCES, f"database error: {exc}") from exc
+        return StoredInstance(header, path, duplicate=False)
 
-    def _count_repeat(self, header: InstanceHeader, peer: CallingPeer) -> bool:
-        """True when this SOP Instance is already held (file and row): count it, write nothing."""
-        with self._db_lock, self._engine.connect() as connection:
-            row = connection.execute(
-                select(_instances.c.id, _instances.c.path).where(
-                    _instances.c.sop_instance_uid == header.sop_instance_uid
+    def _held(self, sop_instance_uid: str) -> Row | None:
+        """The row of the instance held under this UID, with its study and series UIDs, or None."""
+        with self._engine.connect() as connection:
+            return connection.execute(
+                select(
+                    _instances.c.id,
+                    _instances.c.path,
+                    _instances.c.transfer_syntax_uid,
+                    _instances.c.removed_at,
+                    _series.c.series_instance_uid,
+                    _studies.c.study_instance_uid,
                 )
+                .join(_series, _series.c.id == _instances.c.series_id)
+                .join(_studies, _studies.c.id == _series.c.study_id)
+                .where(_instances.c.sop_instance_uid == sop_instance_uid)
             ).first()
-            if row is None or not Path(row.path).is_file():
-                return False  # read-only: rolled back on close, no commit to sync
-            self._mark_repeat(connection, row.id, row.path, header, peer)
-            connection.commit()
-            return True
 
-    @staticmethod
-    def _mark_repeat(connection: Connection, instance_id: int, path: str, header: InstanceHeader, peer: CallingPeer) -> None:
-        times = connection.execute(
-            update(_instances)
-            .where(_instances.c.id == instance_id)
-            .values(times_received=_instances.c.times_received + 1, last_received_at=utcnow(), path=path)
-            .returning(_instances.c.times_received)
-        ).scalar_one()
+    def _refuse_conflict(
+        self, held: Row, header: InstanceHeader, encoded: bytes, transfer_syntax_uid: str, peer: CallingPeer
+    ) -> None:
+        """Keep aside and refuse an instance reusing a held UID in another study or series, or
+        with other dataset bytes (compared within one transfer syntax: the same instance
+        re-encoded is a repeat). The held instance is never overwritten."""
+        if (header.study_instance_uid, header.series_instance_uid) != (held.study_instance_uid, held.series_instance_uid):
+            reason = f"held in study {held.study_instance_uid} series {held.series_instance_uid}"
+        elif transfer_syntax_uid == held.transfer_syntax_uid and _other_dataset(held.path, encoded):
+            reason = "held in the same series with other content"
+        else:
+            return
+        kept_at = self._keep_conflict(held.id, header, encoded, reason, peer)
+        raise StoreRefused(
+            Status.DUPLICATE_SOP_INSTANCE,
+            f"conflict: SOP Instance UID already {reason}; this one claims study {header.study_instance_uid}"
+            f" series {header.series_instance_uid}, kept aside at {kept_at}",
+        )
+
+    def _keep_conflict(self, instance_id: int, header: InstanceHeader, encoded: bytes, reason: str, peer: CallingPeer) -> Path:
+        """Write the conflicting bytes durably to the next free `<n>.dcm` and commit its row;
+        the series it claims gets its rows too, so `rtnode studies` lists the conflict there."""
+        folder = self._conflicts_dir / header.sop_instance_uid
+        number = 1
+        while (folder / f"{number}.dcm").exists():
+            number += 1
+        path = folder / f"{number}.dcm"
+        write_durably(path, encoded, fsync=self._fsync)
+        try:
+            with self._db_lock, self._engine.begin() as connection:
+                self._series_id(connection, header)
+                connection.execute(
+                    insert(_conflicts).values(
+                        sop_instance_uid=header.sop_instance_uid,
+                        sop_class_uid=header.sop_class_uid,
+                        study_instance_uid=header.study_instance_uid,
+                        series_instance_uid=header.series_instance_uid,
+                        instance_id=instance_id,
+                        reason=reason,
+                        path=str(path),
+                        size_bytes=len(encoded),
+                        calling_ae_title=peer.ae_title,
+                        peer_address=peer.address,
+                        received_at=utcnow(),
+                    )
+                )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+    def _unmark_removed(self, instance_id: int) -> None:
+        """An instance retention removed is received again: clear its mark before the file is written,
+        as retention deletes only files of rows still marked (checked under the database's write lock).
+        Arriving now also starts its series' quiet timer, so retention does not mark it again."""
+        with self._db_lock, self._engine.begin() as connection:
+            connection.execute(
+                update(_instances).where(_instances.c.id == instance_id).values(removed_at=None, last_received_at=utcnow())
+            )
+
+    def _count_repeat(self, instance_id: int, path: str, header: InstanceHeader, peer: CallingPeer) -> None:
+        """An instance already held (or its lost file restored): count it, store nothing new."""
+        with self._db_lock, self._engine.begin() as connection:
+            times = connection.execute(
+                update(_instances)
+                .where(_instances.c.id == instance_id)
+                .values(times_received=_instances.c.times_received + 1, last_received_at=utcnow(), path=path)
+                .returning(_instances.c.times_received)
+            ).scalar_one()
         log.info(
             "repeat of SOP Instance %s from %s@%s (received %d times)",
             header.sop_instance_uid,
@@ -244,21 +469,14 @@ class InstanceStore:
             times,
         )
 
-    def _record(self, header: InstanceHeader, path: Path, size: int, transfer_syntax_uid: str, peer: CallingPeer) -> bool:
+    def _record(self, header: InstanceHeader, path: Path, size: int, transfer_syntax_uid: str, peer: CallingPeer) -> None:
         now = utcnow()
         with self._db_lock, self._engine.begin() as connection:
-            series_id = self._series_id(connection, header)
-            existing = connection.execute(
-                select(_instances.c.id).where(_instances.c.sop_instance_uid == header.sop_instance_uid)
-            ).scalar()
-            if existing is not None:  # the row survived but its file had gone: file rewritten above
-                self._mark_repeat(connection, existing, str(path), header, peer)
-                return True
             connection.execute(
                 insert(_instances).values(
                     sop_instance_uid=header.sop_instance_uid,
                     sop_class_uid=header.sop_class_uid,
-                    series_id=series_id,
+                    series_id=self._series_id(connection, header),
                     instance_number=header.instance_number,
                     path=str(path),
                     size_bytes=size,
@@ -270,7 +488,6 @@ class InstanceStore:
                     last_received_at=now,
                 )
             )
-            return False
 
     def _series_id(self, connection: Connection, header: InstanceHeader) -> int:
         uid = header.series_instance_uid
