@@ -121,6 +121,24 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from node.retention import purge
+
+    print("\n".join(purge(_database(args), _config(args), dry_run=args.dry_run).lines()))
+    return 0
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    from node.retention import set_protected
+
+    set_protected(_database(args), args.study_uid, args.protect)
+    if args.protect:
+        print(f"study {args.study_uid} is protected: retention removes none of its instances or outputs")
+    else:
+        print(f"study {args.study_uid} is no longer protected: retention applies to it again")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from node.demo import run_demo
 
@@ -345,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     resend_parser.add_argument("--destination", help="only this destination (default: all)")
     rerun_parser = add("rerun", cmd_rerun, "contour a job's instances again as a new version (an unchanged re-send does not)")
     rerun_parser.add_argument("job_id", type=int, metavar="JOB")
+    purge_parser = add("purge", cmd_purge, "apply the retention policy now: remove old instances and job outputs")
+    purge_parser.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    for name, protect, help_text in [("protect", True, "retention never removes anything of this study"),
+                                     ("unprotect", False, "retention applies to this study again")]:
+        protect_parser = add(name, cmd_protect, help_text)
+        protect_parser.add_argument("study_uid", metavar="STUDY_UID")
+        protect_parser.set_defaults(protect=protect)
 
     rtstruct = add("rtstruct", cmd_rtstruct, "write an RT Structure Set for a NIfTI mask on a CT series' grid")
     rtstruct.add_argument("ct_dir", type=Path, metavar="CT_DIR", help="folder with the CT series")

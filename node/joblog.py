@@ -14,6 +14,10 @@ def _iso(value) -> str | None:
     return None if value is None else value.isoformat()
 
 
+def _removed_on(iso_time: str) -> str:
+    return f"removed on {iso_time[:10]} by retention"
+
+
 def job_json(job: Job, *, events: bool = False) -> dict:
     data = {
         "id": job.id,
@@ -31,6 +35,7 @@ def job_json(job: Job, *, events: bool = False) -> dict:
         "model": {"name": job.model_name, "version": job.model_version} if job.model_name else None,
         "timings": job.timings,
         "outputs": job.outputs,
+        "outputs_removed_at": _iso(job.outputs_removed_at),
         "superseded_by": job.superseded_by,
         "deliveries": [
             {
@@ -73,6 +78,8 @@ def summary_line(job: dict) -> str:
     line += f"  {timings or '-'}  deliveries {deliveries}"
     if job["error"]:
         line += f"\n       error: {job['error']}"
+    if job["outputs_removed_at"]:
+        line += f"\n       outputs {_removed_on(job['outputs_removed_at'])}"
     return line
 
 
@@ -84,6 +91,8 @@ def detail_lines(job: dict) -> list[str]:
     lines = [f"{key:<20} {job[key]}" for key in keys]
     lines.append("timings             " + ", ".join(f"{k} {v:.2f}s" for k, v in job["timings"].items()))
     lines += [f"output {kind:<13} {path}" for kind, path in job["outputs"].items()]
+    if job["outputs_removed_at"]:
+        lines.append(f"outputs             {_removed_on(job['outputs_removed_at'])}")
     lines += [
         f"delivery            {d['kind']} -> {d['destination']}: {d['status']} after {d['attempts']} attempt(s)"
         f" {d['last_error'] or ''}"

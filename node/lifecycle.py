@@ -179,7 +179,12 @@ def rerun(engine: Engine, job_id: int) -> Job:
         ).first()
         if busy is not None:
             raise UserError(f"job {busy.id} of the same series is {busy.status}: wait for it to finish")
-        held = session.scalars(select(func.count(Instance.id)).where(Instance.sop_instance_uid.in_(job.input_uids))).one()
+        inputs = Instance.sop_instance_uid.in_(job.input_uids)
+        removed_at = session.scalars(select(func.max(Instance.removed_at)).where(inputs)).one()
+        if removed_at is not None:
+            removed = f"removed on {removed_at:%Y-%m-%d} by retention"
+            raise UserError(f"job {job_id}'s input instances were {removed}: it cannot be re-run")
+        held = session.scalars(select(func.count(Instance.id)).where(inputs)).one()
         if held != len(job.input_uids):
             missing = len(job.input_uids) - held
             raise UserError(f"{missing} of job {job_id}'s input instances are no longer held: it cannot be re-run")
@@ -225,13 +230,15 @@ class JobInputs:
     series_instance_uid: str
     version: int
     paths: list[Path]
-    missing: int  # input instances no longer in the database
+    missing: int  # input instances no longer in the database, or removed by retention
 
 
 def job_inputs(engine: Engine, job_id: int) -> JobInputs:
     with Session(engine) as session:
         job = session.get(Job, job_id)
-        paths = session.scalars(select(Instance.path).where(Instance.sop_instance_uid.in_(job.input_uids))).all()
+        paths = session.scalars(
+            select(Instance.path).where(Instance.sop_instance_uid.in_(job.input_uids), Instance.removed_at.is_(None))
+        ).all()
         return JobInputs(
             job.id, job.series.series_instance_uid, job.version, [Path(p) for p in paths], len(job.input_uids) - len(paths)
         )
@@ -341,6 +348,9 @@ def resend(engine: Engine, job_id: int, destinations: Sequence[Destination], sop
             raise UserError(f"no job {job_id}")
         if OutputKind.RTSTRUCT not in job.outputs:
             raise UserError(f"job {job_id} has no RT Structure Set to send (status {job.status})")
+        if job.outputs_removed_at is not None:
+            removed = f"removed on {job.outputs_removed_at:%Y-%m-%d} by retention"
+            raise UserError(f"job {job_id}'s outputs were {removed}: nothing to send")
         kinds = [kind for kind in DELIVERABLE if kind in job.outputs]
         for destination in destinations:
             for kind in kinds:

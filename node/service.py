@@ -13,8 +13,10 @@ import signal
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
+from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
 from node.completion import CompletionTracker
@@ -22,6 +24,7 @@ from node.config import Config
 from node.db.engine import open_database
 from node.errors import UserError
 from node.lifecycle import recover_after_restart, requeue_after_worker_death, series_needing_jobs
+from node.retention import purge_logged
 from node.scp import StorageSCP
 from node.store import InstanceStore
 
@@ -77,6 +80,15 @@ class WorkerProcess:
             self._process.wait()
 
 
+def _retention_schedule(config: Config, engine: Engine) -> BackgroundScheduler:
+    """Retention at start-up and every `interval_minutes` (the worker also applies it after each job)."""
+    scheduler = BackgroundScheduler(timezone=UTC)
+    minutes = config.retention.interval_minutes
+    scheduler.add_job(purge_logged, "interval", args=(engine, config), minutes=minutes, next_run_time=datetime.now(UTC))
+    scheduler.start()
+    return scheduler
+
+
 def serve(config: Config, config_path: Path) -> int:
     """Receive until asked to stop; the worker process runs the jobs."""
     stop = stop_on_signals()
@@ -88,14 +100,18 @@ def serve(config: Config, config_path: Path) -> int:
     tracker.start(series_needing_jobs(engine))
     worker = WorkerProcess(config_path.resolve())
     worker.start()
-    scp = StorageSCP(config, InstanceStore(engine, config.incoming_dir, fsync=config.node.fsync), tracker)
+    store = InstanceStore(engine, config.incoming_dir, fsync=config.node.fsync, max_instance_mb=config.node.max_instance_mb)
+    store.remove_orphans()  # before receiving: a write in flight is no orphan
+    scp = StorageSCP(config, store, tracker)
     scp.start()
+    retention = _retention_schedule(config, engine)
     while not stop.wait(1.0):
         died = worker.keep_alive()
         if died is not None:
             requeue_after_worker_death(engine, died)
     log.info("stopping: no new associations, waiting for in-flight ones")
     scp.stop()
+    retention.shutdown()
     tracker.stop()
     worker.stop()
     return 0

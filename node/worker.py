@@ -14,7 +14,7 @@ import time
 
 from sqlalchemy import Engine
 
-from node import lifecycle
+from node import lifecycle, retention
 from node.config import Config
 from node.imaging.volume import SeriesError, load_volume, read_datasets
 from node.outputs import OutputPaths, auto_contour_series, write_outputs
@@ -52,6 +52,11 @@ class Worker:
             self.run_job(job_id)
 
     def run_job(self, job_id: int) -> None:
+        """Contour one job, then apply retention: a finished job may be what makes room."""
+        self._contour(job_id)
+        retention.purge_logged(self._engine, self._config)
+
+    def _contour(self, job_id: int) -> None:
         timings: dict[str, float] = {}  # filled stage by stage, kept for failed jobs too
         try:
             outputs = self._compute(job_id, timings)
@@ -70,7 +75,7 @@ class Worker:
     def _compute(self, job_id: int, timings: dict[str, float]):
         inputs = lifecycle.job_inputs(self._engine, job_id)
         if inputs.missing:
-            raise JobFailed(f"{inputs.missing} input instances are no longer in the database")
+            raise JobFailed(f"{inputs.missing} input instances are no longer held (removed by retention, or lost)")
         start = time.perf_counter()
         try:
             volume = load_volume(read_datasets(inputs.paths))

@@ -30,7 +30,7 @@ LAYERS: dict[str, int] = {
     "outputs": 3,  # the one writer of a job's outputs
     "synth": 4,  # phantoms
     "training": 5,
-    "lifecycle": 6,  # every job and delivery transition
+    **dict.fromkeys(["lifecycle", "retention"], 6),  # every job and delivery transition; what may be removed, and removing it
     **dict.fromkeys(["store", "completion", "scp", "worker", "sender", "joblog", "inventory"], 7),
     **dict.fromkeys(["service", "harness", "demo"], 8),
     "cli": 9,
