@@ -60,7 +60,8 @@ def submit_series(engine: Engine, series_instance_uid: str, eligibility_of: Elig
         series = session.scalars(select(Series).where(Series.series_instance_uid == series_instance_uid)).one_or_none()
         if series is None:
             return None
-        instances = session.scalars(select(Instance).where(Instance.series_id == series.id)).all()
+        held = select(Instance).where(Instance.series_id == series.id, Instance.removed_at.is_(None))
+        instances = session.scalars(held).all()  # instances removed by retention are no input any more
         if not instances:
             return None
         latest = session.scalars(select(Job).where(Job.series_id == series.id).order_by(Job.version.desc()).limit(1)).first()
