@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy.engine import make_url
 
 from node.errors import UserError
@@ -80,11 +80,16 @@ class NodeSection(_Section):
 class AllowedCaller(_Section):
     ae_title: Literal["*"] | AETitle
     host: Annotated[str | None, AfterValidator(_ip_address)] = None
+    # Over TLS only: the subject of the client certificate this caller must present, as OpenSSL
+    # prints it in RFC 2253 form (e.g. "CN=scanner1,O=Radiology"). Callers pinned so never get in
+    # over plain TCP.
+    certificate_subject: str | None = None
 
-    def admits(self, calling_ae_title: str, address: str) -> bool:
+    def admits(self, calling_ae_title: str, address: str, certificate_subject: str | None = None) -> bool:
         title_ok = self.ae_title == "*" or self.ae_title == calling_ae_title.strip()
         host_ok = self.host is None or self.host == _normalise_address(address)
-        return title_ok and host_ok
+        subject_ok = self.certificate_subject is None or self.certificate_subject == certificate_subject
+        return title_ok and host_ok and subject_ok
 
 
 def _normalise_address(address: str) -> str:
@@ -97,8 +102,31 @@ def _normalise_address(address: str) -> str:
 class SecuritySection(_Section):
     allowed_callers: list[AllowedCaller] = [AllowedCaller(ae_title="*", host="127.0.0.1")]
 
-    def admits(self, calling_ae_title: str, address: str) -> bool:
-        return any(caller.admits(calling_ae_title, address) for caller in self.allowed_callers)
+    def admits(self, calling_ae_title: str, address: str, certificate_subject: str | None = None) -> bool:
+        return any(caller.admits(calling_ae_title, address, certificate_subject) for caller in self.allowed_callers)
+
+
+class TlsSection(_Section):
+    """DICOM over TLS (PS3.15 Annex B): a second listener beside the plain one, and the identity and
+    trust the node uses when it sends to destinations with `tls = true`."""
+
+    port: Port = 2762
+    certificate: Path | None = None  # the node's certificate (PEM); no certificate: no TLS listener
+    private_key: Path | None = None
+    ca_certificates: Path | None = None  # CAs trusted for client certificates and for destinations
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSection:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates to check them against")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
 
 
 class CompletionSection(_Section):
@@ -161,11 +189,13 @@ class Destination(_Section):
     acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0  # association negotiation
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0  # waiting for the C-STORE response
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0  # silence on the connection
+    tls: bool = False  # send over TLS, checking the destination against [tls] ca_certificates
 
 
 class Config(_Section):
     node: NodeSection = NodeSection()
     security: SecuritySection = SecuritySection()
+    tls: TlsSection = TlsSection()
     completion: CompletionSection = CompletionSection()
     model: ModelSection = ModelSection()
     delivery: DeliverySection = DeliverySection()
@@ -195,7 +225,9 @@ def _resolve_paths(config: Config) -> Config:
         }
     )
     model = config.model.model_copy(update={"weights": config.model.weights.resolve()})
-    return config.model_copy(update={"node": node, "model": model})
+    tls_files = ("certificate", "private_key", "ca_certificates")
+    tls = config.tls.model_copy(update={key: path.resolve() for key in tls_files if (path := getattr(config.tls, key))})
+    return config.model_copy(update={"node": node, "model": model, "tls": tls})
 
 
 def _describe(error: ValidationError, source: str) -> str:
