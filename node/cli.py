@@ -139,6 +139,36 @@ def cmd_protect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reviews(args: argparse.Namespace) -> int:
+    from node.joblog import list_reviews, review_lines
+
+    reviews = list_reviews(_database(args))
+    if args.json:
+        print(json.dumps(reviews, indent=2))
+    else:
+        print("\n".join(review_lines(reviews, _config(args).feedback.minor_edit_surface_dice)))
+    return 0
+
+
+def _date(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text).replace(tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date like 2026-01-31, got {text!r}") from None
+
+
+def cmd_export_training(args: argparse.Namespace) -> int:
+    from node.review import export_training
+
+    config = _config(args)
+    cases = export_training(_database(args), args.out_dir, approved_only=args.approved_only, since=args.since)
+    print("\n".join(case.line() for case in cases) or "no reviewed jobs to export")
+    if any(case.folder for case in cases):
+        pattern = "(?i)" + "|".join(f"(?:{p})" for p in config.feedback.target_roi_patterns)
+        print(f"to learn from them: rtnode train --data {shlex.quote(str(args.out_dir))} --roi-pattern {shlex.quote(pattern)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from node.demo import run_demo
 
@@ -370,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
         protect_parser = add(name, cmd_protect, help_text)
         protect_parser.add_argument("study_uid", metavar="STUDY_UID")
         protect_parser.set_defaults(protect=protect)
+
+    reviews = add("reviews", cmd_reviews, "structure sets sent back: each job's latest review, its figures, a summary per model")
+    reviews.add_argument("--json", action="store_true", help="every structure set received back, as a list")
+    export = add("export-training", cmd_export_training, "write each reviewed job's CT and reviewed structure set for training")
+    export.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    export.add_argument("--approved-only", action="store_true", help="only structure sets whose ApprovalStatus is APPROVED")
+    export.add_argument("--since", type=_date, metavar="DATE", help="only reviews received on or after this day (UTC)")
 
     rtstruct = add("rtstruct", cmd_rtstruct, "write an RT Structure Set for a NIfTI mask on a CT series' grid")
     rtstruct.add_argument("ct_dir", type=Path, metavar="CT_DIR", help="folder with the CT series")

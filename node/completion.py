@@ -1,7 +1,9 @@
 """Series completion: when has a series stopped arriving?
 
 Each stored instance re-arms a one-shot APScheduler timer for its series
-(`completion.quiet_seconds`); when it fires, the series gets a job. When an
+(`completion.quiet_seconds`); when it fires, the series gets a job, or, when it is a series
+of RT Structure Sets sent back (a reviewed auto-contour, say), a pending review per structure
+set for the worker to match and measure: nothing is read here but the database. When an
 association is released and the series it carried is geometrically complete
 (contiguous, evenly spaced, enough slices), the timer is cut to
 `completion.release_grace_seconds`: a sender that continues the series on another
@@ -25,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from node.config import Config
 from node.db.models import Instance, Series
-from node.lifecycle import Eligibility, submit_series
+from node.lifecycle import Eligibility, submit_reviews, submit_series
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ class CompletionTracker:
 
     def _fire(self, series_uid: str) -> None:
         try:
-            submit_series(self._engine, series_uid, lambda s, i: eligibility(s, i, self._config.completion.min_slices))
+            if submit_reviews(self._engine, series_uid) is None:
+                submit_series(self._engine, series_uid, lambda s, i: eligibility(s, i, self._config.completion.min_slices))
         except Exception:
             log.exception("could not create a job for series %s", series_uid)

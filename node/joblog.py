@@ -1,13 +1,16 @@
-"""The job log for admins: what arrived, what ran, how long it took, what failed. Read only:
-changes of state are `node.lifecycle`'s."""
+"""The job log for admins: what arrived, what ran, how long it took, what failed, and how the
+clinic edited what was sent (reviews). Read only: changes of state are `node.lifecycle`'s."""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session, selectinload
+from dataclasses import dataclass
+from statistics import median
 
-from node.db.models import Job
-from node.vocabulary import DeliveryStatus, JobStatus
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, object_session, selectinload
+
+from node.db.models import Job, Review
+from node.vocabulary import DeliveryStatus, JobStatus, ReviewKind
 
 
 def _iso(value) -> str | None:
@@ -16,6 +19,9 @@ def _iso(value) -> str | None:
 
 def _removed_on(iso_time: str) -> str:
     return f"removed on {iso_time[:10]} by retention"
+
+
+IN_ORDER = (Review.received_at, Review.id)  # reviews as they came
 
 
 def job_json(job: Job, *, events: bool = False) -> dict:
@@ -49,6 +55,9 @@ def job_json(job: Job, *, events: bool = False) -> dict:
                 "sop_instance_uid": d.sop_instance_uid,
             }
             for d in job.deliveries
+        ],
+        "reviews": [
+            review_json(r) for r in object_session(job).scalars(select(Review).where(Review.job_id == job.id).order_by(*IN_ORDER))
         ],
     }
     if events:
@@ -99,4 +108,101 @@ def detail_lines(job: dict) -> list[str]:
         for d in job["deliveries"]
     ]
     lines += [f"  {e['at']}  {e['event']:<12} {e['detail']}" for e in job["events"]]
+    return lines
+
+
+REVIEW_FIGURES = ("dice", "hd95_mm", "surface_dice", "surface_tolerance_mm", "auto_volume_cm3", "reviewed_volume_cm3",
+                  "added_cm3", "removed_cm3")
+
+
+def review_json(review: Review) -> dict:
+    job = review.job
+    return {
+        "id": review.id,
+        "job_id": review.job_id,
+        "sop_instance_uid": review.sop_instance_uid,
+        "status": review.status,
+        "kind": review.kind or None,
+        "reason": review.reason or None,
+        "approval_status": review.approval_status or None,
+        "structure_set_label": review.structure_set_label or None,
+        "structure_set_date": review.structure_set_date or None,
+        "roi_name": review.roi_name or None,
+        "calling_ae_title": review.calling_ae_title,
+        **{name: getattr(review, name) for name in REVIEW_FIGURES},
+        "model": {"name": job.model_name, "version": job.model_version} if job and job.model_name else None,
+        "received_at": _iso(review.received_at),
+        "measured_at": _iso(review.measured_at),
+    }
+
+
+def list_reviews(engine: Engine) -> list[dict]:
+    """Every structure set received back, in the order it came."""
+    with Session(engine) as session:
+        return [review_json(r) for r in session.scalars(select(Review).order_by(*IN_ORDER))]
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """How much the clinic changed the contours of one model version: the latest review of each job."""
+
+    model: str
+    cases: int
+    median_dice: float
+    median_surface_dice: float
+    minor_edits: int  # cases whose surface Dice reaches feedback.minor_edit_surface_dice
+
+    def line(self) -> str:
+        share = f"{self.minor_edits} of {self.cases} ({100 * self.minor_edits / self.cases:.0f}%)"
+        return (f"{self.model}: {self.cases} reviewed case{'s' if self.cases != 1 else ''}, median Dice {self.median_dice:.3f}, "
+                f"median surface Dice {self.median_surface_dice:.3f}, edited little {share}")
+
+
+def _model(review: dict) -> str:
+    return f"{review['model']['name']} {review['model']['version']}" if review["model"] else "unknown model"
+
+
+def latest_reviews(reviews: list[dict]) -> dict[int, dict]:
+    """Job id -> its latest review (kind review), in job order."""
+    latest = {r["job_id"]: r for r in reviews if r["kind"] == ReviewKind.REVIEW}
+    return dict(sorted(latest.items()))
+
+
+def model_summaries(reviews: list[dict], minor_edit_surface_dice: float) -> list[ModelSummary]:
+    by_model: dict[str, list[dict]] = {}
+    for review in latest_reviews(reviews).values():
+        by_model.setdefault(_model(review), []).append(review)
+    return [
+        ModelSummary(
+            model, len(cases), median(r["dice"] for r in cases), median(r["surface_dice"] for r in cases),
+            sum(r["surface_dice"] >= minor_edit_surface_dice for r in cases),
+        )
+        for model, cases in by_model.items()
+    ]
+
+
+def review_lines(reviews: list[dict], minor_edit_surface_dice: float) -> list[str]:
+    """`rtnode reviews` as text: per job the latest review, the other structure sets, a summary per model version."""
+    if not reviews:
+        return ["no structure sets received back"]
+    latest = latest_reviews(reviews)
+    lines = ["latest review per job:"] if latest else []
+    for job_id, r in latest.items():
+        count = sum(other["job_id"] == job_id and other["kind"] == ReviewKind.REVIEW for other in reviews)
+        lines.append(
+            f"  job {job_id} ({_model(r)}): {r['approval_status'] or 'no ApprovalStatus'} {r['roi_name']!r} from "
+            f"{r['calling_ae_title']} at {r['received_at'][:19]}: Dice {r['dice']:.3f}, HD95 {r['hd95_mm']:.1f} mm, surface "
+            f"Dice {r['surface_dice']:.3f} at {r['surface_tolerance_mm']:g} mm, {r['auto_volume_cm3']:.1f} -> "
+            f"{r['reviewed_volume_cm3']:.1f} cm3 (+{r['added_cm3']:.1f}, -{r['removed_cm3']:.1f})"
+            + (f" [{count} reviews]" if count > 1 else "")
+        )
+    others = [r for r in reviews if r["kind"] != ReviewKind.REVIEW]
+    lines += ["other structure sets received:"] if others else []
+    for r in others:
+        job = f" (job {r['job_id']})" if r["job_id"] else ""
+        lines.append(f"  {r['sop_instance_uid']}{job} from {r['calling_ae_title']}: {r['kind'] or r['status']}"
+                     + (f": {r['reason']}" if r["reason"] else ""))
+    summaries = model_summaries(reviews, minor_edit_surface_dice)
+    lines += [f"per model version (edited little: surface Dice at least {minor_edit_surface_dice:g}):"] if summaries else []
+    lines += [f"  {summary.line()}" for summary in summaries]
     return lines

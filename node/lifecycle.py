@@ -1,12 +1,14 @@
-"""Every change of state of a job or a delivery, and nowhere else.
+"""Every change of state of a job, a delivery or a review, and nowhere else.
 
 Receiving decides *that* a series should be contoured (`submit_series`); the worker
 claims jobs in arrival order (`claim_next`), never two running jobs of one series, and
 records what it made (`record_outputs`) or why it failed (`fail_job`); the sender takes
 pending deliveries (`due_deliveries`, `take_delivery`) and records each attempt's outcome
 with backoff (`record_attempt`); an admin queues a delivery again by hand (`resend`); a
-restart puts running jobs back in the queue (`recover_after_restart`). Each transition is
-one transaction and an event in the job's log, in words an admin understands.
+restart puts running jobs back in the queue (`recover_after_restart`). A structure set sent
+back becomes a pending review (`submit_reviews`) that the worker classifies and measures
+(`record_review`). Each transition is one transaction and an event in the job's log, in words
+an admin understands.
 """
 
 from __future__ import annotations
@@ -14,17 +16,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from pydicom.uid import RTStructureSetStorage
 from sqlalchemy import Engine, func, select, type_coerce, update
 from sqlalchemy.orm import Session
 
 from node.config import DeliverySection, Destination
-from node.db.models import Delivery, Instance, Job, JobEvent, Series, UTCDateTime, utcnow
+from node.db.models import Delivery, Instance, Job, JobEvent, Review, Series, UTCDateTime, utcnow
 from node.errors import UserError
-from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind
+from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind, ReviewKind, ReviewStatus
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +206,10 @@ def rerun(engine: Engine, job_id: int) -> Job:
 
 
 def series_needing_jobs(engine: Engine) -> list[str]:
-    """Series with instances newer than their latest job (or no job): their timers died with the process."""
+    """Series with instances newer than their latest job (or no job): their timers died with the process.
+    A series of structure sets whose every instance has its review needs nothing."""
     with Session(engine) as session:
+        unreviewed = select(Instance.series_id).outerjoin(Review, Review.instance_id == Instance.id).where(Review.id.is_(None))
         latest_job = select(Job.series_id, func.max(Job.inputs_at).label("created")).group_by(Job.series_id).subquery()
         newest = (
             select(Instance.series_id, func.max(Instance.last_received_at).label("arrived"))
@@ -219,6 +224,7 @@ def series_needing_jobs(engine: Engine) -> list[str]:
             )
             .join(newest, newest.c.series_id == Series.id)
             .outerjoin(latest_job, latest_job.c.series_id == Series.id)
+            .where(Series.id.in_(unreviewed))
         ).all()
     return [uid for uid, arrived, created in rows if created is None or arrived > created]
 
@@ -459,3 +465,88 @@ def record_attempt(engine: Engine, delivery_id: int, outcome: Outcome, seconds: 
                 )
                 add_event(session, job, EventKind.SEND_FAILED, f"{outcome.detail}; {why}")
         _settle(session, job)
+
+
+def submit_reviews(engine: Engine, series_instance_uid: str) -> int | None:
+    """A quiet series of RT Structure Sets (a planning system or PACS sending a reviewed set back)
+    gets no job: each structure set not seen before becomes a pending review, for the worker to
+    match and measure. Returns how many; None when the series holds anything else."""
+    with Session(engine) as session, session.begin():
+        instances = session.scalars(
+            select(Instance).join(Series).where(Series.series_instance_uid == series_instance_uid).order_by(Instance.id)
+        ).all()
+        if not instances or {i.sop_class_uid for i in instances} != {RTStructureSetStorage}:
+            return None
+        seen = set(session.scalars(select(Review.instance_id).where(Review.instance_id.in_([i.id for i in instances]))))
+        new = [i for i in instances if i.id not in seen]
+        for instance in new:
+            session.add(
+                Review(
+                    instance=instance, sop_instance_uid=instance.sop_instance_uid, status=ReviewStatus.PENDING,
+                    calling_ae_title=instance.calling_ae_title, received_at=instance.received_at,
+                )
+            )
+            log.info("structure set %s from %s: review pending", instance.sop_instance_uid, instance.calling_ae_title)
+        return len(new)
+
+
+def next_pending_review(engine: Engine) -> int | None:
+    with Session(engine) as session:
+        return session.scalars(
+            select(Review.id).where(Review.status == ReviewStatus.PENDING).order_by(Review.received_at, Review.id).limit(1)
+        ).first()
+
+
+@dataclass(frozen=True)
+class ReviewFigures:
+    """The reviewed ROI against the auto-contour the job sent, on the job's CT."""
+
+    dice: float
+    hd95_mm: float
+    surface_dice: float
+    surface_tolerance_mm: float
+    auto_volume_cm3: float
+    reviewed_volume_cm3: float
+    added_cm3: float  # reviewed, not in the auto-contour
+    removed_cm3: float  # in the auto-contour, not reviewed
+
+    def summary(self) -> str:
+        return (
+            f"Dice {self.dice:.3f}, HD95 {self.hd95_mm:.1f} mm, surface Dice {self.surface_dice:.3f} at "
+            f"{self.surface_tolerance_mm:g} mm, {self.added_cm3:.1f} cm3 added, {self.removed_cm3:.1f} cm3 removed"
+        )
+
+
+@dataclass(frozen=True)
+class ReviewFinding:
+    """What the worker found a received structure set to be."""
+
+    kind: ReviewKind
+    reason: str
+    job_id: int | None = None
+    approval_status: str = ""
+    structure_set_label: str = ""
+    structure_set_date: str = ""
+    roi_name: str = ""
+    figures: ReviewFigures | None = None
+
+
+def record_review(engine: Engine, review_id: int, finding: ReviewFinding) -> None:
+    """pending -> done, with what it is, why, and its figures; in the matched job's log too."""
+    with Session(engine) as session, session.begin():
+        review = session.get(Review, review_id)
+        if review.status != ReviewStatus.PENDING:
+            return
+        review.status, review.kind, review.reason, review.job_id = ReviewStatus.DONE, finding.kind, finding.reason, finding.job_id
+        review.approval_status = finding.approval_status[:16]
+        review.structure_set_label, review.structure_set_date = finding.structure_set_label[:64], finding.structure_set_date[:8]
+        review.roi_name, review.measured_at = finding.roi_name[:64], utcnow()
+        if finding.figures is not None:
+            for name, value in asdict(finding.figures).items():
+                setattr(review, name, value)
+        detail = f"{finding.kind}: {finding.figures.summary() if finding.figures else finding.reason}"
+        if finding.job_id is None:
+            log.info("structure set %s: %s", review.sop_instance_uid, detail)
+        else:
+            job = session.get(Job, finding.job_id)
+            add_event(session, job, EventKind.REVIEW_RECEIVED, f"structure set {review.sop_instance_uid}: {detail}")

@@ -1,5 +1,5 @@
-"""The words the database stores and the job log shows: job and delivery statuses, event
-kinds and output kinds. StrEnums, so a row's plain string compares equal to its member."""
+"""The words the database stores and the job log shows: job, delivery and review statuses,
+event kinds, output kinds and review kinds. StrEnums, so a row's plain string compares equal to its member."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class EventKind(StrEnum):
     SUPERSEDED = "superseded"
     DONE = "done"
     FAILED = "failed"
+    REVIEW_RECEIVED = "review received"  # a structure set came back for this job (a review, or why not)
 
 
 class OutputKind(StrEnum):
@@ -46,3 +47,17 @@ class OutputKind(StrEnum):
     MASK = "mask"
     SEG = "seg"
     QA = "qa"
+
+
+class ReviewStatus(StrEnum):
+    PENDING = "pending"  # received; the worker has not looked at it yet
+    DONE = "done"  # classified, and measured when it is a review
+
+
+class ReviewKind(StrEnum):
+    """What a structure set that came back turned out to be."""
+
+    REVIEW = "review"  # a human's edit (or approval) of an auto-contour: measured against it
+    NOT_A_REVIEW = "not a review"  # rtnode's own output, or another automatic contour nobody approved
+    UNMATCHED = "unmatched"  # no auto-contour of the CT it references
+    UNREADABLE = "unreadable"  # matched, but it cannot be read or compared (the reason says why)

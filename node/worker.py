@@ -3,7 +3,8 @@
 load volume -> model -> RT Structure Set (+ mask, SEG, QA picture) -> deliveries. It runs
 as its own process (`rtnode worker`, started by `rtnode serve`), so inference never
 stalls receiving. Each job's failure is recorded in words and never stops the next; every
-change of a job's state goes through `node.lifecycle`.
+change of a job's state goes through `node.lifecycle`. Structure sets sent back are measured
+here too, between jobs (`node.review`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 
 from sqlalchemy import Engine
 
-from node import lifecycle, retention
+from node import lifecycle, retention, review
 from node.config import Config
 from node.imaging.volume import SeriesError, load_volume, read_datasets
 from node.outputs import OutputPaths, auto_contour_series, write_outputs
@@ -44,12 +45,13 @@ class Worker:
         return self._segmenter
 
     def run_forever(self, stop: threading.Event, poll_seconds: float = 0.2) -> None:
+        """Jobs first (a patient may be waiting for the contour); between them, one pending review at a time."""
         while not stop.is_set():
             job_id = lifecycle.claim_next(self._engine)
-            if job_id is None:
+            if job_id is not None:
+                self.run_job(job_id)
+            elif not review.measure_next(self._engine, self._config):
                 stop.wait(poll_seconds)
-                continue
-            self.run_job(job_id)
 
     def run_job(self, job_id: int) -> None:
         """Contour one job, then apply retention: a finished job may be what makes room."""

@@ -30,7 +30,8 @@ LAYERS: dict[str, int] = {
     "outputs": 3,  # the one writer of a job's outputs
     "synth": 4,  # phantoms
     "training": 5,
-    **dict.fromkeys(["lifecycle", "retention"], 6),  # every job and delivery transition; what may be removed, and removing it
+    # every job, delivery and review transition; what may be removed, and removing it; matching and measuring reviews
+    **dict.fromkeys(["lifecycle", "retention", "review"], 6),
     **dict.fromkeys(["store", "completion", "scp", "worker", "sender", "joblog", "inventory"], 7),
     **dict.fromkeys(["service", "harness", "demo"], 8),
     "cli": 9,

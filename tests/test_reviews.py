@@ -1,0 +1,355 @@
+"""Learning from the clinic's edits: structure sets sent back are matched to their job, told apart
+from machine output, measured (checked against SimpleITK), listed and exported for training.
+
+The first tests run on a real SQLite database without a network or the model; the last one is
+the whole loop with DCMTK: a phantom contoured, the stand-in TPS's copy edited as a dosimetrist
+would, pushed back with storescu, and the export evaluated by `rtnode evaluate --data`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from pydicom import Dataset, dcmread
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from scipy import ndimage
+from sqlalchemy.orm import Session
+
+from node.completion import eligibility
+from node.config import Config, Destination
+from node.db.engine import open_database
+from node.db.models import Instance
+from node.imaging.metrics import dice, hd95, surface_dice
+from node.imaging.volume import Volume, load_series_dir, load_volume
+from node.joblog import describe_job, list_reviews, review_lines
+from node.lifecycle import claim_next, record_outputs, series_needing_jobs, set_model, submit_reviews, submit_series
+from node.outputs import OutputPaths, auto_contour_series, write_outputs
+from node.review import export_training, measure_next
+from node.rtstruct.builder import Algorithm, Roi, SeriesInfo, build_rtstruct, format_ds
+from node.rtstruct.contours import contours_from_mask
+from node.rtstruct.reader import read_mask
+from node.store import CallingPeer, InstanceStore
+from node.synth.ct_series import SeriesGeometry, ct_datasets, uniform_positions
+from node.training.cases import archive_cts, archive_folders
+from tests.conftest import require_tool, rtnode, run_tool
+from tests.test_loop import jobs, loop_node, phantom_series, push, settled, tps, wait_for  # noqa: F401 (fixtures)
+from tests.test_training_data import SMALL
+
+TPS = Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=11112)
+MODEL = Algorithm("ctv-unet3d", "0.1.0")
+
+# --- the figures, against SimpleITK -----------------------------------------------------------
+
+
+def independent_figures(auto: np.ndarray, reviewed: np.ndarray, spacing, tolerance_mm: float) -> dict[str, float]:
+    """Dice by LabelOverlapMeasures; surfaces by BinaryContour (face connectivity), distances between
+    them by the signed Maurer distance map: ITK's implementations, none of rtnode's code. Beyond the
+    scan counts as outside the mask (a CTV cut off by the scan's end has a surface there): padded."""
+
+    def image(mask: np.ndarray) -> sitk.Image:
+        result = sitk.GetImageFromArray(np.pad(mask, 1).astype(np.uint8))
+        result.SetSpacing([float(s) for s in spacing[::-1]])
+        return result
+
+    def surface(mask: np.ndarray) -> sitk.Image:
+        return sitk.BinaryContour(image(mask), fullyConnected=False)
+
+    def distances(source: sitk.Image, target: sitk.Image) -> np.ndarray:
+        distance = sitk.SignedMaurerDistanceMap(target, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+        return np.maximum(sitk.GetArrayFromImage(distance), 0)[sitk.GetArrayFromImage(source) > 0]
+
+    overlap = sitk.LabelOverlapMeasuresImageFilter()
+    overlap.Execute(image(auto), image(reviewed))
+    surface_auto, surface_reviewed = surface(auto), surface(reviewed)
+    to_reviewed, to_auto = distances(surface_auto, surface_reviewed), distances(surface_reviewed, surface_auto)
+    both = np.concatenate([to_reviewed, to_auto])
+    return {
+        "dice": overlap.GetDiceCoefficient(),
+        "hd95_mm": float(np.percentile(both, 95)),
+        "surface_dice": float((both <= tolerance_mm + 1e-6).sum() / both.size),
+    }
+
+
+def ellipsoid(shape: tuple[int, int, int], radii: tuple[float, float, float]) -> np.ndarray:
+    grid = np.indices(shape).astype(float)
+    centre = [(n - 1) / 2 for n in shape]
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) < 1
+
+
+def dosimetrist_edit(mask: np.ndarray) -> np.ndarray:
+    """A margin grown by 3 pixels on the upper third of the slices, 2 pixels taken off the lower third."""
+    slices = np.flatnonzero(mask.any(axis=(1, 2)))
+    third = len(slices) // 3
+    edited = mask.copy()
+    for k in slices[:third]:
+        edited[k] = ndimage.binary_dilation(mask[k], iterations=3)
+    for k in slices[-third:]:
+        edited[k] = ndimage.binary_erosion(mask[k], iterations=2)
+    return edited
+
+
+def test_surface_dice_and_hd95_agree_with_simpleitk():
+    auto = ellipsoid((30, 60, 60), (8, 20, 15))
+    edited = dosimetrist_edit(auto)
+    spacing = (2.5, 0.9, 0.8)
+    expected = independent_figures(auto, edited, spacing, 2.0)
+    assert dice(auto, edited) == pytest.approx(expected["dice"], abs=1e-3)
+    assert hd95(auto, edited, spacing) == pytest.approx(expected["hd95_mm"], abs=0.1)
+    assert surface_dice(auto, edited, spacing, 2.0) == pytest.approx(expected["surface_dice"], abs=1e-3)
+    assert surface_dice(auto, auto, spacing, 2.0) == 1.0
+    assert 0 < surface_dice(auto, edited, spacing, 1.0) < surface_dice(auto, edited, spacing, 5.0) <= 1.0
+    assert surface_dice(auto, np.zeros_like(auto), spacing, 2.0) == 0.0
+
+
+# --- structure sets as a planning system sends them back -------------------------------------
+
+
+def reviewed_set(volume: Volume, masks: dict[str, np.ndarray], approval: str = "APPROVED", generation: str = "MANUAL") -> Dataset:
+    """A structure set on the CT as a TPS writes it after a dosimetrist's edit: new UIDs, the CT referenced."""
+    rois = [Roi(name, contours_from_mask(volume, mask)) for name, mask in masks.items()]
+    ds = build_rtstruct(volume, rois, Algorithm("TPS", "1"), SeriesInfo(1, "CTV reviewed", "reviewed in the TPS"))
+    ds.Manufacturer, ds.ApprovalStatus = "Stand-in TPS", approval
+    for item in ds.StructureSetROISequence:
+        item.ROIGenerationAlgorithm = generation
+        del item.ROIDerivationAlgorithmIdentificationSequence
+    if approval == "APPROVED":
+        ds.ReviewerName, ds.ReviewDate, ds.ReviewTime = "Dosimetrist^Dana", ds.StructureSetDate, ds.StructureSetTime
+    return ds
+
+
+def renewed(ds: Dataset) -> Dataset:
+    """A copy as a new object in a new series."""
+    copied = copy.deepcopy(ds)
+    copied.SOPInstanceUID = copied.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    copied.SeriesInstanceUID = generate_uid()
+    return copied
+
+
+def referenced_series(ds: Dataset) -> Dataset:
+    return ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+
+
+def for_unknown_series(ds: Dataset) -> Dataset:
+    """The same contours on a CT series the node never saw."""
+    other = renewed(ds)
+    referenced_series(other).SeriesInstanceUID = generate_uid()
+    referenced_series(other).ContourImageSequence = []
+    for roi in other.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            del contour.ContourImageSequence
+    return other
+
+
+def off_the_slices(ds: Dataset, volume: Volume) -> Dataset:
+    """Every contour moved half a slice along the normal: it references the CT but lies between its slices."""
+    moved = renewed(ds)
+    for roi in moved.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3) + volume.normal * volume.slice_spacing / 2
+            contour.ContourData = format_ds(points.reshape(-1))
+    return moved
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def engine(tmp_path):
+    return open_database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+
+
+def store(engine, tmp_path: Path, datasets: list[Dataset], caller: str = "SCANNER") -> None:
+    instances = InstanceStore(engine, tmp_path / "incoming", fsync=False)
+    for ds in datasets:
+        buffer = BytesIO()
+        dcmwrite(buffer, ds, enforce_file_format=True)
+        instances.save(buffer.getvalue(), ExplicitVRLittleEndian, CallingPeer(caller, "127.0.0.1"))
+
+
+def contoured_job(engine, tmp_path: Path) -> tuple[int, Volume, np.ndarray, Path]:
+    """A small CT received and 'contoured' with an ellipsoid: (job id, CT, auto-contour, its rtstruct.dcm)."""
+    geometry = SeriesGeometry(pixel_spacing=(1.5, 1.5), slice_positions=uniform_positions(24, 2.5), origin=(-48, -48, -30))
+    datasets = ct_datasets(np.zeros((24, 64, 64)), geometry)
+    store(engine, tmp_path, datasets)
+    job = submit_series(engine, datasets[0].SeriesInstanceUID, lambda s, i: eligibility(s, i, min_slices=5))
+    assert claim_next(engine) == job.id
+    volume, auto = load_volume(datasets), ellipsoid((24, 64, 64), (8, 18, 14))
+    paths = OutputPaths.in_directory(tmp_path / "jobs" / str(job.id), seg=False)
+    outputs = write_outputs(volume, auto, paths, MODEL, "CTV", auto_contour_series(1, MODEL))
+    set_model(engine, job.id, MODEL.name, MODEL.version)
+    record_outputs(engine, job.id, outputs.paths, outputs.sop_instance_uids, {}, [TPS])
+    return job.id, volume, auto, paths.rtstruct
+
+
+def measure_all(engine, sent_back: list[Dataset], tmp_path: Path) -> dict[str, dict]:
+    """Received (each in its own series), submitted as completion does, measured as the worker does."""
+    store(engine, tmp_path, sent_back, caller="TPS")
+    for ds in sent_back:
+        assert submit_reviews(engine, ds.SeriesInstanceUID) == 1
+        assert submit_reviews(engine, ds.SeriesInstanceUID) == 0  # once per structure set
+    while measure_next(engine, Config()):
+        pass
+    return {r["sop_instance_uid"]: r for r in list_reviews(engine)}
+
+
+def test_structure_sets_sent_back_are_matched_classified_and_measured(engine, tmp_path):
+    job_id, volume, auto, own_path = contoured_job(engine, tmp_path)
+    edited = dosimetrist_edit(auto)
+    bladder = ellipsoid((24, 64, 64), (3, 5, 5))
+    review = reviewed_set(volume, {"Bladder": bladder, "CTV_edited": edited})
+    automatic = reviewed_set(volume, {"CTV": auto}, approval="UNAPPROVED", generation="AUTOMATIC")
+    no_target = reviewed_set(volume, {"PTV": edited})
+    sent_back = [review, dcmread(own_path), automatic, for_unknown_series(review), off_the_slices(review, volume), no_target]
+    reviews = measure_all(engine, sent_back, tmp_path)
+    assert [reviews[ds.SOPInstanceUID]["kind"] for ds in sent_back] == [
+        "review", "not a review", "not a review", "unmatched", "unreadable", "unreadable"
+    ]
+
+    measured = reviews[review.SOPInstanceUID]
+    assert (measured["job_id"], measured["roi_name"], measured["approval_status"]) == (job_id, "CTV_edited", "APPROVED")
+    assert (measured["structure_set_label"], measured["calling_ae_title"]) == ("CTV reviewed", "TPS")
+    expected = independent_figures(auto, edited, volume.spacing, 2.0)
+    assert measured["dice"] == pytest.approx(expected["dice"], abs=1e-3)
+    assert measured["hd95_mm"] == pytest.approx(expected["hd95_mm"], abs=0.1)
+    assert measured["surface_dice"] == pytest.approx(expected["surface_dice"], abs=1e-3)
+    assert measured["surface_tolerance_mm"] == 2.0
+    cm3 = np.prod(volume.spacing) / 1000
+    assert measured["auto_volume_cm3"] == pytest.approx(auto.sum() * cm3)
+    assert measured["reviewed_volume_cm3"] == pytest.approx(edited.sum() * cm3)
+    assert measured["added_cm3"] == pytest.approx((edited & ~auto).sum() * cm3) and measured["added_cm3"] > 0
+    assert measured["removed_cm3"] == pytest.approx((auto & ~edited).sum() * cm3) and measured["removed_cm3"] > 0
+
+    own = reviews[sent_back[1].SOPInstanceUID]
+    assert own["job_id"] == job_id and "rtnode's own RT Structure Set of job" in own["reason"] and own["dice"] is None
+    assert "generated AUTOMATIC and the structure set is UNAPPROVED" in reviews[automatic.SOPInstanceUID]["reason"]
+    unknown = reviews[sent_back[3].SOPInstanceUID]
+    assert unknown["job_id"] is None and unknown["reason"].startswith("no auto-contour for series ")
+    off = reviews[sent_back[4].SOPInstanceUID]
+    assert off["job_id"] == job_id and "off the plane of CT slice" in off["reason"] and "\n" not in off["reason"]
+    assert "no ROI matches feedback.target_roi_patterns ['^CTV'] (its ROIs: 'PTV')" in reviews[no_target.SOPInstanceUID]["reason"]
+
+    # A series of structure sets whose every instance has its review needs nothing at the next start.
+    assert series_needing_jobs(engine) == []
+
+    # A re-edit: both reviews kept, in order; the job log carries them; the latest one counts.
+    re_edit = reviewed_set(volume, {"CTV_final": ndimage.binary_dilation(edited)})
+    reviews = measure_all(engine, [re_edit], tmp_path)
+    job = describe_job(engine, job_id)
+    assert [r["sop_instance_uid"] for r in job["reviews"] if r["kind"] == "review"] == [
+        review.SOPInstanceUID, re_edit.SOPInstanceUID
+    ]
+    assert "review received" in [e["event"] for e in job["events"]]
+    text = "\n".join(review_lines(list(reviews.values()), 0.95))
+    assert f"job {job_id} (ctv-unet3d 0.1.0): APPROVED 'CTV_final'" in text and "[2 reviews]" in text
+    assert "ctv-unet3d 0.1.0: 1 reviewed case, median Dice" in text and "unmatched: no auto-contour for series" in text
+
+    # The export holds the latest approved review, in the layout training reads.
+    (case,) = export_training(engine, tmp_path / "export", approved_only=True, since=None)
+    assert case.folder == tmp_path / "export" / f"job-{job_id}" and len(list((case.folder / "ct").iterdir())) == 24
+    (label,) = archive_cts(archive_folders(tmp_path / "export"), "(?i)^CTV")
+    assert np.array_equal(label.ctv, ndimage.binary_dilation(edited))
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert len(export_training(engine, tmp_path / "later", approved_only=False, since=today)) == 1
+    assert export_training(engine, tmp_path / "later", approved_only=False, since=today + timedelta(days=1)) == []
+
+
+def test_a_structure_set_whose_file_cannot_be_read_is_unreadable_with_a_sentence(engine, tmp_path):
+    _, volume, auto, _ = contoured_job(engine, tmp_path)
+    review = reviewed_set(volume, {"CTV": dosimetrist_edit(auto)})
+    store(engine, tmp_path, [review], caller="TPS")
+    with Session(engine) as session:
+        Path(session.query(Instance).filter_by(sop_instance_uid=review.SOPInstanceUID).one().path).write_bytes(b"garbage")
+    submit_reviews(engine, review.SeriesInstanceUID)
+    assert measure_next(engine, Config()) and not measure_next(engine, Config())
+    (result,) = list_reviews(engine)
+    assert result["kind"] == "unreadable" and result["reason"].startswith("the file cannot be read: ")
+
+
+# --- the whole loop ---------------------------------------------------------------------------
+
+
+def push_back(node, path: Path) -> None:
+    storescu = require_tool("storescu")
+    result = run_tool(storescu, "-aet", "TPS", "-aec", "RTNODE", "127.0.0.1", str(node.port), str(path))
+    assert result.returncode == 0, result.stderr
+
+
+def reviews_of(node) -> list[dict]:
+    result = node.rtnode("reviews", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_for_reviews(node, count: int, timeout: float = 180) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = reviews_of(node)
+        if len(current) >= count and all(r["status"] == "done" for r in current):
+            return current
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {count} reviews: {json.dumps(reviews_of(node), indent=1)}\n{node.log()[-5000:]}")
+
+
+def test_edits_sent_back_by_the_planning_system_are_measured_listed_and_exported(loop_node, tps, tmp_path):  # noqa: F811
+    node = loop_node().start()
+    tps.start()
+    for seed in (40101, 40102):
+        phantom_series(tmp_path / f"ct-{seed}", seed=seed)
+        push(node, tmp_path / f"ct-{seed}", "+sd")
+    wait_for(node, lambda j: settled(j, 2), what="both jobs")
+    assert [j["status"] for j in jobs(node)] == ["done", "done"]
+
+    volumes = {volume.series_instance_uid: volume for volume in map(load_series_dir, tmp_path.glob("ct-*"))}
+    sent: dict[str, Path] = {}
+    edits = {}
+    for received in tps.files():  # the dosimetrist edits each auto-contour the TPS received
+        auto_set = dcmread(received)
+        volume = volumes[referenced_series(auto_set).SeriesInstanceUID]
+        auto = read_mask(auto_set, volume, "CTV")
+        edited = dosimetrist_edit(auto)
+        review = reviewed_set(volume, {"CTV_edited": edited})
+        edits[review.SOPInstanceUID] = (auto, edited, volume.spacing)
+        sent[review.SOPInstanceUID] = save(review, tmp_path / "back" / f"{review.SOPInstanceUID}.dcm")
+    own = tps.files()[0]
+    sent[dcmread(own).SOPInstanceUID] = own
+    unknown, off = for_unknown_series(review), off_the_slices(review, volume)
+    sent[unknown.SOPInstanceUID] = save(unknown, tmp_path / "back" / "unknown.dcm")
+    sent[off.SOPInstanceUID] = save(off, tmp_path / "back" / "off.dcm")
+    for path in sent.values():
+        push_back(node, path)
+
+    reviews = {r["sop_instance_uid"]: r for r in wait_for_reviews(node, len(sent))}
+    assert set(reviews) == set(sent)
+    for uid, (auto, edited, spacing) in edits.items():
+        measured, expected = reviews[uid], independent_figures(auto, edited, spacing, 2.0)
+        assert measured["kind"] == "review" and measured["calling_ae_title"] == "TPS", measured
+        assert measured["dice"] == pytest.approx(expected["dice"], abs=1e-3)
+        assert measured["hd95_mm"] == pytest.approx(expected["hd95_mm"], abs=0.1)
+        assert measured["surface_dice"] == pytest.approx(expected["surface_dice"], abs=1e-3)
+    assert reviews[dcmread(own).SOPInstanceUID]["kind"] == "not a review"
+    assert reviews[unknown.SOPInstanceUID]["kind"] == "unmatched" and reviews[unknown.SOPInstanceUID]["job_id"] is None
+    assert reviews[off.SOPInstanceUID]["kind"] == "unreadable" and "off the plane" in reviews[off.SOPInstanceUID]["reason"]
+
+    text = node.rtnode("reviews").stdout
+    assert "latest review per job:" in text and "reviewed cases, median Dice" in text
+    job = json.loads(node.rtnode("job", str(reviews[review.SOPInstanceUID]["job_id"]), "--json").stdout)
+    assert review.SOPInstanceUID in [r["sop_instance_uid"] for r in job["reviews"]]
+
+    export = tmp_path / "export"
+    result = node.rtnode("export-training", str(export), "--approved-only")
+    assert result.returncode == 0, result.stderr
+    assert len(archive_folders(export)) == 2 and "--roi-pattern" in result.stdout
+    result = rtnode("evaluate", "--data", export, "--roi-pattern", "(?i)^CTV", "--folds", "2", *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert "mean over 2 folds: Dice" in result.stdout
