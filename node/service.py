@@ -130,11 +130,11 @@ def run_worker(config: Config) -> int:
     worker = Worker(config, engine)
     try:
         worker.load_model()
+        usable = True
     except UserError as exc:
-        # Found now, not by the first job: queued jobs wait for a fixed model, deliveries go on.
+        # Found now, not by the first job: queued jobs wait for a fixed model; reviews and deliveries go on.
         log.error("the worker does not take jobs: the model cannot be used: %s", exc)
-        stop.wait()
-    else:
-        worker.run_forever(stop)
+        usable = False
+    worker.run_forever(stop, take_jobs=usable)
     sender.join(timeout=60)
     return 0

@@ -44,10 +44,11 @@ class Worker:
             log.info("model %s on %s", self._segmenter.card.label, self._segmenter.device)
         return self._segmenter
 
-    def run_forever(self, stop: threading.Event, poll_seconds: float = 0.2) -> None:
-        """Jobs first (a patient may be waiting for the contour); between them, one pending review at a time."""
+    def run_forever(self, stop: threading.Event, poll_seconds: float = 0.2, take_jobs: bool = True) -> None:
+        """Jobs first (a patient may be waiting for the contour); between them, one pending review at a time.
+        Without a usable model (`take_jobs` false) jobs wait in the queue and reviews go on."""
         while not stop.is_set():
-            job_id = lifecycle.claim_next(self._engine)
+            job_id = lifecycle.claim_next(self._engine) if take_jobs else None
             if job_id is not None:
                 self.run_job(job_id)
             elif not review.measure_next(self._engine, self._config):
