@@ -2,13 +2,16 @@
 
 Small event handlers, the AE configured declaratively (after pynetdicom's
 `apps/storescp`). Every decision about an association or an instance is logged
-with the peer's AE title and address so an admin can tell who sent what.
+with the peer's AE title and address so an admin can tell who sent what. With
+`[tls]` configured a second listener speaks DICOM over TLS, with the same guard,
+callers and store.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -49,7 +52,8 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.config import Config, NodeSection
+from node.config import Config, NodeSection, TlsSection
+from node.errors import UserError
 from node.store import CallingPeer, InstanceStore, StoreRefused
 
 log = logging.getLogger(__name__)
@@ -162,6 +166,28 @@ class _NegotiationGuardServer(ThreadedAssociationServer):
         self.bind(evt.EVT_CONN_OPEN, self._on_conn_open)
         self.bind(evt.EVT_ESTABLISHED, self._on_established)
 
+    def get_request(self) -> tuple[socket.socket, tuple]:
+        """Wraps a TLS connection without its handshake, which `process_request_thread` does: here, in the one
+        accepting thread, a peer that never answers would stall every caller."""
+        sock, address = self.socket.accept()
+        if self.ssl_context:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def process_request_thread(self, request, client_address) -> None:
+        """The TLS handshake, in the connection's own thread and within its negotiation deadline; a failed one
+        closes only this connection."""
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+            except OSError as exc:  # ssl.SSLError included
+                with self._lock:
+                    if any(c.sock is request for c in self._negotiating):  # else `_admit` closed it at the deadline
+                        self._log_closed(client_address[0], f"TLS handshake failed: {exc}")
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
     def process_request(self, request, client_address) -> None:
         """Queues the new connection for `_admit`; refuses it if its peer already has too many queued."""
         connection = _Connection(request, client_address, time.monotonic() + self._node.negotiation_timeout_seconds)
@@ -230,6 +256,70 @@ class _NegotiationGuardServer(ThreadedAssociationServer):
         super().server_close()
 
 
+def server_context(tls: TlsSection) -> ssl.SSLContext:
+    """The TLS listener's context: TLS 1.2 or later (BCP 195), the node's certificate, and client certificates
+    checked against `ca_certificates` (required, or only checked when presented)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+    except OSError as exc:  # ssl.SSLError included
+        raise UserError(f"[tls] certificate {tls.certificate} with private_key {tls.private_key} cannot be used: {exc}") from exc
+    if tls.ca_certificates is not None:
+        try:
+            context.load_verify_locations(tls.ca_certificates)
+        except OSError as exc:
+            raise UserError(f"[tls] ca_certificates {tls.ca_certificates} cannot be used: {exc}") from exc
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
+    return context
+
+
+# OpenSSL's short names for the attributes Python names in full; the others' long and short names are alike.
+_SHORT_NAMES = {
+    "commonName": "CN",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "streetAddress": "street",
+    "domainComponent": "DC",
+    "userId": "UID",
+    "surname": "SN",
+    "givenName": "GN",
+}
+
+
+def _rfc2253_value(value: str) -> str:
+    """Escaped as OpenSSL's RFC 2253 output does: specials with a backslash, control and non-ASCII characters as
+    their UTF-8 bytes in hex."""
+    escaped = []
+    for i, char in enumerate(value):
+        if char in ',+"\\<>;' or (i == 0 and char in "# ") or (i == len(value) - 1 and char == " "):
+            escaped.append("\\" + char)
+        elif not " " <= char <= "~":
+            escaped.append("".join(f"\\{byte:02X}" for byte in char.encode()))
+        else:
+            escaped.append(char)
+    return "".join(escaped)
+
+
+def certificate_subject(subject: tuple) -> str:
+    """A certificate subject (as `SSLSocket.getpeercert()` gives it) written as
+    `openssl x509 -noout -subject -nameopt RFC2253` prints it: most specific first, e.g. "CN=scanner1,O=Radiology"."""
+    return ",".join(
+        "+".join(f"{_SHORT_NAMES.get(name, name)}={_rfc2253_value(value)}" for name, value in reversed(rdn))
+        for rdn in reversed(subject)
+    )
+
+
+def _peer_certificate_subject(event: Event) -> str | None:
+    """The subject of the client certificate the TLS handshake verified; None over plain TCP or without one."""
+    sock = event.assoc.dul.socket.socket
+    certificate = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+    return certificate_subject(certificate["subject"]) if certificate else None
+
+
 class SeriesObserver(Protocol):
     """Told what arrived on which association (the series-completion tracker)."""
 
@@ -248,6 +338,7 @@ class StorageSCP:
         self._store = store
         self._observer = observer
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
         self._ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -272,7 +363,22 @@ class StorageSCP:
         return self._server.server_address[1]
 
     def start(self) -> None:
-        """Listen in background threads; returns once the port is bound."""
+        """Listen in background threads, over TLS too when `[tls]` has a certificate; returns once the ports are
+        bound (the TLS one first, so whoever waits for the plain port finds both)."""
+        tls = self._config.tls
+        if tls.enabled:
+            self._tls_server = self._listen(tls.port, server_context(tls))
+        self._server = self._listen(self._config.node.port, None)
+        log.info(
+            "listening as %s on %s:%d%s (%d storage SOP classes)",
+            self._config.node.ae_title,
+            self._config.node.host,
+            self.port,
+            f" and over TLS on port {self._tls_server.server_address[1]}" if self._tls_server else "",
+            len(STORAGE_SOP_CLASSES),
+        )
+
+    def _listen(self, port: int, ssl_context: ssl.SSLContext | None) -> ThreadedAssociationServer:
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_c_store),
@@ -280,28 +386,27 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_RELEASED, self._on_released),
         ]
-        address = (self._config.node.host, self._config.node.port)
         # As ae.start_server(block=False) does, with our server class (which make_server takes, start_server not).
-        self._server = self._ae.make_server(
-            address, evt_handlers=handlers, server_class=_NegotiationGuardServer, node=self._config.node
+        server = self._ae.make_server(
+            (self._config.node.host, port),
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+            server_class=_NegotiationGuardServer,
+            node=self._config.node,
         )
-        self._ae._servers.append(self._server)
-        threading.Thread(target=self._server.serve_forever, args=(_POLL_SECONDS,), name="AcceptorServer", daemon=True).start()
-        log.info(
-            "listening as %s on %s:%d (%d storage SOP classes)",
-            self._config.node.ae_title,
-            address[0],
-            self.port,
-            len(STORAGE_SOP_CLASSES),
-        )
+        self._ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, args=(_POLL_SECONDS,), name="AcceptorServer", daemon=True).start()
+        return server
 
     def stop(self, grace_seconds: float | None = None) -> None:
         """Stop accepting, let in-flight associations finish, then abort what is left."""
         if self._server is None:
             return
         grace = self._config.node.shutdown_grace_seconds if grace_seconds is None else grace_seconds
-        self._server.shutdown()
-        self._server = None
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None
         deadline = time.monotonic() + grace
         while self._established() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -318,6 +423,8 @@ class StorageSCP:
         calling = requestor.primitive.calling_ae_title.strip()
         called = requestor.primitive.called_ae_title.strip()
         address = requestor.address
+        subject = _peer_certificate_subject(event)
+        certified = f" (certificate subject '{subject}')" if subject else ""
         if called != self._config.node.ae_title:
             log.warning(
                 "rejected association from %s@%s: called AE title %r is not ours (%r)",
@@ -327,11 +434,11 @@ class StorageSCP:
                 self._config.node.ae_title,
             )
             self._reject(event, _REJECT_CALLED_AE)
-        elif not self._config.security.admits(calling, address):
-            log.warning("rejected association from %s@%s: caller not in security.allowed_callers", calling, address)
+        elif not self._config.security.admits(calling, address, subject):
+            log.warning("rejected association from %s@%s: caller not in security.allowed_callers%s", calling, address, certified)
             self._reject(event, _REJECT_CALLING_AE)
         else:
-            log.debug("association requested by %s@%s", calling, address)
+            log.debug("association requested by %s@%s%s", calling, address, certified)
 
     @staticmethod
     def _reject(event: Event, reason: tuple[int, int, int]) -> None:
@@ -377,4 +484,3 @@ class StorageSCP:
         if self._observer:
             self._observer.instance_stored(id(event.assoc), stored.header.series_instance_uid)
         return Status.SUCCESS
-

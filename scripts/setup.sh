@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian_packages=(dcmtk dicom3tools plastimatch)
+debian_packages=(dcmtk dicom3tools plastimatch openssl)
 missing=()
-for tool in storescu dciodvfy plastimatch; do
+for tool in storescu dciodvfy plastimatch openssl; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then
