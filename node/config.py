@@ -203,6 +203,13 @@ class Config(_Section):
     feedback: FeedbackSection = FeedbackSection()
     destinations: list[Destination] = []
 
+    @model_validator(mode="after")
+    def _pinned_callers_need_client_certificates(self) -> Config:
+        pinned = [c.ae_title for c in self.security.allowed_callers if c.certificate_subject is not None]
+        if pinned and self.tls.ca_certificates is None:
+            raise ValueError(f"callers {pinned} are pinned to a certificate subject, which needs [tls] ca_certificates")
+        return self
+
     @property
     def incoming_dir(self) -> Path:
         return self.node.data_dir / "incoming"

@@ -452,7 +452,9 @@ class StorageSCP:
 
     def _on_aborted(self, event: Event) -> None:
         requestor = event.assoc.requestor
-        log.warning("association from %s@%s aborted", requestor.ae_title, requestor.address)
+        # A connection closed before it asked for anything (a port check) is no aborted association.
+        level = logging.WARNING if requestor.ae_title else logging.DEBUG
+        log.log(level, "association from %s@%s aborted", requestor.ae_title, requestor.address)
         if self._observer:
             self._observer.association_aborted(id(event.assoc))
 
