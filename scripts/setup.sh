@@ -16,6 +16,19 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${debian_packages[@]}" >/dev/null
 fi
 
+# Orthanc for tests/test_orthanc.py, which runs /usr/sbin/Orthanc with its own configuration on free loopback
+# ports. The package enables a system service (a PACS on ports 4242 and 8042); when this script installed the
+# package and systemd runs, that service is stopped and disabled again: the tests never use it.
+if [ ! -x /usr/sbin/Orthanc ] && ! command -v Orthanc >/dev/null 2>&1; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "setup: installing Debian packages orthanc orthanc-dicomweb (for the tests)"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        $sudo systemctl disable --now orthanc.service >/dev/null 2>&1 || true
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     python3 -m venv .venv
