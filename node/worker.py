@@ -81,7 +81,7 @@ class Worker:
             raise JobFailed(f"{inputs.missing} input instances are no longer held (removed by retention, or lost)")
         start = time.perf_counter()
         try:
-            volume = load_volume(read_datasets(inputs.paths))
+            volume = load_volume(read_datasets(inputs.paths, max_slices=self._config.model.max_slices))
         except SeriesError as exc:
             raise JobFailed(f"{exc}: not contoured") from exc
         timings["load"] = time.perf_counter() - start

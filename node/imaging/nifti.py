@@ -34,7 +34,9 @@ def _nifti_affine_lps(volume: Volume) -> np.ndarray:
 def mask_to_nifti(volume: Volume, mask: np.ndarray) -> nib.Nifti1Image:
     if mask.shape != volume.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the CT volume's {volume.shape}")
-    data = np.ascontiguousarray(mask.astype(np.uint8).transpose(2, 1, 0))
+    # (column, row, slice) as a view: C order (slice, row, column) is NIfTI's Fortran order, so
+    # nibabel writes it slice by slice with no copy of the volume. The image shares the mask's memory.
+    data = (mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)).transpose(2, 1, 0)
     image = nib.Nifti1Image(data, LPS_FROM_RAS @ _nifti_affine_lps(volume))
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)

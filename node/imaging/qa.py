@@ -23,7 +23,8 @@ def montage(volume: Volume, mask: np.ndarray, tiles: int = 9, tile_size: int = 2
     sheet = Image.new("RGB", (columns * tile_size, rows * tile_size))
     low, high = WINDOW
     for index, k in enumerate(chosen):
-        grey = (np.clip((volume.hu[k] - low) / (high - low), 0, 1) * 255).astype(np.uint8)
+        hu = volume.hu[k].astype(np.float32)  # one slice; Volume.hu is usually int16
+        grey = (np.clip((hu - low) / (high - low), 0, 1) * 255).astype(np.uint8)
         rgb = np.repeat(grey[..., None], 3, axis=2)
         outline = mask[k] & ~ndimage.binary_erosion(mask[k], iterations=2)
         rgb[outline] = OUTLINE

@@ -3,11 +3,18 @@
 Everything downstream (model, contours, RT Structure Set) trusts this geometry, so the
 loader refuses any series it cannot place exactly, each with its own exception type
 and a message naming the slices or UIDs involved.
+
+Memory: `read_datasets` leaves pixel data on disk (deferred) and `load_volume` decodes one
+slice at a time into one preallocated array, int16 whenever the rescaled values are whole
+numbers that fit (nearly every CT), so a loaded series costs 2 bytes a voxel. A series with
+more slices than a caller's `max_slices` is refused from its headers alone, before any pixel
+data is read.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_rescale
+from pydicom.pixels import apply_rescale, pixel_array
+from pydicom.tag import Tag
 from pydicom.uid import EnhancedCTImageStorage
 
 from node.errors import UserError
@@ -25,6 +33,12 @@ log = logging.getLogger(__name__)
 ORIENTATION_TOLERANCE = 1e-4  # direction cosines
 IN_PLANE_TOLERANCE_MM = 0.05  # slice origins off the stack axis by more than this: tilt or shear
 GAP_FACTOR = 1.5  # a step over 1.5 x the median slice spacing is a missing slice
+PIXEL_DATA = Tag("PixelData")
+DEFER_BYTES = 16 * 1024  # read_datasets leaves elements larger than this on disk until used
+# Peak memory of a worker job above its idle size, per CT voxel, with the bundled model: about
+# 1.3 MB a 512x512 slice at 1,000-2,000 slices (bench/bench_worker_memory.py); for the refusal's estimate.
+JOB_BYTES_PER_VOXEL = 5.0
+INT16 = np.iinfo(np.int16)
 
 
 class SeriesError(UserError):
@@ -71,6 +85,11 @@ class MissingSlicesError(SeriesError):
     pass
 
 
+class TooManySlicesError(SeriesError):
+    """More slices than the caller's `max_slices` (the worker's `model.max_slices`): refused
+    before pixel data is read, so a huge series cannot exhaust the machine's memory."""
+
+
 @dataclass(frozen=True)
 class SliceRef:
     sop_class_uid: str
@@ -85,7 +104,7 @@ class Volume:
     never with an extrapolated origin, so uneven spacing cannot misplace them.
     """
 
-    hu: np.ndarray
+    hu: np.ndarray  # int16 when the rescaled values are whole numbers within int16, else float32
     positions: np.ndarray  # (slices, 3) mm, patient (LPS) coordinates
     row_direction: np.ndarray  # unit vector along a row (increasing column index)
     column_direction: np.ndarray  # unit vector down a column (increasing row index)
@@ -159,31 +178,65 @@ class Volume:
         return str(self.headers[0].FrameOfReferenceUID)
 
 
-def read_datasets(paths: Iterable[Path]) -> list[Dataset]:
-    """Read DICOM files, skipping non-DICOM files and objects without pixels (an RTSTRUCT beside its CT)."""
+def read_datasets(paths: Iterable[Path], max_slices: int | None = None) -> list[Dataset]:
+    """Read DICOM files, skipping non-DICOM files and objects without pixels (an RTSTRUCT beside its CT).
+
+    Pixel data stays on disk until `load_volume` decodes it (pydicom's deferred reading), so the
+    datasets cost their headers only. With `max_slices`, more image files than that raise
+    TooManySlicesError after reading headers only (see `check_slice_count`).
+    """
+    files = sorted(path for path in paths if path.is_file())
+    if max_slices is not None and len(files) > max_slices:
+        check_slice_count(files, max_slices)  # more files than allowed: are they all images?
     datasets = []
-    for path in sorted(paths):
-        if not path.is_file():
-            continue
+    for path in files:
         try:
-            ds = dcmread(path)
+            ds = dcmread(path, defer_size=DEFER_BYTES)
         except (InvalidDicomError, OSError) as exc:
             log.debug("skipping %s: %s", path, exc)
             continue
-        if "PixelData" in ds:
+        if PIXEL_DATA in ds:
             datasets.append(ds)
         else:
             log.info("skipping %s: %s object without pixel data", path, ds.get("Modality", "?"))
     return datasets
 
 
-def load_series_dir(directory: Path) -> Volume:
+def check_slice_count(files: Sequence[Path], max_slices: int) -> None:
+    """Raise TooManySlicesError when more than `max_slices` of `files` are images, reading
+    headers only (nothing from the pixel data element on)."""
+    headers = []
+    for path in files:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError):
+            continue
+        if "Rows" in ds and "Columns" in ds:  # an image; an RT Structure Set beside it has none
+            headers.append(ds)
+    _refuse_if_too_many(headers, max_slices)
+
+
+def _refuse_if_too_many(headers: Sequence[Dataset], max_slices: int | None) -> None:
+    if max_slices is None or len(headers) <= max_slices:
+        return
+    series = Counter(str(ds.get("SeriesInstanceUID", "") or "(no UID)") for ds in headers).most_common()
+    named = series[0][0] if len(series) == 1 else f"{series[0][0]} (and {len(series) - 1} other series)"
+    voxels = sum(int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) for ds in headers)
+    need = voxels * JOB_BYTES_PER_VOXEL
+    need_text = f"{need / 1e9:.1f} GB" if need >= 1e9 else f"{need / 1e6:.0f} MB"
+    raise TooManySlicesError(
+        f"series {named} has {len(headers)} slices, more than model.max_slices = {max_slices}: not loaded "
+        f"(it would need about {need_text} of memory)"
+    )
+
+
+def load_series_dir(directory: Path, max_slices: int | None = None) -> Volume:
     if not directory.is_dir():
         raise SeriesError(f"{directory} is not a directory")
-    datasets = read_datasets(directory.rglob("*"))
+    datasets = read_datasets(directory.rglob("*"), max_slices)
     if not datasets:
         raise TooFewSlicesError(f"{directory} holds no DICOM image files")
-    return load_volume(datasets)
+    return load_volume(datasets, max_slices)
 
 
 def _uids(datasets: Sequence[Dataset], keyword: str) -> list[str]:
@@ -233,8 +286,10 @@ def _same(values: list, what: str, datasets: Sequence[Dataset], tolerance: float
     return array[0]
 
 
-def load_volume(datasets: Sequence[Dataset]) -> Volume:
-    """Sort, check and decode one CT series. Raises a SeriesError subclass when geometry is not exact."""
+def load_volume(datasets: Sequence[Dataset], max_slices: int | None = None) -> Volume:
+    """Sort, check and decode one CT series. Raises a SeriesError subclass when geometry is not exact,
+    TooManySlicesError (before decoding anything) when there are more than `max_slices` slices."""
+    _refuse_if_too_many(datasets, max_slices)
     _check_identity(datasets)
     _same([(int(ds.Rows), int(ds.Columns)) for ds in datasets], "size (rows, columns)", datasets)
     pixel_spacing = _same([[float(v) for v in ds.PixelSpacing] for ds in datasets], "pixel spacing", datasets, 1e-4)
@@ -284,8 +339,8 @@ def load_volume(datasets: Sequence[Dataset]) -> Volume:
             f"series {datasets[0].SeriesInstanceUID} has a gap {described} (slice spacing {median:.2f} mm)"
         )
 
-    hu = np.stack([_hounsfield(ds) for ds in datasets])
     headers = tuple(_header(ds) for ds in datasets)
+    hu = _decode(datasets)
     return Volume(
         hu=hu,
         positions=positions,
@@ -297,20 +352,60 @@ def load_volume(datasets: Sequence[Dataset]) -> Volume:
     )
 
 
+def _decode(datasets: Sequence[Dataset]) -> np.ndarray:
+    """HU of every slice, decoded one at a time into one array: int16 while every value so far
+    is a whole number within int16, float32 (the values exactly as before) from the first that is not."""
+    first = datasets[0]
+    hu = np.empty((len(datasets), int(first.Rows), int(first.Columns)), dtype=np.int16)
+    for k, ds in enumerate(datasets):
+        values = _hounsfield(ds)
+        if hu.dtype == np.int16 and not _fits_int16(values):
+            hu = hu.astype(np.float32)  # slices 0..k-1 convert exactly
+        hu[k] = values if hu.dtype == np.int16 else values.astype(np.float32)
+    return hu
+
+
+def _fits_int16(values: np.ndarray) -> bool:
+    if values.size == 0:
+        return True
+    if values.dtype.kind == "f" and not np.array_equal(values, np.rint(values)):
+        return False
+    return INT16.min <= values.min() and values.max() <= INT16.max
+
+
+def _pixels(ds: Dataset) -> np.ndarray:
+    """The stored values, decoded without keeping them (or, when deferred, the pixel bytes) in `ds`."""
+    element = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    deferred = element is not None and element.value is None and isinstance(getattr(ds, "filename", None), str)
+    return pixel_array(ds.filename if deferred else ds)
+
+
 def _hounsfield(ds: Dataset) -> np.ndarray:
+    """One slice's rescaled values: integers when the rescale is integral, else float64 as pydicom computes them."""
     try:
-        pixels = ds.pixel_array
+        pixels = _pixels(ds)
     except Exception as exc:  # decoders raise many types; the message names the slice either way
         raise SeriesError(
             f"cannot decode pixel data of {ds.SOPInstanceUID} (transfer syntax {ds.file_meta.TransferSyntaxUID}): {exc}"
         ) from exc
-    return apply_rescale(pixels, ds).astype(np.float32)
+    rescaled = "ModalityLUTSequence" not in ds and "RescaleSlope" in ds and "RescaleIntercept" in ds
+    if rescaled and pixels.dtype.kind in "iu" and pixels.itemsize <= 2:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        if slope.is_integer() and intercept.is_integer() and abs(slope) * 2**16 + abs(intercept) < 2**31:
+            # the same numbers as pydicom's float64 pixels * slope + intercept, in integers
+            values = pixels.astype(np.int32)
+            if slope != 1:
+                values *= int(slope)
+            if intercept != 0:
+                values += int(intercept)
+            return values
+    return apply_rescale(pixels, ds)
 
 
 def _header(ds: Dataset) -> Dataset:
     header = Dataset()
-    for element in ds:
-        if element.keyword != "PixelData":
-            header.add(element)
+    for tag in ds.keys():
+        if tag != PIXEL_DATA:  # never touched: a deferred value stays on disk
+            header.add(ds[tag])
     header.file_meta = ds.file_meta
     return header

@@ -18,7 +18,7 @@ import torch
 from node.errors import UserError
 from node.imaging.volume import Volume
 from node.pipeline.model import ResSEUNet3D
-from node.pipeline.preprocess import postprocess, resample, sliding_window, to_model_grid
+from node.pipeline.preprocess import keep_largest_component, mask_on_grid, sliding_window, to_model_grid
 from node.pipeline.weights import ModelCard, load_weights
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -110,7 +110,10 @@ class Segmenter:
                 timings[f"pass_{index + 1}"] = time.perf_counter() - start
 
             start = time.perf_counter()
-            on_ct = resample(probability, volume.shape).cpu().numpy()
-        mask = postprocess(on_ct, prep)
+            # Thresholded straight onto the CT grid, a band at a time: no float map at CT resolution.
+            mask = mask_on_grid(probability, volume.shape, prep.threshold)
+        del image, probability
+        if prep.keep_largest_component:
+            mask = keep_largest_component(mask)
         timings["postprocess"] = time.perf_counter() - start
         return Prediction(mask=mask, timings=timings)
