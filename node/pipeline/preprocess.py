@@ -189,11 +189,3 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
         sizes[0] = 0
         np.equal(labels, int(np.argmax(sizes)), out=mask[box])
     return mask
-
-
-def postprocess(probability: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """Threshold, then keep the largest component (as the model card says)."""
-    mask = probability >= prep.threshold
-    if prep.keep_largest_component:
-        keep_largest_component(mask)
-    return mask
