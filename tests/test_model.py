@@ -198,6 +198,18 @@ def test_bf16_on_a_cpu_without_it_is_a_clear_error():
     assert Segmenter(model, card, torch.device("cpu")).precision == "fp32"
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bfloat16")
+def test_bf16_mask_matches_fp32_mask_on_a_cpu_that_has_it():
+    from node.imaging.volume import load_volume
+
+    phantom = make_phantom(30001)
+    volume = load_volume(ct_datasets(phantom.hu, phantom.geometry, phantom.patient))
+    fp32 = Segmenter.from_weights(BUNDLED, "cpu", "fp32").predict(volume).mask
+    bf16 = Segmenter.from_weights(BUNDLED, "cpu", "bf16").predict(volume).mask
+    assert dice(fp32, phantom.ctv) >= HELD_OUT_DICE  # two empty masks would agree perfectly
+    assert dice(fp32, bf16) >= 0.99
+
+
 @pytest.mark.parametrize(
     "device",
     [
