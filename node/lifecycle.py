@@ -280,8 +280,9 @@ def fail_job(engine: Engine, job_id: int, error: str, timings: dict[str, float])
 def new_delivery(job: Job, destination: Destination, kind: OutputKind, path: str, sop_instance_uid: str) -> Delivery:
     """A pending delivery of one output of `job` to one configured destination, due now."""
     now = utcnow()
+    ae_title, host, port = destination.address
     return Delivery(
-        job=job, destination=destination.name, ae_title=destination.ae_title, host=destination.host, port=destination.port,
+        job=job, destination=destination.name, ae_title=ae_title, host=host, port=port,
         kind=kind.value, path=path, sop_instance_uid=sop_instance_uid, status=DeliveryStatus.PENDING, attempts=0,
         last_error="", next_attempt_at=now, created_at=now,
     )

@@ -1,20 +1,29 @@
-"""The sender: C-STOREs each pending delivery to its destination, durably and politely.
+"""The sender: sends each pending delivery to its destination, durably and politely, by
+C-STORE or by DICOMweb STOW-RS (the destination's `type`).
 
 Deliveries live in the database, so a restart carries on where it stopped. A failure
 that may pass (destination down, out of resources) is retried with exponential backoff
 up to `delivery.max_age_seconds`; one that will not (a permanent rejection, a refusal of
-the object) fails at once; a failed TLS handshake is retried (a certificate may be being
-renewed). A delivery that succeeded is never sent again. What happens
-to a delivery after an attempt is `node.lifecycle`'s business; this module only talks DICOM.
+the object, refused credentials) fails at once; a failed TLS handshake is retried (a certificate
+may be being renewed). A delivery that succeeded is never sent again. What happens to a
+delivery after an attempt is `node.lifecycle`'s business; this module only talks DICOM and HTTP.
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
+import ipaddress
+import json
 import logging
+import secrets
 import ssl
 import threading
 import time
+from urllib.parse import urlsplit
 
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, SegmentationStorage
 from pynetdicom import AE
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
@@ -31,6 +40,9 @@ SOP_CLASSES = {OutputKind.RTSTRUCT: RTStructureSetStorage, OutputKind.SEG: Segme
 _OUT_OF_RESOURCES = "Refused: Out of Resources"
 # A-ASSOCIATE-RJ result "rejected-permanent" (PS3.8 9.3.4); "rejected-transient" is 0x02.
 _REJECTED_PERMANENT = 0x01
+# DICOM JSON keys of a STOW-RS response (PS3.18 10.5.3): Failed SOP Sequence, its items' SOP Instance UID and reason.
+_FAILED_SOP_SEQUENCE, _REFERENCED_SOP_INSTANCE_UID, _FAILURE_REASON = "00081198", "00081155", "00081197"
+_HTTP_TRANSIENT = (408, 429)  # request timeout, too many requests: waiting helps, as it does for 5xx
 
 
 def classify_store_status(code: int | None, destination: str) -> Outcome:
@@ -45,6 +57,42 @@ def classify_store_status(code: int | None, destination: str) -> Outcome:
     transient = meaning == _OUT_OF_RESOURCES
     described = f" ({meaning})" if meaning else ""
     return Outcome(False, transient, f"{destination} answered C-STORE failure status 0x{code:04X}{described}")
+
+
+def _failed_sop(body: bytes, sop_instance_uid: str) -> tuple[bool, int | None]:
+    """Whether a DICOM JSON STOW-RS response lists the instance in its Failed SOP Sequence, and the failure reason."""
+    try:
+        answer = json.loads(body)
+        answer = answer[0] if isinstance(answer, list) else answer
+        items = answer.get(_FAILED_SOP_SEQUENCE, {}).get("Value") or []
+        item = next(i for i in items if i.get(_REFERENCED_SOP_INSTANCE_UID, {}).get("Value") == [sop_instance_uid])
+    except (ValueError, TypeError, AttributeError, IndexError, StopIteration):  # not listed, or no DICOM JSON at all
+        return False, None
+    try:
+        reason = item[_FAILURE_REASON]["Value"][0]
+    except (KeyError, TypeError, IndexError):
+        reason = None
+    return True, reason if isinstance(reason, int) else None
+
+
+def classify_stow_response(status: int, body: bytes, sop_instance_uid: str, destination: str) -> Outcome:
+    """A STOW-RS answer (PS3.18 10.5.3) as an outcome. The instance failed when the Failed SOP Sequence lists it,
+    whatever the status (some servers answer 200 so); a failure reason 0xA7xx (out of resources) may pass and is
+    retried. Otherwise 200 and 202 (stored with warnings) are delivered; 5xx, 408 and 429 are retried; 401 and 403
+    (the credentials refused), 409 (a conflict) and other 4xx will not improve by waiting."""
+    failed, reason = _failed_sop(body, sop_instance_uid)
+    if failed:
+        why = f"failure reason 0x{reason:04X}" if reason is not None else "no failure reason"
+        retry = reason is not None and reason >> 8 == 0xA7
+        return Outcome(False, retry, f"{destination} did not store the instance (HTTP {status}, {why})")
+    if status in (200, 202):
+        return Outcome(True, False, f"stored by {destination} (HTTP {status})")
+    if status in (401, 403):
+        refused = f"{destination} refused the credentials (HTTP {status})"
+        return Outcome(False, False, f"{refused}: check the destination's token, or its username and password")
+    excerpt = " ".join(body[:200].decode(errors="replace").split())
+    retry = status >= 500 or status in _HTTP_TRANSIENT
+    return Outcome(False, retry, f"{destination} answered STOW-RS with HTTP {status}" + (f": {excerpt}" if excerpt else ""))
 
 
 class _TlsClientSocket(ssl.SSLSocket):
@@ -122,11 +170,90 @@ def c_store(config: Config, order: DeliveryOrder) -> Outcome:
     return classify_store_status(getattr(status, "Status", None), order.destination)
 
 
+def _authorization(destination: Destination) -> dict[str, str]:
+    if destination.token is not None:
+        return {"Authorization": f"Bearer {destination.token}"}
+    if destination.username is not None:
+        pair = base64.b64encode(f"{destination.username}:{destination.password}".encode()).decode()
+        return {"Authorization": f"Basic {pair}"}
+    return {}
+
+
+def stow_rs(config: Config, order: DeliveryOrder, destination: Destination) -> Outcome:
+    """POST the Part 10 file to `{url}/studies` as one multipart/related part (PS3.18 10.5). Straight to the
+    URL's host: no proxy from the environment, and no redirect followed (a redirected POST becomes a GET
+    that would look delivered)."""
+    try:
+        data = order.path.read_bytes()
+        sop_instance_uid = read_file_meta_info(order.path).MediaStorageSOPInstanceUID
+    except (OSError, InvalidDicomError, AttributeError) as exc:
+        return Outcome(False, False, f"cannot read {order.path}: {exc}")
+    boundary = secrets.token_hex(16)
+    part = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    body = part + data + f"\r\n--{boundary}--\r\n".encode()
+    headers = {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json",
+        **_authorization(destination),
+    }
+    url = urlsplit(destination.url)
+    timeout = destination.network_timeout_seconds
+    if url.scheme == "https":
+        try:
+            context = client_context(config.tls)
+        except OSError as exc:  # ssl.SSLError included
+            files = f"ca_certificates {config.tls.ca_certificates}, certificate {config.tls.certificate}"
+            return Outcome(False, True, f"cannot send to {destination.url}: [tls] {files} cannot be used: {exc}")
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            url.hostname, url.port, timeout=timeout, context=context
+        )
+    else:
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    try:
+        connection.request("POST", f"{url.path}/studies", body, headers)
+        response = connection.getresponse()
+        answer = response.read()
+    except (OSError, http.client.HTTPException) as exc:  # refused, unreachable, timed out, TLS handshake failed
+        return Outcome(False, True, f"STOW-RS to {destination.url} failed: {type(exc).__name__}: {exc}")
+    finally:
+        connection.close()
+    return classify_stow_response(response.status, answer, sop_instance_uid, order.destination)
+
+
+def send(config: Config, order: DeliveryOrder) -> Outcome:
+    """One attempt, by the transport of the destination configured under the delivery's name."""
+    configured = next((d for d in config.destinations if d.name == order.destination), None)
+    if configured is not None and configured.type == "stow-rs":
+        return stow_rs(config, order, configured)
+    if not order.ae_title:  # queued for a STOW-RS destination that is no longer configured so
+        return Outcome(False, False, f"{order.destination} is no longer a STOW-RS destination, and a delivery keeps no URL "
+                       "or credentials: `rtnode resend` queues it anew")
+    return c_store(config, order)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_of_plain_http(config: Config) -> None:
+    """A STOW-RS destination on http to another machine sends patients' data (and credentials) unencrypted."""
+    for destination in config.destinations:
+        if destination.type == "stow-rs" and urlsplit(destination.url).scheme == "http":
+            _, host, _ = destination.address
+            if not _is_loopback(host):
+                log.warning("destination %s: %s is plain http: patient data and credentials cross the network unencrypted",
+                            destination.name, destination.url)
+
+
 class Sender:
     def __init__(self, config: Config, engine: Engine) -> None:
         self._config = config
         self._engine = engine
         self._policy = RetryPolicy.from_config(config.delivery)
+        warn_of_plain_http(config)
 
     def run_forever(self, stop: threading.Event, poll_seconds: float = 0.25) -> None:
         while not stop.is_set():
@@ -141,6 +268,6 @@ class Sender:
             if order is None:
                 continue
             start = time.perf_counter()
-            outcome = c_store(self._config, order)
+            outcome = send(self._config, order)
             lifecycle.record_attempt(self._engine, delivery_id, outcome, time.perf_counter() - start, self._policy)
         return len(due)

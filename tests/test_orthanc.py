@@ -43,10 +43,11 @@ def two_free_ports() -> tuple[int, int]:
 
 
 class Orthanc:
-    """One Orthanc process: its JSON configuration, index, storage and log file under `root`; loopback only."""
+    """One Orthanc process: its JSON configuration (`settings` added to it), index, storage and log file under
+    `root`; loopback only."""
 
-    def __init__(self, root: Path, modalities: dict[str, list]) -> None:
-        self.root, self.modalities = root, modalities
+    def __init__(self, root: Path, modalities: dict[str, list], settings: dict | None = None) -> None:
+        self.root, self.modalities, self.settings = root, modalities, settings or {}
         self.http_port, self.dicom_port = two_free_ports()
         self.log_path = root / "orthanc.log"
         self.process: subprocess.Popen | None = None
@@ -67,6 +68,7 @@ class Orthanc:
             "IndexDirectory": str(self.root / "index"),
             "DicomModalities": self.modalities,
             "Plugins": [],
+            **self.settings,
         }, indent=1))
         self.process = subprocess.Popen(
             [orthanc_binary(), "--verbose", f"--logfile={self.log_path}", str(config)],
