@@ -123,6 +123,9 @@ class Job(Base):
     outputs: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> path
     starts: Mapped[int] = mapped_column(Integer, default=0)  # how often a worker took it up
     superseded_by: Mapped[int | None] = mapped_column(Integer)
+    # The worker that holds (or last held) this job, and until when its lease runs without a heartbeat.
+    worker: Mapped[str] = mapped_column(String(128), default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Set by retention before the output files are deleted.
     outputs_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -164,12 +167,31 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Set while an attempt is on the wire: a restart that finds it set counts the cut-off attempt.
     attempt_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The worker sending it now; another may take it over only after the lease expires.
+    worker: Mapped[str] = mapped_column(String(128), default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str] = mapped_column(Text, default="")
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class Worker(Base):
+    """A worker process on some machine: its heartbeat renews the leases of what it holds."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)  # host:pid
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    current_job_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class Conflict(Base):
