@@ -287,6 +287,7 @@ def _training_config(args: argparse.Namespace):
         architecture=Architecture(channels=tuple(int(v) for v in args.channels.split(",")), passes=args.passes),
         preprocessing=Preprocessing(mode=args.mode, spacing=args.spacing, shape=args.shape),
         quality_bound=args.quality_bound,
+        quality_memory=TrainConfig.quality_memory if args.quality_memory is None else args.quality_memory,
         device=args.device,
     )
 
@@ -438,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--quality-bound", type=float, metavar="LAMBDA",
             help="Pick-and-Learn for archives contoured by several doctors: weight each sample's loss by a learned label "
             "quality score bounded by LAMBDA*tanh (try 1); off by default",
+        )
+        sub.add_argument(
+            "--quality-memory", type=int, metavar="N",
+            help="with --quality-bound: weigh each batch's labels against the N samples before it too (0: the batch alone)",
         )
         sub.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
 

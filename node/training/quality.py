@@ -2,14 +2,21 @@
 
 Doctors contour the CTV differently, so some labels of a clinic's archive disagree with
 the rest. The Quality Awareness Module (QAM) looks at a sample's CT and label and scores
-it; the scores, normalised over the batch, weight each sample's loss, and because the
+it; the scores, normalised by a softmax, weight each sample's loss, and because the
 QAM is trained through that weighted loss it learns to give less weight to labels the
 segmentation cannot reconcile with the others. The Overfitting Control Module (OCM)
 bounds each score by lambda*tanh before the normalisation, so no sample can take all the
 weight or be ignored: the largest weight is at most exp(2*lambda) times the smallest.
+
+The paper's softmax runs over a 2D batch of 32. A 3D batch holds 2 crops, and a softmax
+over 2 only says which of the two fits better. With `memory` the softmax also runs over
+the scores and losses of the samples of the last steps (kept, without gradient, as a
+queue, like MoCo's): a sample is weighed against a virtual batch of 2 + memory.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -18,12 +25,16 @@ from node.errors import UserError
 
 
 class QualityAwareness(nn.Module):
-    """QAM with the OCM on its output: (CT, label) batch in, per-sample loss weights out."""
+    """QAM with the OCM on its output: (CT, label) batch in, per-sample loss weights out.
 
-    def __init__(self, bound: float, channels: tuple[int, ...] = (8, 16, 32, 64)) -> None:
+    `bound` is the OCM's lambda; math.inf leaves the scores unbounded (the QAM alone)."""
+
+    def __init__(self, bound: float, memory: int = 0, channels: tuple[int, ...] = (8, 16, 32, 64)) -> None:
         super().__init__()
-        if bound <= 0:
+        if not bound > 0:
             raise UserError(f"the quality bound lambda must be positive, not {bound}")
+        if memory < 0:
+            raise UserError(f"the quality memory must be 0 or more samples, not {memory}")
         self.bound = bound
         layers: list[nn.Module] = []
         previous = 2  # CT and label
@@ -31,6 +42,14 @@ class QualityAwareness(nn.Module):
             layers += [nn.Conv3d(previous, width, 3, padding=1), nn.ELU(inplace=True), nn.MaxPool3d(2, ceil_mode=True)]
             previous = width
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(previous, 1))
+        # Buffers, so a checkpoint carries the queue: raw scores and losses of recent samples, oldest overwritten first.
+        self.register_buffer("recent_raw", torch.zeros(memory))
+        self.register_buffer("recent_loss", torch.zeros(memory))
+        self.register_buffer("recent_count", torch.zeros((), dtype=torch.long))
+
+    @property
+    def memory(self) -> int:
+        return self.recent_raw.numel()
 
     def raw_scores(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """The QAM's unbounded score of each sample."""
@@ -43,9 +62,35 @@ class QualityAwareness(nn.Module):
         differ, and without the centring a drift shared by all of them pushes every score
         into tanh's flat end, where all weights are equal and nothing more is learnt.
         """
-        bounded = self.bound * torch.tanh(raw - raw.mean())
+        centred = raw - raw.mean()
+        bounded = centred if math.isinf(self.bound) else self.bound * torch.tanh(centred)
         return torch.softmax(bounded, dim=0) * raw.numel()
 
     def forward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Loss weights of the batch."""
+        """Loss weights of the batch on its own."""
         return self.weights(self.raw_scores(image, label))
+
+    def weighted_loss(
+        self, image: torch.Tensor, label: torch.Tensor, losses: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to minimise for a batch with per-sample `losses`, and the batch's weights.
+
+        Weights come from one softmax over the batch and the queue (mean 1 over both). The
+        queue's terms carry no gradient to the segmentation, but they enter the loss through
+        the softmax's denominator: the QAM then lowers a sample's score when its loss is above
+        the weighted mean loss of the whole virtual batch, not just above its batch-mate's.
+        Divided by the batch size, so the segmentation's gradient keeps its scale. While
+        training, the batch then joins the queue.
+        """
+        raw = self.raw_scores(image, label)
+        kept = min(int(self.recent_count), self.memory)
+        pool_weights = self.weights(torch.cat([raw, self.recent_raw[:kept]]))
+        pool_losses = torch.cat([losses, self.recent_loss[:kept]])
+        loss = (pool_weights * pool_losses).sum() / raw.numel()
+        if self.training and self.memory:
+            with torch.no_grad():
+                for score, value in zip(raw, losses, strict=True):
+                    slot = int(self.recent_count) % self.memory
+                    self.recent_raw[slot], self.recent_loss[slot] = score, value
+                    self.recent_count += 1
+        return loss, pool_weights[: raw.numel()]

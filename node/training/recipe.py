@@ -5,6 +5,7 @@ card cannot drift from what made the weights."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -98,7 +99,11 @@ def training_section(config: TrainConfig, run: TrainingRun, description: str, se
         "device": device_name(next(run.model.parameters()).device),
     }
     if config.quality_bound is not None:
-        section["label_quality"] = f"Pick-and-Learn: QAM loss weights bounded by the OCM, lambda {config.quality_bound:g}"
+        if math.isinf(config.quality_bound):
+            section["label_quality"] = "Pick-and-Learn: QAM loss weights, no OCM bound"
+        else:
+            section["label_quality"] = f"Pick-and-Learn: QAM loss weights bounded by the OCM, lambda {config.quality_bound:g}"
+        section["label_quality_memory"] = config.quality_memory
     return section
 
 

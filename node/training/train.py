@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from node.errors import UserError
 from node.pipeline.inference import resolve_device
-from node.pipeline.model import Architecture, ResSEUNet3D, recurrent_loss
+from node.pipeline.model import Architecture, ResSEUNet3D, bce_dice_loss, recurrent_loss
 from node.pipeline.preprocess import Preprocessing, resample, to_model_grid
 from node.synth.phantom import make_phantom
 from node.training.cases import archive_cts
@@ -35,6 +35,7 @@ MAX_SHIFT_VOXELS = 8
 MAX_ROTATION_DEGREES = 10.0
 NOISE_VARIANCE = 0.001
 LOSS = "BCE + Dice on every recurrent pass"
+QUALITY_MEMORY = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,6 +52,7 @@ class TrainingRun:
     model: ResSEUNet3D
     history: list[tuple[int, float]]  # (step, loss)
     label_weights: dict[str, float] | None = None  # case -> learned label weight (mean 1), with Pick-and-Learn
+    sample_weights: list[tuple[int, str, float]] = field(default_factory=list)  # (step, case, loss weight it got)
 
 
 @dataclass
@@ -63,7 +65,8 @@ class TrainConfig:
     architecture: Architecture = field(default_factory=Architecture)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     target_fraction: float = 0.8  # share of crops centred near the CTV
-    quality_bound: float | None = None  # Pick-and-Learn's lambda; None trains without it
+    quality_bound: float | None = None  # Pick-and-Learn's lambda; None trains without it; math.inf: the QAM without the OCM
+    quality_memory: int = QUALITY_MEMORY  # recent samples each batch's softmax also runs over (0: the batch alone)
     device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
 
 
@@ -128,12 +131,14 @@ def augmented_crop(
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(mask, dtype=np.float32)
 
 
-def _save_checkpoint(path: Path, model, quality, optimizer, step: int, rng: np.random.Generator, history: list) -> None:
+def _save_checkpoint(
+    path: Path, model, quality, optimizer, step: int, rng: np.random.Generator, history: list, sample_weights: list
+) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(
         {"model": model.state_dict(), "quality": quality.state_dict() if quality is not None else None,
-         "optimizer": optimizer.state_dict(),
-         "step": step, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "history": history},
+         "optimizer": optimizer.state_dict(), "step": step, "rng": rng.bit_generator.state,
+         "torch_rng": torch.get_rng_state(), "history": history, "sample_weights": sample_weights},
         temporary,
     )
     temporary.replace(path)
@@ -153,10 +158,13 @@ def train(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = ResSEUNet3D(config.architecture).to(device)
-    quality = QualityAwareness(config.quality_bound).to(device) if config.quality_bound is not None else None
+    quality = None
+    if config.quality_bound is not None:
+        quality = QualityAwareness(config.quality_bound, config.quality_memory).to(device)
     parameters = [*model.parameters(), *(quality.parameters() if quality is not None else [])]
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
     history: list[tuple[int, float]] = []
+    sample_weights: list[tuple[int, str, float]] = []
     step = 0
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)  # our own file, written by _save_checkpoint
@@ -168,7 +176,7 @@ def train(
         if quality is not None:
             quality.load_state_dict(state["quality"])
         optimizer.load_state_dict(state["optimizer"])
-        step, history = state["step"], state["history"]
+        step, history, sample_weights = state["step"], state["history"], state.get("sample_weights", [])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"].cpu())
         log.info("resuming from %s at step %d", checkpoint, step)
@@ -180,28 +188,33 @@ def train(
     with progress as bar:
         task = bar.add_task("training", total=config.steps, completed=step, loss=float("nan")) if bar else None
         while step < config.steps:
-            batch = [
-                augmented_crop(cases[rng.integers(len(cases))], shape, rng, config.target_fraction)
-                for _ in range(config.batch_size)
-            ]
+            chosen = [cases[rng.integers(len(cases))] for _ in range(config.batch_size)]
+            batch = [augmented_crop(case, shape, rng, config.target_fraction) for case in chosen]
             images = torch.from_numpy(np.stack([b[0] for b in batch]))[:, None].to(device, memory_format=torch.channels_last_3d)
             masks = torch.from_numpy(np.stack([b[1] for b in batch]))[:, None].to(device)
-            weights = quality(images, masks) if quality is not None else None
-            loss = recurrent_loss(model(images), masks, weights)
+            outputs = model(images)
+            if quality is None:
+                loss = batch_loss = recurrent_loss(outputs, masks)
+            else:
+                losses = torch.stack([bce_dice_loss(logits, masks) for logits in outputs]).mean(dim=0)
+                loss, weights = quality.weighted_loss(images, masks, losses)
+                batch_loss = (weights * losses).mean()
+                got = weights.detach().tolist()
+                sample_weights += [(step + 1, case.name, w) for case, w in zip(chosen, got, strict=True)]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            history.append((step, loss.item()))
+            history.append((step, batch_loss.item()))
             if bar:
                 bar.update(task, completed=step, loss=float(np.mean([h[1] for h in history[-20:]])))
             elif step % 50 == 0:
                 log.info("step %d/%d loss %.4f (%.0f s)", step, config.steps, loss.item(), time.perf_counter() - started)
             if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-                _save_checkpoint(checkpoint, model, quality, optimizer, step, rng, history)
+                _save_checkpoint(checkpoint, model, quality, optimizer, step, rng, history, sample_weights)
     recalibrate_batchnorm(model, cases, config, rng)
     model = model.to(memory_format=torch.contiguous_format).eval()
-    return TrainingRun(model, history, label_weights(quality, cases, shape) if quality is not None else None)
+    return TrainingRun(model, history, label_weights(quality, cases, shape) if quality is not None else None, sample_weights)
 
 
 def label_weights(quality: QualityAwareness, cases: list[TrainingCase], shape: tuple[int, int, int]) -> dict[str, float]:
