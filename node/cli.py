@@ -169,6 +169,54 @@ def cmd_export_training(args: argparse.Namespace) -> int:
     return 0
 
 
+def _password_input(prompt: str) -> str:
+    """From a terminal: asked twice, not echoed. Otherwise the first line of standard input (for scripts)."""
+    if not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise UserError("no password on standard input")
+        return password
+    import getpass
+
+    password = getpass.getpass(prompt)
+    if getpass.getpass("again: ") != password:
+        raise UserError("the two passwords differ")
+    return password
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from node.web import accounts
+
+    engine = _database(args)
+    if args.action == "add":
+        try:
+            role = accounts.Role(args.role)
+        except ValueError:
+            raise UserError(f"role {args.role!r}: one of {', '.join(accounts.Role)}") from None
+        accounts.add_user(engine, args.name, role, _password_input(f"password for {args.name}: "))
+        print(f"user {args.name} added with role {role}")
+    elif args.action == "disable":
+        accounts.disable_user(engine, args.name)
+        print(f"user {args.name} disabled: no more logins; sessions and API tokens ended")
+    else:
+        accounts.set_password(engine, args.name, _password_input(f"new password for {args.name}: "))
+        print(f"password of {args.name} changed; lockout lifted, sessions ended")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from node.web.accounts import create_api_token
+
+    print(create_api_token(_database(args), args.name))
+    return 0
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from node.web.server import run_web
+
+    return run_web(_config(args))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from node.demo import run_demo
 
@@ -401,6 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
         protect_parser = add(name, cmd_protect, help_text)
         protect_parser.add_argument("study_uid", metavar="STUDY_UID")
         protect_parser.set_defaults(protect=protect)
+
+    user = add("user", cmd_user, "web app users: add, disable, change a password (read from stdin when not a terminal)")
+    user_actions = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+    user_add = user_actions.add_parser("add", help="add a user with a role")
+    user_add.add_argument("name", metavar="NAME")
+    user_add.add_argument("--role", required=True, metavar="ROLE", help="admin, dosimetrist or viewer")
+    user_actions.add_parser("disable", help="no more logins; ends the user's sessions and API tokens").add_argument(
+        "name", metavar="NAME")
+    user_actions.add_parser("passwd", help="set a new password (also lifts a lockout)").add_argument("name", metavar="NAME")
+    token = add("token", cmd_token, "API tokens for scripts (Authorization: Bearer TOKEN)")
+    token_actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    token_actions.add_parser("create", help="print a new API token for the user NAME").add_argument("name", metavar="NAME")
+    add("web", cmd_web, "run the web app alone (rtnode serve starts it itself)")
 
     reviews = add("reviews", cmd_reviews, "structure sets sent back: each job's latest review, its figures, a summary per model")
     reviews.add_argument("--json", action="store_true", help="every structure set received back, as a list")

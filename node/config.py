@@ -173,6 +173,67 @@ class FeedbackSection(_Section):
     minor_edit_surface_dice: Annotated[float, Field(gt=0, le=1)] = 0.95
 
 
+_LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class WebSection(_Section):
+    """The web app `rtnode serve` runs in its own process: loopback by default; any other address needs
+    TLS (certificate and private_key) or an explicit `insecure_http = true`."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8443
+    certificate: Path | None = None  # PEM; with private_key the web app speaks HTTPS only
+    private_key: Path | None = None
+    insecure_http: bool = False  # allow plain HTTP on a non-loopback address (warned at every start)
+    # A session unused this long is ended; the browser must log in again.
+    session_idle_minutes: Annotated[float, Field(gt=0)] = 30.0
+    # Failed logins: each beyond `login_slowdown_after` waits a second more before answering; at
+    # `login_lockout_after` the account is locked for `login_lockout_minutes`.
+    login_slowdown_after: Annotated[int, Field(ge=1)] = 3
+    login_lockout_after: Annotated[int, Field(ge=1)] = 5
+    login_lockout_minutes: Annotated[float, Field(gt=0)] = 15.0
+    # Upload of a zip or folder of DICOM files: largest request, and most files in it.
+    max_upload_mb: Annotated[float, Field(gt=0)] = 2048.0
+    max_upload_files: Annotated[int, Field(ge=1)] = 5000
+    # /healthz is unhealthy below this much free disk under data_dir, or with no worker heartbeat this recent.
+    min_free_disk_gb: Annotated[float, Field(ge=0)] = 1.0
+    max_heartbeat_age_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @model_validator(mode="after")
+    def _complete(self) -> WebSection:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.certificate is not None
+
+    def refusal(self) -> str | None:
+        """Why the web app must not start with these settings, in one line; None when it may."""
+        if self.tls or self.insecure_http or _is_loopback(self.host):
+            return None
+        return (f"web.host = {self.host!r} is not a loopback address and [web] has no certificate: set web.certificate "
+                "and web.private_key, or insecure_http = true to serve plain HTTP anyway")
+
+    def warning(self) -> str | None:
+        """The warning for plain HTTP beyond this machine, logged at every start."""
+        if self.tls or _is_loopback(self.host):
+            return None
+        return (f"the web app serves plain HTTP on {self.host}:{self.port} (web.insecure_http = true): "
+                "passwords and patient data cross the network unencrypted")
+
+
 class ModelSection(_Section):
     weights: Path = BUNDLED_WEIGHTS
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -260,6 +321,7 @@ class Config(_Section):
     delivery: DeliverySection = DeliverySection()
     retention: RetentionSection = RetentionSection()
     feedback: FeedbackSection = FeedbackSection()
+    web: WebSection = WebSection()
     destinations: list[Destination] = []
 
     @model_validator(mode="after")
@@ -293,7 +355,9 @@ def _resolve_paths(config: Config) -> Config:
     model = config.model.model_copy(update={"weights": config.model.weights.resolve()})
     tls_files = ("certificate", "private_key", "ca_certificates")
     tls = config.tls.model_copy(update={key: path.resolve() for key in tls_files if (path := getattr(config.tls, key))})
-    return config.model_copy(update={"node": node, "model": model, "tls": tls})
+    web_files = ("certificate", "private_key")
+    web = config.web.model_copy(update={key: path.resolve() for key in web_files if (path := getattr(config.web, key))})
+    return config.model_copy(update={"node": node, "model": model, "tls": tls, "web": web})
 
 
 def _describe(error: ValidationError, source: str) -> str:

@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian_packages=(dcmtk dicom3tools plastimatch openssl)
+# chromium: the browser the web app's Playwright tests drive (Playwright cannot download its own here).
+debian_packages=(dcmtk dicom3tools plastimatch openssl chromium)
 missing=()
-for tool in storescu dciodvfy plastimatch openssl; do
+for tool in storescu dciodvfy plastimatch openssl chromium; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then

@@ -34,7 +34,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["lifecycle", "retention", "review"], 6),
     **dict.fromkeys(["store", "completion", "scp", "worker", "sender", "joblog", "inventory"], 7),
     **dict.fromkeys(["service", "harness", "demo"], 8),
-    "cli": 9,
+    **dict.fromkeys(["cli", "web"], 9),  # web: the web app, run in its own process by `rtnode serve`
     "__main__": 10,
 }
 # Within layer 7: the receiving side takes DICOM in and hands over through the database only.
