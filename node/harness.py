@@ -55,6 +55,9 @@ class NodeProcess:
     device: str = "cpu"
     network_timeout_seconds: float = 3.0
     shutdown_grace_seconds: float = 10.0
+    # The web app: off unless given a port (a node per test must not start a browser-facing process each).
+    web_port: int | None = None
+    web_config: str = ""  # more [web] keys
     process: subprocess.Popen | None = None
     log_path: Path = field(init=False)
     config_path: Path = field(init=False)
@@ -81,6 +84,10 @@ allowed_callers = {self.allowed_callers}
 [model]
 weights = "{self.weights}"
 device = "{self.device}"
+
+[web]
+{f"port = {self.web_port}" if self.web_port else "enabled = false"}
+{self.web_config}
 
 {self.sections}
 """

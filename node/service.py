@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -80,6 +81,44 @@ class WorkerProcess:
             self._process.wait()
 
 
+class WebProcess:
+    """`rtnode web` beside the receiving process, so browsers paging slices never slow the SCP.
+    Restarted when it dies, unless it dies within its first seconds (a busy port, a bad certificate):
+    then it is left down with an error rather than restarted in a loop."""
+
+    STARTUP_SECONDS = 10.0
+
+    def __init__(self, config_path: Path) -> None:
+        self._command = [sys.executable, "-m", "node", "--config", str(config_path), "web"]
+        self._process: subprocess.Popen | None = None
+        self._started_at = 0.0
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(self._command, preexec_fn=_die_with_parent)
+        self._started_at = time.monotonic()
+        log.info("web app process %d started", self._process.pid)
+
+    def keep_alive(self) -> None:
+        if self._process is None or self._process.poll() is None:
+            return
+        status, self._process = self._process.returncode, None
+        if time.monotonic() - self._started_at < self.STARTUP_SECONDS:
+            log.error("the web app exited with status %s right after starting (see above): not restarted", status)
+            return
+        log.error("the web app exited with status %s: starting it again", status)
+        self.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
 def _retention_schedule(config: Config, engine: Engine) -> BackgroundScheduler:
     """Retention at start-up and every `interval_minutes` (the worker also applies it after each job)."""
     scheduler = BackgroundScheduler(timezone=UTC)
@@ -91,6 +130,8 @@ def _retention_schedule(config: Config, engine: Engine) -> BackgroundScheduler:
 
 def serve(config: Config, config_path: Path) -> int:
     """Receive until asked to stop; the worker process runs the jobs."""
+    if config.web.enabled and (refusal := config.web.refusal()) is not None:
+        raise UserError(refusal)  # before anything listens
     stop = stop_on_signals()
     engine = open_node_database(config)
     requeued = recover_after_restart(engine)
@@ -104,15 +145,22 @@ def serve(config: Config, config_path: Path) -> int:
     store.remove_orphans()  # before receiving: a write in flight is no orphan
     scp = StorageSCP(config, store, tracker)
     scp.start()
+    web = WebProcess(config_path.resolve()) if config.web.enabled else None
+    if web is not None:
+        web.start()
     retention = _retention_schedule(config, engine)
     while not stop.wait(1.0):
         died = worker.keep_alive()
         if died is not None:
             requeue_after_worker_death(engine, died)
+        if web is not None:
+            web.keep_alive()
     log.info("stopping: no new associations, waiting for in-flight ones")
     scp.stop()
     retention.shutdown()
     tracker.stop()
+    if web is not None:
+        web.stop()
     worker.stop()
     return 0
 

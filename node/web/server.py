@@ -1,0 +1,40 @@
+"""`rtnode web`: the web app in its own process (`rtnode serve` starts it), so browsers never
+share a process, a GIL or a thread pool with the SCP."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from node.config import Config
+from node.db.engine import open_database
+from node.errors import UserError
+from node.web.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+def run_web(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT. Refuses plain HTTP beyond loopback unless web.insecure_http says so."""
+    web = config.web
+    refusal = web.refusal()
+    if refusal is not None:
+        raise UserError(refusal)
+    if (warning := web.warning()) is not None:
+        log.warning(warning)
+    engine = open_database(config.node.database_url, fsync=config.node.fsync)
+    app = create_app(config, engine)
+    scheme = "https" if web.tls else "http"
+    log.info("web app on %s://%s:%d/", scheme, web.host, web.port)
+    uvicorn.run(
+        app,
+        host=web.host,
+        port=web.port,
+        ssl_certfile=str(web.certificate) if web.certificate else None,
+        ssl_keyfile=str(web.private_key) if web.private_key else None,
+        log_level="warning",
+        access_log=False,  # the audit trail records who saw what; an access log would copy patient IDs in URLs
+        server_header=False,
+    )
+    return 0
