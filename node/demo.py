@@ -6,10 +6,13 @@ system, a generated phantom CT pushed by C-STORE, and the RT Structure Set comin
 
 from __future__ import annotations
 
+import secrets
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
@@ -64,6 +67,24 @@ def _settled_job(engine, timeout: float = 30.0) -> dict:
         time.sleep(0.1)
 
 
+@dataclass(frozen=True)
+class DemoAccount:
+    username: str
+    password: str
+
+
+def _throwaway_account(node: NodeProcess) -> DemoAccount:
+    """An admin for this demo's database only: rtnode has no default account, so the demo makes one and prints it."""
+    account = DemoAccount(f"demo-{secrets.token_hex(3)}", secrets.token_urlsafe(12))
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "--config", str(node.config_path), "user", "add", account.username, "--role", "admin"],
+        input=account.password + "\n", capture_output=True, text=True, timeout=120, cwd=node.root,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"could not create the demo account: {result.stderr.strip()}")
+    return account
+
+
 def run_demo(workdir: Path | None, weights: Path, timeout: float = 600.0) -> int:
     root = workdir or Path(tempfile.mkdtemp(prefix="rtnode-demo-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -77,11 +98,15 @@ def run_demo(workdir: Path | None, weights: Path, timeout: float = 600.0) -> int
         device="auto",
         network_timeout_seconds=60.0,
         shutdown_grace_seconds=30.0,
+        web_port=free_port(),
     )
     print(f"demo folder: {root}")
     try:
+        account = _throwaway_account(node)
         node.start(timeout=60)
         print(f"node listening as RTNODE on {LOOPBACK}:{node.port}; stand-in planning system TPS on port {receiver.port}")
+        print(f"web app: http://{LOOPBACK}:{node.web_port}/ (throw-away account {account.username!r}, password "
+              f"{account.password!r}, role admin; it goes with the demo folder)")
         phantom = make_phantom(DEMO_SEED)
         datasets = ct_datasets(phantom.hu, phantom.geometry, phantom.patient)
         write_series(datasets, root / "ct")
