@@ -1,0 +1,298 @@
+// The review viewer: a job's CT slice by slice with the CTV outline the planning system got,
+// paged by keyboard or autoplay, and coronal and sagittal views through the CTV.
+// Loaded as a file (the Content-Security-Policy allows no inline script); the job id comes
+// from the page's data-job-id. The slice number, z and image always change together, so the
+// number shown is the number of the image shown.
+"use strict";
+
+(function () {
+  const root = document.getElementById("viewer");
+  if (!root) {
+    return;
+  }
+  const jobId = root.dataset.jobId;
+  const api = `/api/jobs/${encodeURIComponent(jobId)}`;
+  const AUTOPLAY_MS = 250;
+  const PREFETCH_AHEAD = 6;
+  const PREFETCH_BEHIND = 2;
+  const KEPT_SLICES = 128; // slices kept (about 13 MB of data: URLs at 512x512), least recently used dropped
+
+  const el = (id) => document.getElementById(id);
+  const image = el("slice-image");
+  const outlinePath = el("outline-path");
+  const outlineSvg = el("outline");
+
+  const state = {
+    info: null,
+    index: 0, // the slice asked for
+    shown: -1, // the slice on screen
+    preset: "soft",
+    timer: null,
+  };
+  const slices = new Map(); // `${preset}/${index}` -> Promise<{url, outline}>, oldest use first
+
+  function showError(message) {
+    const box = el("viewer-error");
+    box.textContent = message;
+    box.hidden = false;
+  }
+
+  async function fetchOk(url) {
+    const response = await fetch(url, { credentials: "same-origin" });
+    if (response.status === 401 || response.status === 403) {
+      throw new Error("Your session has ended: log in again to go on reviewing.");
+    }
+    if (!response.ok) {
+      throw new Error(`The server answered ${response.status} for ${url}.`);
+    }
+    return response;
+  }
+
+  // A data: URL, not a blob: one: the web app's Content-Security-Policy allows img-src 'self' data:.
+  function dataUrl(blob) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(new Error("A slice image could not be read."));
+      reader.readAsDataURL(blob);
+    });
+  }
+
+  // The image (as a data: URL) and outline of a slice, fetched once: API answers are not
+  // cached by the browser (Cache-Control: no-store), so prefetching keeps them here.
+  function slice(index, preset) {
+    const key = `${preset}/${index}`;
+    let entry = slices.get(key);
+    if (entry) {
+      slices.delete(key); // re-inserted below: the Map's order is the recency order
+    } else {
+      entry = Promise.all([
+        fetchOk(`${api}/slices/${index}.png?preset=${encodeURIComponent(preset)}`).then((r) => r.blob()).then(dataUrl),
+        fetchOk(`${api}/slices/${index}/outline`).then((r) => r.json()),
+      ]).then(([url, outline]) => ({ url, outline }));
+      entry.catch(() => slices.delete(key));
+    }
+    slices.set(key, entry);
+    while (slices.size > KEPT_SLICES) {
+      slices.delete(slices.keys().next().value);
+    }
+    return entry;
+  }
+
+  function pathOf(polygons) {
+    return polygons.map((points) => "M" + points.map(([x, y]) => `${x} ${y}`).join("L") + "Z").join("");
+  }
+
+  function formatMm(value) {
+    return `${Number(value).toFixed(1)} mm`;
+  }
+
+  async function show(index) {
+    state.index = index;
+    let loaded;
+    try {
+      loaded = await slice(index, state.preset);
+      if (state.index !== index) {
+        return; // a later page or preset asked for another slice meanwhile
+      }
+      image.src = loaded.url;
+      await image.decode().catch(() => {});
+    } catch (error) {
+      stopAutoplay();
+      showError(error.message);
+      return;
+    }
+    if (state.index !== index) {
+      return;
+    }
+    const info = state.info;
+    outlinePath.setAttribute("d", pathOf(loaded.outline.polygons));
+    image.dataset.index = String(index);
+    image.dataset.preset = state.preset;
+    image.alt = `Axial CT slice ${index + 1} of ${info.slice_count}, ${state.preset} window`;
+    el("slice-number").textContent = String(index + 1);
+    el("z-position").textContent = formatMm(info.z_positions_mm[index]);
+    el("has-contour").textContent = loaded.outline.polygons.length ? `${info.roi_name} on this slice` : "";
+    el("slice-slider").value = String(index);
+    state.shown = index;
+    markReformats(index);
+    prefetch(index);
+  }
+
+  function prefetch(index) {
+    const count = state.info.slice_count;
+    for (let step = 1; step <= PREFETCH_AHEAD; step += 1) {
+      slice((index + step) % count, state.preset);
+    }
+    for (let step = 1; step <= PREFETCH_BEHIND; step += 1) {
+      slice((index - step + count) % count, state.preset);
+    }
+    slice(index, state.preset); // keeps the slice on screen the most recent
+  }
+
+  function go(index) {
+    const last = state.info.slice_count - 1;
+    show(Math.max(0, Math.min(last, index)));
+  }
+
+  function markReformats(index) {
+    const info = state.info;
+    const row = info.last_slice_on_top ? info.slice_count - 1 - index : index;
+    const top = `${((row + 0.5) / info.slice_count) * 100}%`;
+    for (const plane of info.planes) {
+      el(`${plane}-marker`).style.top = top;
+    }
+  }
+
+  function setPreset(name) {
+    state.preset = name;
+    for (const button of document.querySelectorAll("[data-preset]")) {
+      button.setAttribute("aria-pressed", String(button.dataset.preset === name));
+    }
+    for (const plane of state.info.planes) {
+      el(plane).src = `${api}/reformat/${plane}.png?preset=${encodeURIComponent(name)}`;
+    }
+    show(state.index);
+  }
+
+  function startAutoplay() {
+    if (state.timer !== null) {
+      return;
+    }
+    // From the slice on screen: a slice not yet loaded is waited for, never skipped.
+    state.timer = window.setInterval(() => {
+      show((state.shown + 1) % state.info.slice_count);
+    }, AUTOPLAY_MS);
+    el("autoplay-state").textContent = "playing";
+    el("autoplay").setAttribute("aria-pressed", "true");
+  }
+
+  function stopAutoplay() {
+    if (state.timer === null) {
+      return;
+    }
+    window.clearInterval(state.timer);
+    state.timer = null;
+    el("autoplay-state").textContent = "stopped";
+    el("autoplay").setAttribute("aria-pressed", "false");
+  }
+
+  function toggleAutoplay() {
+    if (state.timer === null) {
+      startAutoplay();
+    } else {
+      stopAutoplay();
+    }
+  }
+
+  const KEYS = {
+    ArrowDown: () => go(state.index + 1),
+    ArrowUp: () => go(state.index - 1),
+    PageDown: () => go(state.index + 10),
+    PageUp: () => go(state.index - 10),
+    Home: () => go(0),
+    End: () => go(state.info.slice_count - 1),
+    " ": toggleAutoplay,
+  };
+
+  function typingIn(target) {
+    return target instanceof HTMLElement && (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName));
+  }
+
+  function onKeyDown(event) {
+    const action = KEYS[event.key];
+    if (!action || event.altKey || event.ctrlKey || event.metaKey || typingIn(event.target) || !state.info) {
+      return;
+    }
+    event.preventDefault(); // no page scrolling, no button activated by the space bar
+    if (event.key !== " ") {
+      stopAutoplay(); // paging by hand takes over
+    }
+    if (!(event.key === " " && event.repeat)) {
+      action(); // holding the space bar toggles once
+    }
+  }
+
+  function onKeyUp(event) {
+    if (event.key === " " && !typingIn(event.target)) {
+      event.preventDefault(); // a focused button would otherwise be clicked on release
+    }
+  }
+
+  function onWheel(event) {
+    event.preventDefault();
+    stopAutoplay();
+    go(state.index + (event.deltaY > 0 ? 1 : -1));
+  }
+
+  function onReformatClick(event) {
+    const box = event.currentTarget.getBoundingClientRect();
+    const info = state.info;
+    const row = Math.floor(((event.clientY - box.top) / box.height) * info.slice_count);
+    stopAutoplay();
+    go(info.last_slice_on_top ? info.slice_count - 1 - row : row);
+  }
+
+  function layout(info) {
+    // Millimetres as wide as high: pixels need not be square.
+    const widthMm = info.columns * info.pixel_spacing_mm[1];
+    const heightMm = info.rows * info.pixel_spacing_mm[0];
+    el("axial").style.aspectRatio = `${widthMm} / ${heightMm}`;
+    outlineSvg.setAttribute("viewBox", `0 0 ${info.columns} ${info.rows}`);
+    el("slice-count").textContent = String(info.slice_count);
+    el("thickness").textContent = formatMm(info.slice_thickness_mm);
+    el("roi-name").textContent = info.roi_name;
+    const slider = el("slice-slider");
+    slider.max = String(info.slice_count - 1);
+    const hasContour = info.first_contour_slice !== null;
+    el("first-contour").disabled = !hasContour;
+    el("last-contour").disabled = !hasContour;
+    if (!hasContour) {
+      el("has-contour").textContent = "The structure set has no contour.";
+    }
+  }
+
+  function wire() {
+    const info = state.info;
+    for (const button of document.querySelectorAll("[data-preset]")) {
+      button.addEventListener("click", () => setPreset(button.dataset.preset));
+    }
+    el("first-contour").addEventListener("click", () => {
+      stopAutoplay();
+      go(info.first_contour_slice);
+    });
+    el("last-contour").addEventListener("click", () => {
+      stopAutoplay();
+      go(info.last_contour_slice);
+    });
+    el("autoplay").addEventListener("click", toggleAutoplay);
+    el("slice-slider").addEventListener("input", (event) => {
+      stopAutoplay();
+      go(Number(event.target.value));
+    });
+    el("axial").addEventListener("wheel", onWheel, { passive: false });
+    for (const plane of info.planes) {
+      el(`${plane}-frame`).addEventListener("click", onReformatClick);
+    }
+    document.addEventListener("keydown", onKeyDown);
+    document.addEventListener("keyup", onKeyUp);
+  }
+
+  async function start() {
+    try {
+      state.info = await (await fetchOk(`${api}/slices`)).json();
+    } catch (error) {
+      showError(error.message);
+      return;
+    }
+    const info = state.info;
+    layout(info);
+    wire();
+    const centre = info.ctv_centre ? info.ctv_centre.slice : Math.floor(info.slice_count / 2);
+    state.index = centre;
+    setPreset(info.default_preset);
+    root.dataset.ready = "true";
+  }
+
+  start();
+})();
