@@ -204,6 +204,8 @@ def test_viewer_cache_keeps_recent_jobs_and_notices_a_new_structure_set(case, tm
 def test_removed_inputs_are_reported_not_half_shown(case, tmp_path):
     with pytest.raises(ViewerSourceError, match="1 of 31 CT files"):
         JobViewer([*case.ct_paths, tmp_path / "gone.dcm"], case.rtstruct_path)
+    with pytest.raises(ViewerSourceError, match="the CT files"):
+        JobViewer([], case.rtstruct_path)
     with pytest.raises(ViewerSourceError, match="RT Structure Set"):
         JobViewer(case.ct_paths, tmp_path / "gone-rtstruct.dcm")
 

@@ -133,8 +133,12 @@ class JobViewer:
         """`roi_name` None: the structure set's first ROI (a structure set rtnode sends has one)."""
         self.rtstruct_path = Path(rtstruct_path)
         missing = [path for path in map(Path, ct_paths) if not path.is_file()]
-        if missing or not self.rtstruct_path.is_file():
-            gone = f"{len(missing)} of {len(ct_paths)} CT files" if missing else f"the RT Structure Set {self.rtstruct_path}"
+        if missing or not ct_paths or not self.rtstruct_path.is_file():
+            gone = (
+                f"{len(missing)} of {len(ct_paths)} CT files" if missing
+                else "the CT files" if not ct_paths
+                else f"the RT Structure Set {self.rtstruct_path}"
+            )
             raise ViewerSourceError(f"{gone} of this job are no longer held (removed by retention?): nothing to show")
         self.volume: Volume = load_volume(read_datasets(map(Path, ct_paths)))
         try:
