@@ -58,6 +58,13 @@
     });
   }
 
+  // Decoded before it is shown, so that image, number and outline change in the same frame.
+  function decoded(url) {
+    const probe = new Image();
+    probe.src = url;
+    return probe.decode().catch(() => {});
+  }
+
   // The image (as a data: URL) and outline of a slice, fetched once: API answers are not
   // cached by the browser (Cache-Control: no-store), so prefetching keeps them here.
   function slice(index, preset) {
@@ -69,7 +76,7 @@
       entry = Promise.all([
         fetchOk(`${api}/slices/${index}.png?preset=${encodeURIComponent(preset)}`).then((r) => r.blob()).then(dataUrl),
         fetchOk(`${api}/slices/${index}/outline`).then((r) => r.json()),
-      ]).then(([url, outline]) => ({ url, outline }));
+      ]).then(([url, outline]) => decoded(url).then(() => ({ url, outline })));
       entry.catch(() => slices.delete(key));
     }
     slices.set(key, entry);
@@ -89,27 +96,24 @@
 
   async function show(index) {
     state.index = index;
+    const preset = state.preset;
     let loaded;
     try {
-      loaded = await slice(index, state.preset);
-      if (state.index !== index) {
-        return; // a later page or preset asked for another slice meanwhile
-      }
-      image.src = loaded.url;
-      await image.decode().catch(() => {});
+      loaded = await slice(index, preset);
     } catch (error) {
       stopAutoplay();
       showError(error.message);
       return;
     }
-    if (state.index !== index) {
-      return;
+    if (state.index !== index || state.preset !== preset) {
+      return; // a later page, preset or stop asked for another picture meanwhile
     }
     const info = state.info;
+    image.src = loaded.url;
     outlinePath.setAttribute("d", pathOf(loaded.outline.polygons));
     image.dataset.index = String(index);
-    image.dataset.preset = state.preset;
-    image.alt = `Axial CT slice ${index + 1} of ${info.slice_count}, ${state.preset} window`;
+    image.dataset.preset = preset;
+    image.alt = `Axial CT slice ${index + 1} of ${info.slice_count}, ${preset} window`;
     el("slice-number").textContent = String(index + 1);
     el("z-position").textContent = formatMm(info.z_positions_mm[index]);
     el("has-contour").textContent = loaded.outline.polygons.length ? `${info.roi_name} on this slice` : "";
@@ -173,6 +177,9 @@
     }
     window.clearInterval(state.timer);
     state.timer = null;
+    if (state.shown >= 0) {
+      state.index = state.shown; // a slice still on its way is not shown: stopped means stopped here
+    }
     el("autoplay-state").textContent = "stopped";
     el("autoplay").setAttribute("aria-pressed", "false");
   }
