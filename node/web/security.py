@@ -82,7 +82,7 @@ def same_origin(request: Request) -> bool:
 
 
 class SecurityHeaders(BaseHTTPMiddleware):
-    """CSP, no framing, no sniffing, no referrer; nothing but static files cached; HSTS under TLS."""
+    """CSP, no framing, no sniffing, no referrer to other sites; nothing but static files cached; HSTS under TLS."""
 
     def __init__(self, app, tls: bool) -> None:
         super().__init__(app)
@@ -94,7 +94,7 @@ class SecurityHeaders(BaseHTTPMiddleware):
         headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
         headers["X-Frame-Options"] = "DENY"
         headers["X-Content-Type-Options"] = "nosniff"
-        headers["Referrer-Policy"] = "no-referrer"
+        headers["Referrer-Policy"] = "same-origin"  # no-referrer would make a browser send Origin: null
         headers["Cross-Origin-Opener-Policy"] = "same-origin"
         if not request.url.path.startswith("/static/"):
             headers["Cache-Control"] = "no-store"
