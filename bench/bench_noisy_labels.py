@@ -57,7 +57,8 @@ class Method:
 
     @property
     def label(self) -> str:
-        return self.name if self.bound is None or math.isinf(self.bound) else f"{self.name} lambda {self.bound:g}"
+        name = self.name.replace("memory", f"memory {self.memory}")
+        return name if self.bound is None or math.isinf(self.bound) else f"{name} lambda {self.bound:g}"
 
 
 METHODS = (
@@ -66,6 +67,10 @@ METHODS = (
     Method("QAM+OCM", 2.0),
     Method("QAM+OCM", 1.0),
     Method("QAM+OCM+memory", 2.0, 14),
+)
+MORE_METHODS = (  # tried after the first run, by --methods
+    Method("QAM+OCM+memory", 1.0, 14),
+    Method("QAM+OCM+memory", 2.0, 30),
 )
 
 
@@ -169,10 +174,11 @@ HEADER = (
 
 
 def run_arm(
-    recipe: Recipe, method: Method, fraction: float, cases: list[TrainingCase], corrupted: set[str], held_out, device: str
+    recipe: Recipe, method: Method, fraction: float, cases: list[TrainingCase], corrupted: set[str], held_out, device: str,
+    seed: int,
 ) -> ArmResult:
     config = TrainConfig(
-        steps=recipe.steps, batch_size=2, learning_rate=recipe.learning_rate, seed=0, checkpoint_every=recipe.steps + 1,
+        steps=recipe.steps, batch_size=2, learning_rate=recipe.learning_rate, seed=seed, checkpoint_every=recipe.steps + 1,
         architecture=Architecture(channels=recipe.channels), preprocessing=recipe.preprocessing(),
         quality_bound=method.bound, quality_memory=method.memory, device=device,
     )
@@ -223,7 +229,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps of every arm (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write one object per arm here")
+    parser.add_argument(
+        "--methods", type=lambda text: text.split(","), metavar="LABEL,...",
+        help=f"only these arms (default: the first {len(METHODS)}): {', '.join(m.label for m in (*METHODS, *MORE_METHODS))}",
+    )
+    parser.add_argument(
+        "--fractions", type=lambda text: [float(v) for v in text.split(",")], default=FRACTIONS, metavar="F,...",
+        help="shares of corrupted labels",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="training seed (initial weights, crops); the noise stays")
     args = parser.parse_args()
+    known = {m.label: m for m in (*METHODS, *MORE_METHODS)}
+    if args.methods and not set(args.methods) <= set(known):
+        parser.error(f"unknown method among {args.methods}; known: {', '.join(known)}")
+    methods = [known[label] for label in args.methods] if args.methods else list(METHODS)
 
     recipe = RECIPES["smoke" if args.smoke else "full" if args.full else "cpu"]
     if args.steps:
@@ -232,7 +251,7 @@ def main() -> None:
     device = resolve_device(args.device)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"CPU: {cpu_description()}")
-    print(f"torch {torch.__version__}, {args.threads} thread(s), device {device}")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), device {device}, training seed {args.seed}")
     print(
         f"recipe: {len(recipe.training_seeds)} training phantoms, {len(recipe.held_out_seeds)} held out; "
         f"{recipe.spacing} mm voxels, {recipe.shape} crops, channels {recipe.channels}, batch 2, "
@@ -247,7 +266,7 @@ def main() -> None:
     print(f"phantoms ready in {time.perf_counter() - started:.0f} s", flush=True)
 
     results: list[ArmResult] = []
-    for fraction in FRACTIONS:
+    for fraction in args.fractions:
         chosen = corruptions(len(clean), fraction)
         cases = [
             TrainingCase(c.name, c.image, chosen[i].apply(c.mask, recipe.spacing)) if i in chosen else c
@@ -258,8 +277,8 @@ def main() -> None:
             kinds = ", ".join(chosen[i].text for i in sorted(chosen))
             print(f"{fraction:.0%} corrupted: {kinds}; their Dice against the truth: mean {np.mean(label_dice):.3f}")
         corrupted = {cases[i].name for i in chosen}
-        for method in METHODS:
-            result = run_arm(recipe, method, fraction, cases, corrupted, held_out, args.device)
+        for method in methods:
+            result = run_arm(recipe, method, fraction, cases, corrupted, held_out, args.device, args.seed)
             results.append(result)
             print(f"{result.row()}  ({result.seconds:.0f} s)", flush=True)
 

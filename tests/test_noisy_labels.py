@@ -118,3 +118,12 @@ def test_the_quality_module_without_the_overfitting_control_is_unbounded():
     assert weights[0].item() < 2 * math.exp(-4) / (1 + math.exp(-4))  # below what lambda 2 would allow
     with pytest.raises(ValueError, match="memory must be 0 or more"):
         QualityAwareness(bound=2.0, memory=-1)
+
+
+def test_cross_validation_accepts_the_same_label_quality_options():
+    result = rtnode(
+        "evaluate", "--folds", "2", "--phantoms", "2", "--seed", "900", "--steps", "3", "--channels", "4,8",
+        "--spacing", "8,8,8", "--shape", "16,32,32", "--quality-bound", "2", "--quality-memory", "4", "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith("mean over 2 folds: Dice")
