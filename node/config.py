@@ -197,6 +197,8 @@ class WebSection(_Section):
     insecure_http: bool = False  # allow plain HTTP on a non-loopback address (warned at every start)
     # A session unused this long is ended; the browser must log in again.
     session_idle_minutes: Annotated[float, Field(gt=0)] = 30.0
+    # ... and any session ends this long after its login, used or not.
+    session_max_hours: Annotated[float, Field(gt=0)] = 12.0
     # Failed logins: each beyond `login_slowdown_after` waits a second more before answering; at
     # `login_lockout_after` the account is locked for `login_lockout_minutes`.
     login_slowdown_after: Annotated[int, Field(ge=1)] = 3

@@ -12,6 +12,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -21,10 +22,11 @@ from sqlalchemy.orm import Session
 from node.config import parse_config
 from node.db.engine import open_database
 from node.db.models import AuditEvent, Instance, Job, Series, Study, User, utcnow
+from node.harness import LOOPBACK, free_port, wait_for_port
 from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
 from node.web.accounts import Role, add_user, create_api_token
 from node.web.app import create_app
-from tests.conftest import REPO
+from tests.conftest import REPO, require_tool
 
 PASSWORD = "correct-horse-1"
 TEMPLATES = REPO / "node" / "web" / "templates"
@@ -341,3 +343,60 @@ def test_the_web_process_does_not_load_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_sessions_end_at_their_maximum_age_even_when_used(tmp_path):
+    config = make_config(tmp_path, "session_max_hours = 0.0004")  # 1.44 s
+    engine = open_database(config.node.database_url, fsync=False)
+    add_user(engine, "dora", Role.DOSIMETRIST, PASSWORD)
+    web, _ = logged_in(config, engine, "dora")
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert web.get("/").status_code == 200
+        time.sleep(0.2)
+    time.sleep(0.8)
+    assert web.get("/").status_code == 303
+
+
+def web_process(tmp_path: Path, web: str) -> tuple[subprocess.Popen, int, Path]:
+    """`rtnode web` alone (as `rtnode serve` starts it), on a free port, logging to a file."""
+    port = free_port()
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[web]\nport = {port}\n{web}\n')
+    log = tmp_path / "web.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "node", "--config", str(config_path), "web"], stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=tmp_path)
+    wait_for_port(port, 60)
+    return process, port, log
+
+
+def test_tls_serves_https_with_secure_cookies(tmp_path):
+    openssl = require_tool("openssl")
+    key, certificate = tmp_path / "web.key", tmp_path / "web.crt"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=rtnode", "-days", "1",
+                    "-addext", f"subjectAltName=IP:{LOOPBACK}",
+                    "-keyout", key, "-out", certificate], check=True, capture_output=True, timeout=60)
+    process, port, _ = web_process(tmp_path, f'certificate = "{certificate}"\nprivate_key = "{key}"')
+    try:
+        config = parse_config((tmp_path / "node.toml").read_text())
+        add_user(open_database(config.node.database_url, fsync=False), "ada", Role.ADMIN, PASSWORD)
+        with httpx.Client(base_url=f"https://{LOOPBACK}:{port}", verify=str(certificate), timeout=30) as https:
+            login = https.post("/login", data={"username": "ada", "password": PASSWORD})
+            assert login.status_code == 303 and "Secure" in login.headers["set-cookie"]
+            assert login.headers["strict-transport-security"].startswith("max-age=")
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://{LOOPBACK}:{port}/healthz", timeout=5)  # no plain HTTP beside it
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_insecure_http_beyond_loopback_is_warned_at_start(tmp_path):
+    process, port, log = web_process(tmp_path, 'host = "0.0.0.0"\ninsecure_http = true')
+    try:
+        assert httpx.get(f"http://{LOOPBACK}:{port}/healthz", timeout=10).status_code in (200, 503)
+        assert "serves plain HTTP on 0.0.0.0" in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -171,15 +171,17 @@ def log_in(engine: Engine, web: WebSection, username: str, password: str, addres
         return LoginResult(_identity(user, csrf, row.id), token, 0.0, "")
 
 
-def session_identity(engine: Engine, token: str, idle_minutes: float, *, touch: bool = True) -> Identity | None:
-    """The user of a live session cookie, or None (unknown, ended, idle too long, user disabled).
+def session_identity(engine: Engine, token: str, web: WebSection, *, touch: bool = True) -> Identity | None:
+    """The user of a live session cookie, or None (unknown, ended, idle too long, too old, user disabled).
     `touch` counts the request as activity (a page's own polling does not keep a session alive)."""
     now = utcnow()
     with Session(engine) as session:
         row = session.scalars(select(WebSession).where(WebSession.token_sha256 == sha256(token))).one_or_none()
         if row is None or row.ended_at is not None or row.user.disabled:
             return None
-        if now - row.last_seen_at > timedelta(minutes=idle_minutes):
+        if now - row.last_seen_at > timedelta(minutes=web.session_idle_minutes):
+            return None
+        if now - row.created_at > timedelta(hours=web.session_max_hours):
             return None
         identity = _identity(row.user, row.csrf_token, row.id)
         if touch and now - row.last_seen_at > _TOUCH_INTERVAL:

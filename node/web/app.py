@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydicom import dcmread
 from sqlalchemy import Engine
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from node import __version__
 from node.config import Config
@@ -145,6 +146,14 @@ def create_app(config: Config, engine: Engine) -> FastAPI:
             return JSONResponse({"detail": exc.reason}, 403)
         return _render(request, "error.html", identity, 403, title="Not allowed", message=exc.reason)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if _api(request) or exc.status_code < 400:
+            return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+        identity = await run_in_threadpool(_quiet_identity, request)
+        title = f"Error {exc.status_code}"
+        return _render(request, "error.html", identity, exc.status_code, title=title, message=str(exc.detail))
+
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> Response:
         if _api(request):
@@ -262,8 +271,8 @@ def create_app(config: Config, engine: Engine) -> FastAPI:
     @app.get("/api/", response_class=HTMLResponse)
     def api_docs(request: Request, identity: User) -> HTMLResponse:
         """The API described for people: every path of the OpenAPI document (/api/openapi.json)."""
-        paths = [(path, method.upper(), op.get("summary", "")) for path, ops in app.openapi()["paths"].items()
-                 for method, op in ops.items()]
+        paths = [(path, method.upper(), (op.get("description") or op.get("summary", "")).split("\n")[0])
+                 for path, ops in app.openapi()["paths"].items() for method, op in ops.items()]
         return _render(request, "api.html", identity, paths=paths)
 
     # --- the JSON API ---
