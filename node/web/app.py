@@ -332,7 +332,7 @@ def create_app(config: Config, engine: Engine) -> FastAPI:
         except ArchiveRefused as exc:
             raise HTTPException(400, str(exc)) from None
 
-    # --- the viewer's pictures (node/web/viewer.py) ---
+    # --- the viewer's pictures (node/web/viewer.py): paging is a person at work, so it keeps the session alive ---
 
     def job_viewer(job_id: int) -> viewer.JobViewer:
         job = describe_job(engine, job_id)
@@ -349,15 +349,15 @@ def create_app(config: Config, engine: Engine) -> FastAPI:
         return result
 
     @app.get("/api/jobs/{job_id}/slices/{index}.png")
-    def api_slice_png(identity: Poller, job_id: int, index: int, preset: str = viewer.DEFAULT_PRESET) -> Response:
+    def api_slice_png(identity: User, job_id: int, index: int, preset: str = viewer.DEFAULT_PRESET) -> Response:
         return Response(_pictured(lambda: job_viewer(job_id).axial_png(index, preset)), media_type="image/png")
 
     @app.get("/api/jobs/{job_id}/slices/{index}/outline")
-    def api_slice_outline(identity: Poller, job_id: int, index: int) -> dict:
+    def api_slice_outline(identity: User, job_id: int, index: int) -> dict:
         return _pictured(lambda: job_viewer(job_id).outline(index))
 
     @app.get("/api/jobs/{job_id}/reformat/{plane}.png")
-    def api_reformat(identity: Poller, job_id: int, plane: str, preset: str = viewer.DEFAULT_PRESET) -> Response:
+    def api_reformat(identity: User, job_id: int, plane: str, preset: str = viewer.DEFAULT_PRESET) -> Response:
         png = _pictured(lambda: job_viewer(job_id).reformat_png(plane, preset))
         return Response(png, media_type="image/png")
 
