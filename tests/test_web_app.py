@@ -23,6 +23,7 @@ from node.config import parse_config
 from node.db.engine import open_database
 from node.db.models import AuditEvent, Instance, Job, Series, Study, User, utcnow
 from node.harness import LOOPBACK, free_port, wait_for_port
+from node.service import WebProcess
 from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
 from node.web.accounts import Role, add_user, create_api_token
 from node.web.app import create_app
@@ -400,3 +401,33 @@ def test_insecure_http_beyond_loopback_is_warned_at_start(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append((int(stat.parent.name), (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_serve_runs_the_web_app_in_its_own_process_and_restarts_it(node_factory):
+    node = node_factory(web_port=free_port()).start(timeout=60)
+    wait_for_port(node.web_port, 60)
+    (web_pid,) = [pid for pid, command in children(node.process.pid) if command.rstrip().endswith(" web")]
+    time.sleep(WebProcess.STARTUP_SECONDS + 0.5)  # a death after the start-up seconds is restarted
+    subprocess.run(["kill", "-9", str(web_pid)], check=True)
+    deadline = time.monotonic() + 60
+    restarted: list[int] = []
+    while time.monotonic() < deadline and not restarted:
+        restarted = [pid for pid, command in children(node.process.pid) if command.rstrip().endswith(" web") and pid != web_pid]
+        time.sleep(0.2)
+    assert restarted, node.log()[-3000:]
+    wait_for_port(node.web_port, 60)
+    assert httpx.get(f"http://{LOOPBACK}:{node.web_port}/healthz", timeout=10).json()["checks"]["scp"]["ok"]
+    assert "the web app exited with status -9: starting it again" in node.log()
