@@ -497,9 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--spacing", type=_triple, default=(2.5, 1.5, 1.5), help="model voxel size slice,row,column mm")
         sub.add_argument("--shape", type=lambda t: _triple(t, int), default=(72, 256, 256), help="network input slice,row,column")
         sub.add_argument(
-            "--quality-bound", type=float, metavar="LAMBDA",
+            "--quality-bound", type=float, nargs="?", const=1.0, metavar="LAMBDA",
             help="Pick-and-Learn for archives contoured by several doctors: weight each sample's loss by a learned label "
-            "quality score bounded by LAMBDA*tanh (try 1); off by default",
+            "quality score bounded by LAMBDA*tanh (1 when no LAMBDA is given; README: Noisy labels); off by default",
         )
         sub.add_argument(
             "--quality-memory", type=int, metavar="N",

@@ -51,7 +51,7 @@ def test_training_reports_the_labels_it_trusts_least(tmp_path):
     out = tmp_path / "w.safetensors"
     result = rtnode(
         "train", "--phantoms", "3", "--seed", "900", "--steps", "3", "--channels", "4,8", "--spacing", "8,8,8",
-        "--shape", "16,32,32", "--quality-bound", "2", "--out", out, "--quiet",
+        "--shape", "16,32,32", "--quality-bound", "--out", out, "--quiet",
     )
     assert result.returncode == 0, result.stderr
     report = result.stdout.split("labels the quality module trusts least (weight 1 = an average case; check these contours):\n")
@@ -60,9 +60,10 @@ def test_training_reports_the_labels_it_trusts_least(tmp_path):
     assert sorted(name for _, name in listed) == ["phantom-900", "phantom-901", "phantom-902"]
     weights = [float(weight) for weight, _ in listed]
     assert weights == sorted(weights) and sum(weights) == pytest.approx(3, abs=0.02)
-    assert all(math.exp(-4) <= w / weights[-1] <= 1 for w in weights)  # lambda 2: at most exp(2 lambda) apart
-    card = json.loads(out.with_suffix(".json").read_text())
-    assert card["training"]["label_quality"] == "Pick-and-Learn: QAM loss weights bounded by the OCM, lambda 2"
+    assert all(math.exp(-2) <= w / weights[-1] <= 1 for w in weights)  # lambda 1: at most exp(2 lambda) apart
+    card = json.loads(out.with_suffix(".json").read_text())  # no LAMBDA given: the default, 1, and the batch alone
+    assert card["training"]["label_quality"] == "Pick-and-Learn: QAM loss weights bounded by the OCM, lambda 1"
+    assert card["training"]["label_quality_memory"] == 0
 
 
 def test_without_the_option_no_label_quality_is_reported(tmp_path):

@@ -35,7 +35,7 @@ MAX_SHIFT_VOXELS = 8
 MAX_ROTATION_DEGREES = 10.0
 NOISE_VARIANCE = 0.001
 LOSS = "BCE + Dice on every recurrent pass"
-QUALITY_MEMORY = 0
+QUALITY_MEMORY = 0  # the thesis's softmax over the batch alone: a queue of recent samples did worse (bench_noisy_labels)
 
 
 @dataclass(frozen=True, eq=False)
