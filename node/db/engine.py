@@ -47,15 +47,32 @@ def alembic_config() -> AlembicConfig:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision; safe to run at every start."""
+    """Bring the schema to the newest revision; safe to run at every start.
+
+    SQLite's batch migrations copy a table and drop the old one, which enforced foreign keys
+    refuse while other tables refer to it: they are off during the upgrade (SQLite ignores the
+    pragma inside a transaction) and every reference is checked before the commit."""
     cfg = alembic_config()
     head = ScriptDirectory.from_config(cfg).get_current_head()
-    with engine.begin() as connection:
+    with engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_revision()
         if current == head:
             return
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+        connection.rollback()
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        try:
+            with connection.begin():
+                cfg.attributes["connection"] = connection
+                command.upgrade(cfg, "head")
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise RuntimeError("the schema upgrade left rows whose references are broken; nothing was changed")
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
     log.info("database %s upgraded from schema %s to %s", engine.url.render_as_string(), current, head)
 
 
