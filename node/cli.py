@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from node.service import run_worker
 
-    return run_worker(_config(args))
+    return run_worker(_config(args), device=args.device)
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", cmd_demo, "the whole loop on this machine: phantom CT in by C-STORE, RT Structure Set out")
     demo.add_argument("--workdir", type=Path, help="where to keep the demo's files (default: a new temporary folder)")
     demo.add_argument("--weights", type=Path)
-    add("worker", cmd_worker, "run the job worker and sender alone (rtnode serve starts one itself)")
+    worker = add("worker", cmd_worker, "run a job worker and sender alone, on this or another machine (any number of them)")
+    worker.add_argument("--device", help="the torch device for this worker, e.g. cuda:1 (default: model.device)")
     studies = add("studies", cmd_studies, "list received studies and their series")
     studies.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -76,6 +76,9 @@ class NodeSection(_Section):
     max_unnegotiated_per_peer: Annotated[int, Field(ge=1)] = 2
     # Largest decoded size of one instance (after inflating a Deflated transfer syntax); larger is refused.
     max_instance_mb: Annotated[float, Field(gt=0)] = 256.0
+    # A worker renews the leases of its job and sends by a heartbeat every quarter of this; when it
+    # stops (killed, machine lost), another worker takes them over after this many seconds.
+    worker_lease_seconds: Annotated[float, Field(ge=2)] = 60.0
 
 
 class AllowedCaller(_Section):

@@ -36,6 +36,7 @@ def job_json(job: Job, *, events: bool = False) -> dict:
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
+        "worker": job.worker or None,
         "instances": len(job.input_uids),
         "input_fingerprint": job.input_fingerprint,
         "model": {"name": job.model_name, "version": job.model_version} if job.model_name else None,

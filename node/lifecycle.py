@@ -5,7 +5,9 @@ claims jobs in arrival order (`claim_next`), never two running jobs of one serie
 records what it made (`record_outputs`) or why it failed (`fail_job`); the sender takes
 pending deliveries (`due_deliveries`, `take_delivery`) and records each attempt's outcome
 with backoff (`record_attempt`); an admin queues a delivery again by hand (`resend`); a
-restart puts running jobs back in the queue (`recover_after_restart`). A structure set sent
+restart puts running jobs back in the queue (`recover_after_restart`). Workers on any number of
+machines share the database: each holds what it took under a lease its heartbeat renews
+(`heartbeat`), and what a lost worker held is taken back when the lease runs out (`expire_leases`). A structure set sent
 back becomes a pending review (`submit_reviews`) that the worker classifies and measures
 (`record_review`). Each transition is one transaction and an event in the job's log, in words
 an admin understands.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -26,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from node.config import DeliverySection, Destination
 from node.db.models import Delivery, Instance, Job, JobEvent, Review, Series, UTCDateTime, utcnow
+from node.db.models import Worker as WorkerRow
 from node.errors import UserError
 from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind, ReviewKind, ReviewStatus
 
@@ -103,18 +108,78 @@ def submit_series(engine: Engine, series_instance_uid: str, eligibility_of: Elig
         return job
 
 
-def claim_next(engine: Engine) -> int | None:
-    """Mark the oldest queued job running, skipping series with a job running already. Returns its id."""
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who holds a job or a delivery: unique across the machines that share the database."""
+
+    host: str
+    pid: int
+    device: str
+
+    @classmethod
+    def this_process(cls, device: str) -> WorkerIdentity:
+        return cls(socket.gethostname(), os.getpid(), device)
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.pid}"
+
+
+def register_worker(engine: Engine, worker: WorkerIdentity) -> None:
+    """A worker's row, new at every start (a process id can come back after a reboot)."""
+    now = utcnow()
+    with Session(engine) as session, session.begin():
+        row = session.scalars(select(WorkerRow).where(WorkerRow.name == worker.name)).first()
+        if row is None:
+            row = WorkerRow(name=worker.name, host=worker.host, pid=worker.pid)
+            session.add(row)
+        row.device, row.started_at, row.heartbeat_at, row.stopped_at, row.current_job_id = worker.device, now, now, None, None
+
+
+def heartbeat(engine: Engine, worker: WorkerIdentity, lease_seconds: float, stopped: bool = False) -> None:
+    """Renew the leases of everything this worker holds; a worker that stops beating loses them."""
+    now = utcnow()
+    lease = now + timedelta(seconds=lease_seconds)
+    with Session(engine) as session, session.begin():
+        row = session.scalars(select(WorkerRow).where(WorkerRow.name == worker.name)).one()
+        row.heartbeat_at = now
+        row.current_job_id = session.scalars(
+            select(Job.id).where(Job.worker == worker.name, Job.status == JobStatus.RUNNING)
+        ).first()
+        if stopped:
+            row.stopped_at = now
+        session.execute(
+            update(Job).where(Job.worker == worker.name, Job.status == JobStatus.RUNNING).values(lease_expires_at=lease)
+        )
+        session.execute(
+            update(Delivery)
+            .where(Delivery.worker == worker.name, Delivery.attempt_started_at.is_not(None))
+            .values(lease_expires_at=lease)
+        )
+
+
+def claim_next(engine: Engine, worker: WorkerIdentity, lease_seconds: float) -> int | None:
+    """Take the oldest queued job whose series has none running, under a lease. Rows another
+    worker is claiming are skipped (FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite has one writer),
+    and the conditional update makes a lost race a miss, never a double run. Returns its id."""
     with Session(engine) as session, session.begin():
         running_series = select(Job.series_id).where(Job.status == JobStatus.RUNNING)
         candidates = session.scalars(
-            select(Job).where(Job.status == JobStatus.QUEUED, Job.series_id.not_in(running_series)).order_by(Job.id).limit(1)
+            select(Job)
+            .where(Job.status == JobStatus.QUEUED, Job.series_id.not_in(running_series))
+            .order_by(Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
         ).all()
         for job in candidates:
+            now = utcnow()
             claimed = session.execute(
                 update(Job)
                 .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
-                .values(status=JobStatus.RUNNING, started_at=utcnow(), starts=Job.starts + 1)
+                .values(
+                    status=JobStatus.RUNNING, started_at=now, starts=Job.starts + 1, worker=worker.name,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                )
             )
             if claimed.rowcount != 1:
                 continue
@@ -124,46 +189,91 @@ def claim_next(engine: Engine) -> int | None:
                     session, job, JobStatus.FAILED, f"the worker stopped {MAX_STARTS} times while running this job: not retried"
                 )
                 continue
-            add_event(session, job, EventKind.STARTED, f"attempt {job.starts}")
+            add_event(session, job, EventKind.STARTED, f"attempt {job.starts} on {worker.name} ({worker.device})")
             return job.id
     return None
 
 
+def _process_gone(name: str) -> bool:
+    """Whether `name` is a worker of this machine whose process no longer exists."""
+    host, _, pid = name.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def recover_after_restart(engine: Engine) -> int:
-    """At start-up, running jobs go back to the queue: the process that ran them is gone with the
-    node. A node restart is not the job's fault, so that attempt does not count toward MAX_STARTS.
+    """At start-up, jobs held by workers of this machine that are gone go back to the queue at once
+    (the node's own worker dies with it). A node restart is not the job's fault, so that attempt does
+    not count toward MAX_STARTS. Jobs of other machines' workers are left to their leases.
     Send attempts that were on the wire are counted as failed attempts. Nothing is deleted."""
     with Session(engine) as session, session.begin():
-        jobs = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
+        jobs = [
+            job
+            for job in session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
+            if not job.worker or _process_gone(job.worker)
+        ]
         for job in jobs:
             job.status, job.starts = JobStatus.QUEUED, max(job.starts - 1, 0)
             add_event(session, job, EventKind.REQUEUED, "the node restarted while this job ran (not counted as a crash)")
-        _count_interrupted_sends(session)
+        _count_interrupted_sends(session, lambda name: not name or _process_gone(name))
         return len(jobs)
 
 
-def requeue_after_worker_death(engine: Engine, exit_status: int | None) -> int:
-    """The worker process died while the node stayed up: its running job goes back to the queue,
-    and this counts toward MAX_STARTS (a job that kills the worker every time must end)."""
+def requeue_after_worker_death(engine: Engine, worker_name: str, exit_status: int | None) -> int:
+    """A worker process died while the node stayed up: its running job goes back to the queue, and
+    this counts toward MAX_STARTS (a job that kills the worker every time must end)."""
     with Session(engine) as session, session.begin():
-        jobs = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
+        jobs = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING, Job.worker == worker_name)).all()
         for job in jobs:
             job.status = JobStatus.QUEUED
-            detail = f"the worker process stopped (status {exit_status}) while this job ran: attempt {job.starts} of {MAX_STARTS}"
+            detail = (
+                f"the worker process stopped (status {exit_status}) while this job ran on {worker_name}:"
+                f" attempt {job.starts} of {MAX_STARTS}"
+            )
             add_event(session, job, EventKind.REQUEUED, detail)
-        _count_interrupted_sends(session)
+        _count_interrupted_sends(session, lambda name: name == worker_name)
         return len(jobs)
 
 
-def _count_interrupted_sends(session: Session) -> None:
-    """An attempt cut off by a restart counts: its delivery waits for the next one as after a failure."""
-    deliveries = session.scalars(
-        select(Delivery).where(Delivery.status == DeliveryStatus.PENDING, Delivery.attempt_started_at.is_not(None))
-    ).all()
-    for delivery in deliveries:
+def expire_leases(engine: Engine) -> int:
+    """Jobs and sends whose worker stopped renewing its lease (killed, machine lost) are taken back,
+    so another worker can take them over; like a worker death this counts toward MAX_STARTS."""
+    now = utcnow()
+    with Session(engine) as session, session.begin():
+        jobs = session.scalars(
+            select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now).with_for_update(skip_locked=True)
+        ).all()
+        for job in jobs:
+            job.status = JobStatus.QUEUED
+            detail = f"the lease of worker {job.worker} expired while this job ran: attempt {job.starts} of {MAX_STARTS}"
+            add_event(session, job, EventKind.REQUEUED, detail)
+        expired = select(Delivery.worker).where(Delivery.attempt_started_at.is_not(None), Delivery.lease_expires_at < now)
+        holders = set(session.scalars(expired).all())
+        if holders:
+            _count_interrupted_sends(session, holders.__contains__, expired_before=now)
+        return len(jobs)
+
+
+def _count_interrupted_sends(
+    session: Session, held_by: Callable[[str], bool], expired_before: datetime | None = None
+) -> None:
+    """An attempt cut off with its worker counts: its delivery waits for the next one as after a failure."""
+    query = select(Delivery).where(Delivery.status == DeliveryStatus.PENDING, Delivery.attempt_started_at.is_not(None))
+    if expired_before is not None:
+        query = query.where(Delivery.lease_expires_at < expired_before)
+    for delivery in session.scalars(query).all():
+        if not held_by(delivery.worker):
+            continue
         delivery.attempts += 1
         delivery.attempt_started_at = None
-        delivery.last_error = "the attempt was cut off by a restart"
+        delivery.last_error = "the attempt was cut off: its worker stopped"
         delivery.next_attempt_at = utcnow()
         detail = f"{delivery.kind} to {delivery.destination}: attempt {delivery.attempts}"
         add_event(session, delivery.job, EventKind.SEND_INTERRUPTED, detail)
@@ -425,14 +535,19 @@ def due_deliveries(engine: Engine) -> list[int]:
         )
 
 
-def take_delivery(engine: Engine, delivery_id: int) -> DeliveryOrder | None:
-    """The delivery, if it is still pending (a newer version may have superseded it meanwhile),
-    marked as on the wire until `record_attempt`."""
+def take_delivery(engine: Engine, delivery_id: int, worker: WorkerIdentity, lease_seconds: float) -> DeliveryOrder | None:
+    """The delivery, if it is still pending (a newer version may have superseded it meanwhile) and
+    no other worker has it on the wire, marked as on the wire by this worker until `record_attempt`."""
+    now = utcnow()
     with Session(engine) as session, session.begin():
-        d = session.get(Delivery, delivery_id)
-        if d is None or d.status != DeliveryStatus.PENDING:
+        taken = session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.PENDING, Delivery.attempt_started_at.is_(None))
+            .values(attempt_started_at=now, worker=worker.name, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        )
+        if taken.rowcount != 1:
             return None
-        d.attempt_started_at = utcnow()
+        d = session.get(Delivery, delivery_id)
         return DeliveryOrder(d.id, d.destination, d.ae_title, d.host, d.port, OutputKind(d.kind), Path(d.path))
 
 

@@ -249,9 +249,10 @@ def warn_of_plain_http(config: Config) -> None:
 
 
 class Sender:
-    def __init__(self, config: Config, engine: Engine) -> None:
+    def __init__(self, config: Config, engine: Engine, identity: lifecycle.WorkerIdentity) -> None:
         self._config = config
         self._engine = engine
+        self._identity = identity
         self._policy = RetryPolicy.from_config(config.delivery)
         warn_of_plain_http(config)
 
@@ -264,7 +265,7 @@ class Sender:
         """Attempt every delivery whose time has come; returns how many were due."""
         due = lifecycle.due_deliveries(self._engine)
         for delivery_id in due:
-            order = lifecycle.take_delivery(self._engine, delivery_id)
+            order = lifecycle.take_delivery(self._engine, delivery_id, self._identity, self._config.node.worker_lease_seconds)
             if order is None:
                 continue
             start = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,12 +20,21 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from node.completion import CompletionTracker
 from node.config import Config
 from node.db.engine import open_database
 from node.errors import UserError
-from node.lifecycle import recover_after_restart, requeue_after_worker_death, series_needing_jobs
+from node.lifecycle import (
+    WorkerIdentity,
+    expire_leases,
+    heartbeat,
+    recover_after_restart,
+    register_worker,
+    requeue_after_worker_death,
+    series_needing_jobs,
+)
 from node.retention import purge_logged
 from node.scp import StorageSCP
 from node.store import InstanceStore
@@ -61,14 +71,14 @@ class WorkerProcess:
         self._process = subprocess.Popen(self._command, preexec_fn=_die_with_parent)
         log.info("worker process %d started", self._process.pid)
 
-    def keep_alive(self) -> int | None:
-        """Start a new worker if the last one died; returns the dead one's exit status."""
+    def keep_alive(self) -> tuple[str, int] | None:
+        """Start a new worker if the last one died; returns the dead one's worker name and exit status."""
         if self._process is None or self._process.poll() is None:
             return None
-        status = self._process.returncode
-        log.error("worker process exited with status %s: starting a new one", status)
+        name, status = f"{socket.gethostname()}:{self._process.pid}", self._process.returncode
+        log.error("worker process %s exited with status %s: starting a new one", name, status)
         self.start()
-        return status
+        return name, status
 
     def stop(self, timeout: float = 60.0) -> None:
         if self._process is None or self._process.poll() is not None:
@@ -152,7 +162,7 @@ def serve(config: Config, config_path: Path) -> int:
     while not stop.wait(1.0):
         died = worker.keep_alive()
         if died is not None:
-            requeue_after_worker_death(engine, died)
+            requeue_after_worker_death(engine, *died)
         if web is not None:
             web.keep_alive()
     log.info("stopping: no new associations, waiting for in-flight ones")
@@ -165,17 +175,37 @@ def serve(config: Config, config_path: Path) -> int:
     return 0
 
 
-def run_worker(config: Config) -> int:
-    """Jobs in this thread, deliveries in another, until asked to stop."""
+def _beat(engine: Engine, identity: WorkerIdentity, lease_seconds: float, stop: threading.Event) -> None:
+    """Renew this worker's leases and take back what lost workers held, until asked to stop."""
+    while not stop.wait(lease_seconds / 4):
+        try:
+            heartbeat(engine, identity, lease_seconds)
+            expire_leases(engine)
+        except SQLAlchemyError:
+            log.exception("heartbeat failed: retrying (the leases run out if the database stays away)")
+
+
+def run_worker(config: Config, device: str | None = None) -> int:
+    """Jobs in this thread, deliveries in another, a heartbeat in a third, until asked to stop.
+    Any number of workers, on any machines sharing the database and data_dir, can run at once."""
     # Imported here, not at the top: `rtnode serve` imports this module and must not load torch.
     from node.sender import Sender
     from node.worker import Worker
 
     stop = stop_on_signals()
     engine = open_node_database(config)
-    sender = threading.Thread(target=Sender(config, engine).run_forever, args=(stop,), name="sender", daemon=True)
+    identity = WorkerIdentity.this_process(device or config.model.device)
+    lease = config.node.worker_lease_seconds
+    register_worker(engine, identity)
+    expire_leases(engine)
+    log.info("worker %s on %s", identity.name, identity.device)
+    beat = threading.Thread(target=_beat, args=(engine, identity, lease, stop), name="heartbeat", daemon=True)
+    beat.start()
+    sender = threading.Thread(
+        target=Sender(config, engine, identity).run_forever, args=(stop,), name="sender", daemon=True
+    )
     sender.start()
-    worker = Worker(config, engine)
+    worker = Worker(config, engine, identity)
     try:
         worker.load_model()
         usable = True
@@ -185,4 +215,6 @@ def run_worker(config: Config) -> int:
         usable = False
     worker.run_forever(stop, take_jobs=usable)
     sender.join(timeout=60)
+    beat.join(timeout=5)
+    heartbeat(engine, identity, lease, stopped=True)
     return 0

@@ -32,15 +32,16 @@ class JobFailed(Exception):
 
 
 class Worker:
-    def __init__(self, config: Config, engine: Engine) -> None:
+    def __init__(self, config: Config, engine: Engine, identity: lifecycle.WorkerIdentity) -> None:
         self._config = config
         self._engine = engine
+        self._identity = identity
         self._segmenter: Segmenter | None = None
 
     def load_model(self) -> Segmenter:
         """The model, loaded once. Raises WeightsError or DeviceError when it cannot be used."""
         if self._segmenter is None:
-            self._segmenter = Segmenter.from_weights(self._config.model.weights, self._config.model.device)
+            self._segmenter = Segmenter.from_weights(self._config.model.weights, self._identity.device)
             log.info("model %s on %s", self._segmenter.card.label, self._segmenter.device)
         return self._segmenter
 
@@ -48,7 +49,8 @@ class Worker:
         """Jobs first (a patient may be waiting for the contour); between them, one pending review at a time.
         Without a usable model (`take_jobs` false) jobs wait in the queue and reviews go on."""
         while not stop.is_set():
-            job_id = lifecycle.claim_next(self._engine) if take_jobs else None
+            lease = self._config.node.worker_lease_seconds
+            job_id = lifecycle.claim_next(self._engine, self._identity, lease) if take_jobs else None
             if job_id is not None:
                 self.run_job(job_id)
             elif not review.measure_next(self._engine, self._config):

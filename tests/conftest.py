@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from node.harness import DCMTK_ENV, NodeProcess, free_port
+from node.lifecycle import WorkerIdentity
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -63,3 +65,13 @@ def node_factory(tmp_path):
 def node(node_factory) -> NodeProcess:
     return node_factory().start()
 
+
+
+def _departed_worker() -> WorkerIdentity:
+    """A worker of this machine whose process has exited, as after a node restart or a kill."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return WorkerIdentity(socket.gethostname(), process.pid, "cpu")
+
+
+GONE_WORKER = _departed_worker()

@@ -27,6 +27,7 @@ from node.lifecycle import (
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import write_cylinder_ct
 from node.vocabulary import JobStatus
+from tests.conftest import GONE_WORKER
 
 SENDER = CallingPeer("SCANNER", "127.0.0.1")
 
@@ -68,7 +69,7 @@ def test_versions_follow_arrivals(engine, tmp_path):
     assert same.input_fingerprint == fingerprint([dcmread(p).SOPInstanceUID for p in files])
 
     assert submit(engine, uid) is not None and submit(engine, uid).id == first.id  # nothing new: no new job
-    assert claim_next(engine) == first.id
+    assert claim_next(engine, GONE_WORKER, 60) == first.id
     set_status(engine, first.id, JobStatus.DONE)
     assert submit(engine, uid) is None
 
@@ -89,13 +90,13 @@ def test_never_two_running_jobs_of_one_series(engine, tmp_path):
     uid = dcmread(files[0]).SeriesInstanceUID
     store_files(engine, tmp_path, files[:5])
     first = submit(engine, uid)
-    assert claim_next(engine) == first.id
+    assert claim_next(engine, GONE_WORKER, 60) == first.id
     store_files(engine, tmp_path, files[5:])  # a late slice while version 1 runs
     second = submit(engine, uid)
     assert second.version == 2
-    assert claim_next(engine) is None  # version 1 still runs
+    assert claim_next(engine, GONE_WORKER, 60) is None  # version 1 still runs
     set_status(engine, first.id, JobStatus.DONE)
-    assert claim_next(engine) == second.id
+    assert claim_next(engine, GONE_WORKER, 60) == second.id
 
 
 def test_node_restarts_requeue_without_counting_but_worker_deaths_count(engine, tmp_path):
@@ -104,12 +105,12 @@ def test_node_restarts_requeue_without_counting_but_worker_deaths_count(engine, 
     store_files(engine, tmp_path, files)
     job = submit(engine, uid)
     for _ in range(5):  # the node killed again and again while the job runs: not the job's fault
-        assert claim_next(engine) == job.id
+        assert claim_next(engine, GONE_WORKER, 60) == job.id
         assert recover_after_restart(engine) == 1
     for _ in range(3):  # the worker process dies under it while the node stays up
-        assert claim_next(engine) == job.id
-        assert requeue_after_worker_death(engine, -9) == 1
-    assert claim_next(engine) is None
+        assert claim_next(engine, GONE_WORKER, 60) == job.id
+        assert requeue_after_worker_death(engine, GONE_WORKER.name, -9) == 1
+    assert claim_next(engine, GONE_WORKER, 60) is None
     with Session(engine) as session:
         crashed = session.get(Job, job.id)
         assert crashed.status == "failed" and "stopped 3 times" in crashed.error

@@ -3,6 +3,7 @@ classified, and each transition of `node.lifecycle` on a real SQLite database.""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
@@ -11,21 +12,26 @@ import pytest
 from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.config import Destination
 from node.db.engine import open_database
-from node.db.models import Job, utcnow
+from node.db.models import Job, Worker, utcnow
 from node.errors import UserError
 from node.lifecycle import (
     Eligibility,
     Outcome,
     RetryPolicy,
+    WorkerIdentity,
     claim_next,
     due_deliveries,
+    expire_leases,
+    heartbeat,
     record_attempt,
     record_outputs,
     recover_after_restart,
+    register_worker,
     rerun,
     resend,
     submit_series,
@@ -35,6 +41,7 @@ from node.sender import classify_store_status
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import write_cylinder_ct
 from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind
+from tests.conftest import GONE_WORKER
 
 TPS = Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=11112)
 POLICY = RetryPolicy(first_retry_seconds=30, max_retry_seconds=300, max_age_seconds=3600)
@@ -119,7 +126,7 @@ def store_files(engine, tmp_path: Path, files: list[Path]) -> None:
 def running_job(engine, uid: str) -> int:
     job = submit_series(engine, uid, lambda series, instances: Eligibility(True))
     assert job is not None and job.status == JobStatus.QUEUED
-    assert claim_next(engine) == job.id
+    assert claim_next(engine, GONE_WORKER, 60) == job.id
     return job.id
 
 
@@ -158,7 +165,7 @@ def test_contoured_job_with_a_destination_is_sending_with_one_pending_delivery(e
     assert delivery.sop_instance_uid == f"2.25.{job_id}" and delivery.path == job.outputs[OutputKind.RTSTRUCT]
     assert [kind for kind, _ in events(job)][-2:] == [EventKind.CONTOURED, EventKind.SENDING]
     assert due_deliveries(engine) == [delivery.id]
-    order = take_delivery(engine, delivery.id)
+    order = take_delivery(engine, delivery.id, GONE_WORKER, 60)
     assert (order.destination, order.ae_title, order.port, order.kind) == ("tps", "TPS", 11112, OutputKind.RTSTRUCT)
 
 
@@ -201,7 +208,7 @@ def test_a_delivered_outcome_makes_delivery_and_job_done(engine, series, tmp_pat
     assert job.status == JobStatus.DONE and job.finished_at is not None and job.error == ""
     assert job.timings["send"] == 0.25  # only the attempt that delivered
     assert events(job)[-2:] == [(EventKind.DELIVERED, "rtstruct to tps (attempt 2)"), (EventKind.DONE, "delivered to tps")]
-    assert take_delivery(engine, delivery_id) is None  # never sent again
+    assert take_delivery(engine, delivery_id, GONE_WORKER, 60) is None  # never sent again
 
 
 def test_a_permanent_failure_fails_the_job_naming_the_destination(engine, series, tmp_path):
@@ -236,7 +243,7 @@ def test_a_second_version_supersedes_the_first(engine, series, tmp_path):
     first = running_job(engine, uid)
     contoured(engine, tmp_path, first)
     second = rerun(engine, first).id  # a new version (an unchanged re-send would be a repeat)
-    assert claim_next(engine) == second
+    assert claim_next(engine, GONE_WORKER, 60) == second
     assert job_row(engine, second).version == 2
     contoured(engine, tmp_path, second)
 
@@ -247,7 +254,7 @@ def test_a_second_version_supersedes_the_first(engine, series, tmp_path):
     assert (EventKind.SUPERSEDED, f"by job {second} (v2)") in events(old)
     assert events(old)[-1] == (EventKind.DONE, "superseded by a newer version before delivery")
     assert new.status == JobStatus.SENDING and [d.status for d in new.deliveries] == [DeliveryStatus.PENDING]
-    assert take_delivery(engine, old.deliveries[0].id) is None
+    assert take_delivery(engine, old.deliveries[0].id, GONE_WORKER, 60) is None
     assert due_deliveries(engine) == [new.deliveries[0].id]
 
 
@@ -273,21 +280,21 @@ def test_restart_requeues_running_jobs(engine, series):
     assert job.status == JobStatus.QUEUED
     assert events(job)[-1] == (EventKind.REQUEUED, "the node restarted while this job ran (not counted as a crash)")
     assert recover_after_restart(engine) == 0  # nothing running any more
-    assert claim_next(engine) == job_id and job_row(engine, job_id).starts == 1
+    assert claim_next(engine, GONE_WORKER, 60) == job_id and job_row(engine, job_id).starts == 1
 
 
 def test_a_send_cut_off_by_a_restart_counts_as_an_attempt(engine, series, tmp_path):
     job_id = running_job(engine, series[0])
     contoured(engine, tmp_path, job_id)
     (delivery_id,) = due_deliveries(engine)
-    assert take_delivery(engine, delivery_id) is not None  # on the wire ... and the node is killed
+    assert take_delivery(engine, delivery_id, GONE_WORKER, 60) is not None  # on the wire ... and the node is killed
     recover_after_restart(engine)
     (delivery,) = job_row(engine, job_id).deliveries
     assert (delivery.status, delivery.attempts, delivery.attempt_started_at) == (DeliveryStatus.PENDING, 1, None)
-    assert delivery.last_error == "the attempt was cut off by a restart"
+    assert delivery.last_error == "the attempt was cut off: its worker stopped"
     assert events(job_row(engine, job_id))[-1] == (EventKind.SEND_INTERRUPTED, "rtstruct to tps: attempt 1")
     assert due_deliveries(engine) == [delivery_id]  # tried again at once
-    take_delivery(engine, delivery_id)
+    take_delivery(engine, delivery_id, GONE_WORKER, 60)
     record_attempt(engine, delivery_id, Outcome(True, False, "stored"), 0.1, POLICY)
     (delivery,) = job_row(engine, job_id).deliveries
     assert (delivery.status, delivery.attempts) == (DeliveryStatus.DONE, 2)
@@ -300,3 +307,65 @@ def test_rerun_refuses_what_cannot_be_rerun(engine, series):
         rerun(engine, job_id)
     with pytest.raises(UserError, match="no job 999"):
         rerun(engine, 999)
+
+
+WORKER_A = WorkerIdentity("gpu-a", 101, "cuda:0")
+WORKER_B = WorkerIdentity("gpu-b", 202, "cuda:1")
+
+
+def test_a_job_held_under_a_live_lease_is_not_taken_over(engine, series):
+    job = submit_series(engine, series[0], lambda series, instances: Eligibility(True))
+    register_worker(engine, WORKER_A)
+    assert claim_next(engine, WORKER_A, 60) == job.id
+    assert expire_leases(engine) == 0
+    assert claim_next(engine, WORKER_B, 60) is None
+    assert job_row(engine, job.id).worker == "gpu-a:101"
+
+
+def test_a_job_whose_lease_ran_out_is_taken_over_and_counted(engine, series):
+    job = submit_series(engine, series[0], lambda series, instances: Eligibility(True))
+    assert claim_next(engine, WORKER_A, 0.05) == job.id
+    time.sleep(0.1)  # worker A stopped beating: killed, or its machine lost
+    assert expire_leases(engine) == 1
+    assert claim_next(engine, WORKER_B, 60) == job.id
+    taken = job_row(engine, job.id)
+    assert (taken.worker, taken.starts, taken.status) == ("gpu-b:202", 2, JobStatus.RUNNING)
+    assert events(taken)[-2:] == [
+        (EventKind.REQUEUED, "the lease of worker gpu-a:101 expired while this job ran: attempt 1 of 3"),
+        (EventKind.STARTED, "attempt 2 on gpu-b:202 (cuda:1)"),
+    ]
+
+
+def test_a_heartbeat_keeps_the_lease_and_names_the_current_job(engine, series):
+    job = submit_series(engine, series[0], lambda series, instances: Eligibility(True))
+    register_worker(engine, WORKER_A)
+    assert claim_next(engine, WORKER_A, 0.05) == job.id
+    heartbeat(engine, WORKER_A, 60)
+    time.sleep(0.1)
+    assert expire_leases(engine) == 0
+    with Session(engine) as session:
+        row = session.scalars(select(Worker).where(Worker.name == "gpu-a:101")).one()
+        assert (row.current_job_id, row.device, row.stopped_at) == (job.id, "cuda:0", None)
+
+
+def test_a_delivery_on_the_wire_is_never_taken_by_a_second_worker(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    contoured(engine, tmp_path, job_id)
+    (delivery_id,) = due_deliveries(engine)
+    assert take_delivery(engine, delivery_id, WORKER_A, 60) is not None
+    assert take_delivery(engine, delivery_id, WORKER_B, 60) is None
+    assert expire_leases(engine) == 0 and job_row(engine, job_id).deliveries[0].attempts == 0
+
+
+def test_a_delivery_whose_sender_lost_its_lease_is_counted_and_sent_by_another(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    contoured(engine, tmp_path, job_id)
+    (delivery_id,) = due_deliveries(engine)
+    assert take_delivery(engine, delivery_id, WORKER_A, 0.05) is not None
+    time.sleep(0.1)
+    expire_leases(engine)
+    (delivery,) = job_row(engine, job_id).deliveries
+    assert (delivery.attempts, delivery.attempt_started_at) == (1, None)
+    assert delivery.last_error == "the attempt was cut off: its worker stopped"
+    order = take_delivery(engine, delivery_id, WORKER_B, 60)
+    assert order is not None and job_row(engine, job_id).deliveries[0].worker == "gpu-b:202"

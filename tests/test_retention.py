@@ -40,6 +40,7 @@ from node.retention import purge, set_protected
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import PatientStudy, write_cylinder_ct
 from node.vocabulary import OutputKind
+from tests.conftest import GONE_WORKER
 
 REPO = Path(__file__).resolve().parent.parent
 TPS = Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=11112)
@@ -88,7 +89,7 @@ class Node:
     def job(self, series_uid: str, destinations=(), output_bytes: int = 100) -> int:
         """A contoured job of the series with stand-in output files: done, or sending to `destinations`."""
         job = submit_series(self.engine, series_uid, lambda series, instances: Eligibility(True))
-        assert claim_next(self.engine) == job.id
+        assert claim_next(self.engine, GONE_WORKER, 60) == job.id
         folder = self.config.jobs_dir / str(job.id)
         folder.mkdir(parents=True)
         outputs = {kind: folder / name for kind, name in [(OutputKind.RTSTRUCT, "rtstruct.dcm"), (OutputKind.QA, "qa.png")]}
@@ -177,7 +178,7 @@ def test_series_with_a_job_queued_running_or_sending_stays(make_node):
     node.age(first, 100)
     second = rerun(node.engine, first).id  # queued
     assert purge(node.engine, node.config).series == [] and not removed(node, series, files)
-    assert claim_next(node.engine) == second  # running
+    assert claim_next(node.engine, GONE_WORKER, 60) == second  # running
     assert purge(node.engine, node.config).series == [] and not removed(node, series, files)
 
 

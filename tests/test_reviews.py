@@ -39,7 +39,7 @@ from node.rtstruct.reader import read_mask
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import SeriesGeometry, ct_datasets, uniform_positions
 from node.training.cases import archive_cts, archive_folders
-from tests.conftest import require_tool, rtnode, run_tool
+from tests.conftest import GONE_WORKER, require_tool, rtnode, run_tool
 from tests.test_loop import jobs, loop_node, phantom_series, push, settled, tps, wait_for  # noqa: F401 (fixtures)
 from tests.test_training_data import SMALL
 
@@ -183,7 +183,7 @@ def contoured_job(engine, tmp_path: Path) -> tuple[int, Volume, np.ndarray, Path
     datasets = ct_datasets(np.zeros((24, 64, 64)), geometry)
     store(engine, tmp_path, datasets)
     job = submit_series(engine, datasets[0].SeriesInstanceUID, lambda s, i: eligibility(s, i, min_slices=5))
-    assert claim_next(engine) == job.id
+    assert claim_next(engine, GONE_WORKER, 60) == job.id
     volume, auto = load_volume(datasets), ellipsoid((24, 64, 64), (8, 18, 14))
     paths = OutputPaths.in_directory(tmp_path / "jobs" / str(job.id), seg=False)
     outputs = write_outputs(volume, auto, paths, MODEL, "CTV", auto_contour_series(1, MODEL))
