@@ -5,11 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # chromium: the browser the web app's Playwright tests drive (Playwright cannot download its own here).
-debian_packages=(dcmtk dicom3tools plastimatch openssl chromium)
+# postgresql: the tests start throw-away clusters of it (the Debian service itself is never used).
+debian_packages=(dcmtk dicom3tools plastimatch openssl chromium postgresql)
 missing=()
 for tool in storescu dciodvfy plastimatch openssl chromium; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(initdb)
 if ((${#missing[@]})); then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "setup: installing Debian packages ${debian_packages[*]} (missing: ${missing[*]})"

@@ -7,10 +7,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
 
+from node.db.engine import open_database
 from node.harness import DCMTK_ENV, NodeProcess, free_port
 from node.lifecycle import WorkerIdentity
 
@@ -75,3 +79,54 @@ def _departed_worker() -> WorkerIdentity:
 
 
 GONE_WORKER = _departed_worker()
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run its tools as the `postgres` user."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throw-away PostgreSQL cluster on a free loopback port (Debian's `postgresql`), for the session.
+    Yields the URL of its `postgres` database; each test makes a database of its own."""
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not binaries:
+        if REQUIRE_TOOLS:
+            pytest.fail("postgresql is not installed (the test command installs it)")
+        pytest.skip("postgresql is not installed")
+    bin_dir = binaries[-1].parent
+    folder = Path(tempfile.mkdtemp(prefix="rtnode-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", free_port()
+    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
+                   check=True, capture_output=True)
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off"
+    start = [str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"]
+    subprocess.run(_as_postgres(start), check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """A fresh, empty database on each engine the node supports: SQLite (the default) and PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    server = request.getfixturevalue("postgres_server")
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    with create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT").connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    return f"{server}/{name}"
+
+
+@pytest.fixture
+def engine(database_url):
+    """The node's database, migrated, on SQLite and on PostgreSQL."""
+    engine = open_database(database_url)
+    yield engine
+    engine.dispose()

@@ -12,7 +12,6 @@ from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy.orm import Session
 
 from node.completion import eligibility, looks_complete
-from node.db.engine import open_database
 from node.db.models import Job
 from node.errors import UserError
 from node.lifecycle import (
@@ -30,11 +29,6 @@ from node.vocabulary import JobStatus
 from tests.conftest import GONE_WORKER
 
 SENDER = CallingPeer("SCANNER", "127.0.0.1")
-
-
-@pytest.fixture
-def engine(tmp_path):
-    return open_database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
 
 
 def store_files(engine, tmp_path: Path, files: list[Path]) -> None:

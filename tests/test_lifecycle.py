@@ -16,7 +16,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.config import Destination
-from node.db.engine import open_database
 from node.db.models import Job, Worker, utcnow
 from node.errors import UserError
 from node.lifecycle import (
@@ -100,11 +99,6 @@ def test_no_response_is_retried():
 
 
 # --- transitions on SQLite --------------------------------------------------------------
-
-
-@pytest.fixture
-def engine(tmp_path):
-    return open_database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
 
 
 @pytest.fixture
