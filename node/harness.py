@@ -58,12 +58,14 @@ class NodeProcess:
     # The web app: off unless given a port (a node per test must not start a browser-facing process each).
     web_port: int | None = None
     web_config: str = ""  # more [web] keys
+    database_url: str = ""  # default: SQLite in `root`
     process: subprocess.Popen | None = None
     log_path: Path = field(init=False)
     config_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        self.database_url = self.database_url or f"sqlite:///{self.database}"
         self.log_path = self.root / "node.log"
         self.config_path = self.root / "node.toml"
         self.config_path.write_text(
@@ -73,7 +75,7 @@ ae_title = "RTNODE"
 host = "{LOOPBACK}"
 port = {self.port}
 data_dir = "{self.data_dir}"
-database_url = "sqlite:///{self.database}"
+database_url = "{self.database_url}"
 network_timeout_seconds = {self.network_timeout_seconds}
 shutdown_grace_seconds = {self.shutdown_grace_seconds}
 {self.extra_config}
@@ -100,10 +102,6 @@ device = "{self.device}"
     @property
     def database(self) -> Path:
         return self.root / "rtnode.sqlite3"
-
-    @property
-    def database_url(self) -> str:
-        return f"sqlite:///{self.database}"
 
     def start(self, timeout: float = 20.0) -> NodeProcess:
         with self.log_path.open("a") as log:

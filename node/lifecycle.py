@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -194,18 +195,23 @@ def claim_next(engine: Engine, worker: WorkerIdentity, lease_seconds: float) -> 
     return None
 
 
-def _process_gone(name: str) -> bool:
-    """Whether `name` is a worker of this machine whose process no longer exists."""
+def _process_gone(name: str, wait_seconds: float) -> bool:
+    """Whether `name` is a worker of this machine whose process has ended (a zombie counts as ended),
+    waiting up to `wait_seconds` for a process that was just killed with its parent to go."""
     host, _, pid = name.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def recover_after_restart(engine: Engine) -> int:
@@ -214,15 +220,16 @@ def recover_after_restart(engine: Engine) -> int:
     not count toward MAX_STARTS. Jobs of other machines' workers are left to their leases.
     Send attempts that were on the wire are counted as failed attempts. Nothing is deleted."""
     with Session(engine) as session, session.begin():
-        jobs = [
-            job
-            for job in session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
-            if not job.worker or _process_gone(job.worker)
-        ]
+        running = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
+        holders = {job.worker for job in running} | set(
+            session.scalars(select(Delivery.worker).where(Delivery.attempt_started_at.is_not(None))).all()
+        )
+        gone = {name for name in holders if not name or _process_gone(name, wait_seconds=5.0)}
+        jobs = [job for job in running if job.worker in gone]
         for job in jobs:
             job.status, job.starts = JobStatus.QUEUED, max(job.starts - 1, 0)
             add_event(session, job, EventKind.REQUEUED, "the node restarted while this job ran (not counted as a crash)")
-        _count_interrupted_sends(session, lambda name: not name or _process_gone(name))
+        _count_interrupted_sends(session, gone.__contains__)
         return len(jobs)
 
 
@@ -379,10 +386,21 @@ def _finish(session: Session, job: Job, status: JobStatus, detail: str) -> None:
     add_event(session, job, EventKind(status.value), detail)
 
 
-def fail_job(engine: Engine, job_id: int, error: str, timings: dict[str, float]) -> None:
+class LeaseLost(Exception):
+    """This worker's lease ran out and another worker took the job: what this one made is not recorded."""
+
+
+def _held(job: Job, held_by: str | None) -> None:
+    """Fencing: only the worker that holds a running job records its end (None: a run without leases)."""
+    if held_by is not None and (job.status != JobStatus.RUNNING or job.worker != held_by):
+        raise LeaseLost(f"job {job.id} is no longer held by {held_by} (now {job.status} on {job.worker})")
+
+
+def fail_job(engine: Engine, job_id: int, error: str, timings: dict[str, float], held_by: str | None = None) -> None:
     """The job ends `failed` with `error`, a sentence for the job log; its timings so far are kept."""
     with Session(engine) as session, session.begin():
         job = session.get(Job, job_id)
+        _held(job, held_by)
         job.timings = _rounded(timings)
         _finish(session, job, JobStatus.FAILED, error)
 
@@ -405,11 +423,13 @@ def record_outputs(
     sop_instance_uids: dict[OutputKind, str],
     timings: dict[str, float],
     destinations: Sequence[Destination],
+    held_by: str | None = None,
 ) -> None:
     """A contoured job: its files, one delivery per deliverable output and destination, and older
     versions of its series superseded (their pending sends cancelled)."""
     with Session(engine) as session, session.begin():
         job = session.get(Job, job_id)
+        _held(job, held_by)
         job.outputs = {kind.value: str(path) for kind, path in outputs.items()}
         job.timings = _rounded(timings)
         add_event(session, job, EventKind.CONTOURED, ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))

@@ -62,19 +62,26 @@ class Worker:
         retention.purge_logged(self._engine, self._config)
 
     def _contour(self, job_id: int) -> None:
+        try:
+            self._contour_held(job_id)
+        except lifecycle.LeaseLost as exc:
+            log.error("%s: its result is dropped", exc)
+
+    def _contour_held(self, job_id: int) -> None:
         timings: dict[str, float] = {}  # filled stage by stage, kept for failed jobs too
+        me = self._identity.name
         try:
             outputs = self._compute(job_id, timings)
         except JobFailed as exc:
-            lifecycle.fail_job(self._engine, job_id, str(exc), timings)
+            lifecycle.fail_job(self._engine, job_id, str(exc), timings, held_by=me)
             return
         except Exception as exc:  # a bug or an unexpected input must not stop the next job
             log.exception("job %s failed unexpectedly", job_id)
-            lifecycle.fail_job(self._engine, job_id, f"internal error: {exc!r}", timings)
+            lifecycle.fail_job(self._engine, job_id, f"internal error: {exc!r}", timings, held_by=me)
             return
         timings.update(outputs.timings)
         lifecycle.record_outputs(
-            self._engine, job_id, outputs.paths, outputs.sop_instance_uids, timings, self._config.destinations
+            self._engine, job_id, outputs.paths, outputs.sop_instance_uids, timings, self._config.destinations, held_by=me
         )
 
     def _compute(self, job_id: int, timings: dict[str, float]):

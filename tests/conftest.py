@@ -117,7 +117,11 @@ def database_url(request, tmp_path) -> str:
     """A fresh, empty database on each engine the node supports: SQLite (the default) and PostgreSQL."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'db.sqlite3'}"
-    server = request.getfixturevalue("postgres_server")
+    return new_postgres_database(request.getfixturevalue("postgres_server"))
+
+
+def new_postgres_database(server: str) -> str:
+    """The URL of a new, empty database on the test PostgreSQL server."""
     name = f"test_{uuid.uuid4().hex[:16]}"
     with create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT").connect() as connection:
         connection.exec_driver_sql(f"CREATE DATABASE {name}")

@@ -20,12 +20,14 @@ from node.db.models import Job, Worker, utcnow
 from node.errors import UserError
 from node.lifecycle import (
     Eligibility,
+    LeaseLost,
     Outcome,
     RetryPolicy,
     WorkerIdentity,
     claim_next,
     due_deliveries,
     expire_leases,
+    fail_job,
     heartbeat,
     record_attempt,
     record_outputs,
@@ -363,3 +365,15 @@ def test_a_delivery_whose_sender_lost_its_lease_is_counted_and_sent_by_another(e
     assert delivery.last_error == "the attempt was cut off: its worker stopped"
     order = take_delivery(engine, delivery_id, WORKER_B, 60)
     assert order is not None and job_row(engine, job_id).deliveries[0].worker == "gpu-b:202"
+
+
+def test_a_worker_that_lost_its_lease_cannot_record_its_result(engine, series, tmp_path):
+    job = submit_series(engine, series[0], lambda series, instances: Eligibility(True))
+    assert claim_next(engine, WORKER_A, 0.05) == job.id
+    time.sleep(0.1)  # A is alive but its heartbeat did not come in time
+    expire_leases(engine)
+    assert claim_next(engine, WORKER_B, 60) == job.id
+    with pytest.raises(LeaseLost, match="no longer held by gpu-a:101"):
+        fail_job(engine, job.id, "too late", {}, held_by=WORKER_A.name)
+    fail_job(engine, job.id, "a sentence", {}, held_by=WORKER_B.name)
+    assert (job_row(engine, job.id).status, job_row(engine, job.id).error) == (JobStatus.FAILED, "a sentence")
