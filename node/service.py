@@ -60,38 +60,55 @@ def open_node_database(config: Config) -> Engine:
     return open_database(config.node.database_url, fsync=config.node.fsync)
 
 
-class WorkerProcess:
-    """One `rtnode worker` beside the receiving process, restarted when it dies."""
+class ChildProcess:
+    """An rtnode sub-command beside the receiving process; it dies with its parent."""
 
-    def __init__(self, config_path: Path) -> None:
-        self._command = [sys.executable, "-m", "node", "--config", str(config_path), "worker"]
+    def __init__(self, config_path: Path, command: str, stop_timeout: float) -> None:
+        self._command = [sys.executable, "-m", "node", "--config", str(config_path), command]
+        self._stop_timeout = stop_timeout
         self._process: subprocess.Popen | None = None
+        self._started_at = 0.0
 
     def start(self) -> None:
         self._process = subprocess.Popen(self._command, preexec_fn=_die_with_parent)
-        log.info("worker process %d started", self._process.pid)
+        self._started_at = time.monotonic()
+        log.info("%s process %d started", self._command[-1], self._process.pid)
 
-    def keep_alive(self) -> tuple[str, int] | None:
-        """Start a new worker if the last one died; returns the dead one's worker name and exit status."""
+    def _exited(self) -> tuple[int, int] | None:
+        """(pid, exit status) once the process has ended, else None."""
         if self._process is None or self._process.poll() is None:
             return None
-        name, status = f"{socket.gethostname()}:{self._process.pid}", self._process.returncode
-        log.error("worker process %s exited with status %s: starting a new one", name, status)
-        self.start()
-        return name, status
+        return self._process.pid, self._process.returncode
 
-    def stop(self, timeout: float = 60.0) -> None:
+    def stop(self) -> None:
         if self._process is None or self._process.poll() is not None:
             return
         self._process.terminate()
         try:
-            self._process.wait(timeout=timeout)
+            self._process.wait(timeout=self._stop_timeout)
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
 
 
-class WebProcess:
+class WorkerProcess(ChildProcess):
+    """One `rtnode worker` beside the receiving process, restarted when it dies."""
+
+    def __init__(self, config_path: Path) -> None:
+        super().__init__(config_path, "worker", stop_timeout=60.0)
+
+    def keep_alive(self) -> tuple[str, int] | None:
+        """Start a new worker if the last one died; returns the dead one's worker name and exit status."""
+        exited = self._exited()
+        if exited is None:
+            return None
+        name, status = f"{socket.gethostname()}:{exited[0]}", exited[1]
+        log.error("worker process %s exited with status %s: starting a new one", name, status)
+        self.start()
+        return name, status
+
+
+class WebProcess(ChildProcess):
     """`rtnode web` beside the receiving process, so browsers paging slices never slow the SCP.
     Restarted when it dies, unless it dies within its first seconds (a busy port, a bad certificate):
     then it is left down with an error rather than restarted in a loop."""
@@ -99,34 +116,18 @@ class WebProcess:
     STARTUP_SECONDS = 10.0
 
     def __init__(self, config_path: Path) -> None:
-        self._command = [sys.executable, "-m", "node", "--config", str(config_path), "web"]
-        self._process: subprocess.Popen | None = None
-        self._started_at = 0.0
-
-    def start(self) -> None:
-        self._process = subprocess.Popen(self._command, preexec_fn=_die_with_parent)
-        self._started_at = time.monotonic()
-        log.info("web app process %d started", self._process.pid)
+        super().__init__(config_path, "web", stop_timeout=10.0)
 
     def keep_alive(self) -> None:
-        if self._process is None or self._process.poll() is None:
+        exited = self._exited()
+        if exited is None:
             return
-        status, self._process = self._process.returncode, None
+        status, self._process = exited[1], None
         if time.monotonic() - self._started_at < self.STARTUP_SECONDS:
             log.error("the web app exited with status %s right after starting (see above): not restarted", status)
             return
         log.error("the web app exited with status %s: starting it again", status)
         self.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
 
 
 def _retention_schedule(config: Config, engine: Engine) -> BackgroundScheduler:
