@@ -426,16 +426,14 @@ class StorageSCP:
         subject = _peer_certificate_subject(event)
         certified = f" (certificate subject '{subject}')" if subject else ""
         if called != self._config.node.ae_title:
-            log.warning(
-                "rejected association from %s@%s: called AE title %r is not ours (%r)",
-                calling,
-                address,
-                called,
-                self._config.node.ae_title,
-            )
+            reason = f"called AE title {called!r} is not ours ({self._config.node.ae_title!r})"
+            log.warning("rejected association from %s@%s: %s", calling, address, reason)
+            self._store.record_rejection(calling, address, reason)
             self._reject(event, _REJECT_CALLED_AE)
         elif not self._config.security.admits(calling, address, subject):
-            log.warning("rejected association from %s@%s: caller not in security.allowed_callers%s", calling, address, certified)
+            reason = f"caller not in security.allowed_callers{certified}"
+            log.warning("rejected association from %s@%s: %s", calling, address, reason)
+            self._store.record_rejection(calling, address, reason)
             self._reject(event, _REJECT_CALLING_AE)
         else:
             log.debug("association requested by %s@%s%s", calling, address, certified)

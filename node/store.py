@@ -32,7 +32,7 @@ from pynetdicom.status import Status
 from sqlalchemy import Connection, Engine, Row, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.db.models import Conflict, Instance, Series, Study, utcnow
+from node.db.models import AssociationRejection, Conflict, Instance, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +330,15 @@ class InstanceStore:
         self._uid_locks = [threading.Lock() for _ in range(64)]
         # Committed series rows by UID: a series' slices then cost one INSERT each.
         self._series_ids: dict[str, int] = {}
+
+    def record_rejection(self, calling_ae_title: str, address: str, reason: str) -> None:
+        """Keep an association refused by policy, for the admin and /metrics (nothing was stored)."""
+        row = {"at": utcnow(), "calling_ae_title": calling_ae_title[:16], "address": address[:64], "reason": reason}
+        try:
+            with self._db_lock, self._engine.begin() as connection:
+                connection.execute(insert(AssociationRejection), row)
+        except SQLAlchemyError:
+            log.exception("could not record the rejection of %s@%s", calling_ae_title, address)
 
     def path_for(self, header: InstanceHeader) -> Path:
         return (

@@ -125,6 +125,12 @@ def test_unknown_caller_and_wrong_called_title_rejected(node_factory):
     log = node.log()
     assert "rejected association from STRANGER@127.0.0.1: caller not in security.allowed_callers" in log
     assert "rejected association from SCANNER@127.0.0.1: called AE title 'NOTRTNODE' is not ours" in log
+    with sqlite3.connect(node.database) as connection:
+        kept = connection.execute("select calling_ae_title, address, reason from association_rejections order by id").fetchall()
+    assert kept == [
+        ("STRANGER", "127.0.0.1", "caller not in security.allowed_callers"),
+        ("SCANNER", "127.0.0.1", "called AE title 'NOTRTNODE' is not ours ('RTNODE')"),
+    ]
 
 
 def test_caller_from_other_host_rejected(node_factory):

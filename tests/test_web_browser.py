@@ -413,6 +413,7 @@ def test_api_tokens_health_and_metrics(site):
     assert re.search(r'^rtnode_jobs\{status="done"\} [1-9]', metrics, re.M)
     assert re.search(r"^rtnode_instances_received_total [1-9]", metrics, re.M)
     assert re.search(r"^rtnode_inference_seconds_count [1-9]", metrics, re.M)
+    assert re.search(r"^rtnode_associations_rejected_total \d", metrics, re.M)
 
 
 def test_the_audit_trail_names_who_did_what(browser, site):

@@ -194,6 +194,18 @@ class Worker(Base):
     current_job_id: Mapped[int | None] = mapped_column(Integer)
 
 
+class AssociationRejection(Base):
+    """An association the SCP refused by policy (called AE title, allowed callers)."""
+
+    __tablename__ = "association_rejections"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+
+
 class Conflict(Base):
     """An instance whose SOP Instance UID the node already holds with other content (another
     study or series, or other bytes): kept aside under `path`, never stored over the original."""

@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node.config import Config
-from node.db.models import Conflict, Delivery, Instance, Job, JobEvent
+from node.db.models import AssociationRejection, Conflict, Delivery, Instance, Job, JobEvent
 from node.vocabulary import EventKind, JobStatus
 from node.web.queries import free_disk_gb, live_workers
 
@@ -85,6 +85,7 @@ class Figures:
     instances_received: int
     instances_held: int
     conflicts: int
+    associations_rejected: int
     jobs_by_status: dict[str, int]
     inference_count: int
     inference_seconds: float
@@ -97,13 +98,14 @@ def figures(engine: Engine) -> Figures:
         received = session.scalar(select(func.coalesce(func.sum(Instance.times_received), 0)))
         held = session.scalar(select(func.count()).select_from(Instance).where(Instance.removed_at.is_(None)))
         conflicts = session.scalar(select(func.count()).select_from(Conflict))
+        rejected = session.scalar(select(func.count()).select_from(AssociationRejection))
         by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
         deliveries = dict(session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all())
         failures = session.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.event == EventKind.SEND_FAILED))
         contoured = session.scalars(select(Job.timings).where(Job.model_name != "", Job.started_at.is_not(None)))
         passes = [sum(v for k, v in timings.items() if k.startswith("pass_")) for timings in contoured]
     inferred = [seconds for seconds in passes if seconds > 0]
-    return Figures(received, held, conflicts, {s.value: by_status.get(s.value, 0) for s in JobStatus}, len(inferred),
+    return Figures(received, held, conflicts, rejected, {s.value: by_status.get(s.value, 0) for s in JobStatus}, len(inferred),
                    sum(inferred), failures, deliveries)
 
 
@@ -128,6 +130,8 @@ class DatabaseCollector(Collector):
         yield GaugeMetricFamily("rtnode_instances_held", "Instances held (not removed by retention)", value=f.instances_held)
         yield CounterMetricFamily("rtnode_conflicts", "Instances refused as conflicts",
                                   value=f.conflicts)
+        yield CounterMetricFamily("rtnode_associations_rejected", "Associations refused by policy (AE title, allowed callers)",
+                                  value=f.associations_rejected)
         jobs = GaugeMetricFamily("rtnode_jobs", "Jobs by status", labels=["status"])
         for status, count in f.jobs_by_status.items():
             jobs.add_metric([status], count)
