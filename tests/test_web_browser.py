@@ -246,6 +246,7 @@ def test_viewer_pages_slices_by_keyboard_autoplay_and_presets(browser, site):
     page = logged_in(browser, site, "dora")
     page.goto(f"/jobs/{job_id}/viewer")
     page.wait_for_selector("#viewer[data-ready=true]", timeout=60_000)
+    page.wait_for_selector('#slice-image[data-index]:not([data-index=""])', timeout=30_000)  # the first slice is shown
     image = page.locator("#slice-image")
 
     def shown() -> int:
