@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_description  # bench/machine.py, beside this script
 from scipy import ndimage
 
 from node.imaging.metrics import dice
@@ -208,16 +208,6 @@ def thinned(ct: ContouredCT, stride: int) -> ContouredCT:
     spacing = (volume.pixel_spacing[0] * stride, volume.pixel_spacing[1] * stride)
     hu = np.ascontiguousarray(volume.hu[:, ::stride, ::stride])
     return ContouredCT(ct.name, replace(volume, hu=hu, pixel_spacing=spacing), ct.ctv[:, ::stride, ::stride])
-
-
-def cpu_description() -> str:
-    """lscpu's model name and flags: the figures depend on the vector units."""
-    try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no lscpu)"
-    fields = dict(line.split(":", 1) for line in output.splitlines() if ":" in line)
-    return f"{fields.get('Model name', '?').strip()}; flags: {fields.get('Flags', '?').strip()}"
 
 
 def main() -> None:

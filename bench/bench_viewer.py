@@ -22,27 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_description  # bench/machine.py, beside this script
 
 from node.synth.phantom import make_phantom, write_phantom
 from node.web.viewer import PLANES, ViewerCache
 
 TARGET_MS = 100.0
-
-
-def cpu_description() -> str:
-    """lscpu's model name and flags: the figures depend on the vector units."""
-    try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no lscpu)"
-    fields = dict(line.split(":", 1) for line in output.splitlines() if ":" in line)
-    return f"{fields.get('Model name', '?').strip()}; flags: {fields.get('Flags', '?').strip()}"
 
 
 def slice_ms(viewer, k: int, preset: str = "soft") -> float:
