@@ -11,12 +11,17 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import create_engine
 
 from node.db.engine import open_database
 from node.harness import DCMTK_ENV, NodeProcess, free_port
+from node.imaging.volume import load_series_dir
 from node.lifecycle import WorkerIdentity
+from node.outputs import OutputPaths, write_outputs
+from node.rtstruct.builder import Algorithm
+from node.synth.ct_series import write_cylinder_ct
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -134,3 +139,14 @@ def engine(database_url):
     engine = open_database(database_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def rtstruct(tmp_path) -> Path:
+    """A small RT Structure Set as the worker writes it, to send."""
+    volume = load_series_dir(write_cylinder_ct(tmp_path / "ct", slices=4, rows=16, columns=16)[0].parent)
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[1:3, 4:10, 4:10] = True
+    path = tmp_path / "rtstruct.dcm"
+    write_outputs(volume, mask, OutputPaths(rtstruct=path), Algorithm("test", "1"))
+    return path

@@ -4,9 +4,7 @@ destination's DIMSE timeout decides whether it waits."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom.uid import RTStructureSetStorage
 from pynetdicom import AE, evt
@@ -14,12 +12,8 @@ from pynetdicom.status import Status
 
 from node.config import Config, Destination
 from node.harness import LOOPBACK, free_port
-from node.imaging.volume import load_series_dir
 from node.lifecycle import DeliveryOrder
-from node.outputs import OutputPaths, write_outputs
-from node.rtstruct.builder import Algorithm
 from node.sender import c_store
-from node.synth.ct_series import write_cylinder_ct
 from node.vocabulary import OutputKind
 
 
@@ -37,16 +31,6 @@ def slow_tps():
     server = ae.start_server((LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
     yield port
     server.shutdown()
-
-
-@pytest.fixture
-def rtstruct(tmp_path) -> Path:
-    volume = load_series_dir(write_cylinder_ct(tmp_path / "ct", slices=4, rows=16, columns=16)[0].parent)
-    mask = np.zeros(volume.shape, dtype=bool)
-    mask[1:3, 4:10, 4:10] = True
-    path = tmp_path / "rtstruct.dcm"
-    write_outputs(volume, mask, OutputPaths(rtstruct=path), Algorithm("test", "1"))
-    return path
 
 
 @pytest.mark.parametrize(("dimse_timeout", "delivered"), [(1.0, False), (10.0, True)])

@@ -14,18 +14,13 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom import dcmread
 
 from node.config import Config, ConfigError, Destination, TlsSection, parse_config
 from node.harness import LOOPBACK
-from node.imaging.volume import load_series_dir
 from node.lifecycle import DeliveryOrder
-from node.outputs import OutputPaths, write_outputs
-from node.rtstruct.builder import Algorithm
 from node.sender import classify_stow_response, send, stow_rs, warn_of_plain_http
-from node.synth.ct_series import write_cylinder_ct
 from node.vocabulary import OutputKind
 from tests import test_tls
 from tests.conftest import REQUIRE_TOOLS
@@ -128,16 +123,6 @@ def test_plain_http_to_another_host_is_warned_of(caplog):
         "destination far: http://10.0.0.9:8042/dicom-web is plain http: patient data and credentials cross the network"
         " unencrypted"
     ]
-
-
-@pytest.fixture
-def rtstruct(tmp_path) -> Path:
-    volume = load_series_dir(write_cylinder_ct(tmp_path / "ct", slices=4, rows=16, columns=16)[0].parent)
-    mask = np.zeros(volume.shape, dtype=bool)
-    mask[1:3, 4:10, 4:10] = True
-    path = tmp_path / "rtstruct.dcm"
-    write_outputs(volume, mask, OutputPaths(rtstruct=path), Algorithm("test", "1"))
-    return path
 
 
 def order(rtstruct: Path, port: int, ae_title: str = "") -> DeliveryOrder:
