@@ -1,8 +1,11 @@
 """Receiving speed: DCMTK storescu -> rtnode, against storescu -> DCMTK storescp, same data, same run.
 
-    .venv/bin/python bench/bench_receive.py [--slices 200] [--repeats 3] [--no-fsync]
+    .venv/bin/python bench/bench_receive.py [--slices 200] [--repeats 3] [--senders 4] [--no-fsync]
 
-Prints seconds and slices/s for each receiver and the ratio rtnode/storescp (median of repeats).
+Two figures, each as a ratio to storescp measured in the same run (median of repeats):
+- one sender: seconds for one storescu push of one series;
+- several senders: that many storescu processes push a series each at once; the aggregate
+  slices/s is compared with one sender's slices/s on the same receiver (the scaling).
 A bare pynetdicom SCP that only writes the bytes is measured too: the floor for any pynetdicom node.
 """
 
@@ -14,8 +17,11 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from machine import cpu_description  # bench/machine.py, beside this script
 from pynetdicom import AE, evt
 
 from node.harness import DCMTK_ENV, NodeProcess, free_port, wait_for_port
@@ -23,35 +29,43 @@ from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from node.synth.ct_series import write_cylinder_ct
 
 
-def push(port: int, series_dir: Path) -> float:
+def push_all(port: int, series_dirs: list[Path]) -> float:
+    """Seconds until every storescu, one per series and all started at once, has finished."""
     start = time.perf_counter()
-    result = subprocess.run(
-        ["storescu", "-aet", "SCANNER", "-aec", "RTNODE", "+sd", "127.0.0.1", str(port), str(series_dir)],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
-    )
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aet", f"SCANNER{n}", "-aec", "RTNODE", "+sd", "127.0.0.1", str(port), str(folder)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n, folder in enumerate(series_dirs)
+    ]
+    errors = [sender.communicate()[1] for sender in senders if sender.wait() != 0]
     elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"storescu failed: {result.stderr}")
+    if errors:
+        raise SystemExit(f"storescu failed: {errors[0]}")
     return elapsed
 
 
-def time_storescp(series_dir: Path, work: Path) -> float:
+@contextmanager
+def storescp(work: Path) -> Iterator[int]:
     out = work / "storescp-out"
     out.mkdir()
     port = free_port()
     process = subprocess.Popen(["storescp", "-aet", "RTNODE", "-od", str(out), str(port)], env=DCMTK_ENV)
     try:
         wait_for_port(port)
-        return push(port, series_dir)
+        yield port
     finally:
         process.terminate()
         process.wait()
         shutil.rmtree(out)
 
 
-def time_bare_pynetdicom(series_dir: Path, work: Path) -> float:
+@contextmanager
+def bare_pynetdicom(work: Path) -> Iterator[int]:
     """The floor under any pynetdicom node: a handler that only writes the received bytes."""
     out = work / "bare-out"
     out.mkdir()
@@ -67,47 +81,74 @@ def time_bare_pynetdicom(series_dir: Path, work: Path) -> float:
     port = free_port()
     ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)])
     try:
-        return push(port, series_dir)
+        yield port
     finally:
         ae.shutdown()
         shutil.rmtree(out)
 
 
-def time_rtnode(series_dir: Path, work: Path, fsync: bool) -> float:
-    node = NodeProcess(root=work / "rtnode", port=free_port(), extra_config=f"fsync = {str(fsync).lower()}")
-    node.start()
-    time.sleep(5)  # let the worker process finish importing torch before timing the push
-    try:
-        return push(node.port, series_dir)
-    finally:
-        node.stop()
-        shutil.rmtree(node.root)
+def rtnode(fsync: bool) -> Callable[[Path], contextmanager]:
+    @contextmanager
+    def receiver(work: Path) -> Iterator[int]:
+        node = NodeProcess(root=work / "rtnode", port=free_port(), extra_config=f"fsync = {str(fsync).lower()}")
+        node.start()
+        time.sleep(5)  # let the worker process finish importing torch before timing the push
+        try:
+            yield node.port
+        finally:
+            node.stop()
+            shutil.rmtree(node.root)
+
+    return receiver
+
+
+def timed(receiver, work: Path, series_dirs: list[Path], repeats: int) -> float:
+    """Median seconds of `repeats` pushes, each into a fresh receiver (nothing held from before)."""
+    times = []
+    for _ in range(repeats):
+        with receiver(work) as port:
+            times.append(push_all(port, series_dirs))
+    return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--no-fsync", action="store_true", help="rtnode with node.fsync = false")
     args = parser.parse_args()
 
+    receivers = {
+        "DCMTK storescp": storescp,
+        "bare pynetdicom": bare_pynetdicom,
+        f"rtnode (fsync {'off' if args.no_fsync else 'on'})": rtnode(fsync=not args.no_fsync),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        series_dir = work / "ct"
-        write_cylinder_ct(series_dir, slices=args.slices, rows=512, columns=512, pixel_spacing=(0.9765625, 0.9765625))
-        megabytes = sum(p.stat().st_size for p in series_dir.iterdir()) / 1e6
-        push_storescp = [time_storescp(series_dir, work) for _ in range(args.repeats)]
-        push_bare = [time_bare_pynetdicom(series_dir, work) for _ in range(args.repeats)]
-        push_rtnode = [time_rtnode(series_dir, work, fsync=not args.no_fsync) for _ in range(args.repeats)]
+        series_dirs = [work / f"ct{n}" for n in range(args.senders)]
+        for folder in series_dirs:
+            write_cylinder_ct(folder, slices=args.slices, rows=512, columns=512, pixel_spacing=(0.9765625, 0.9765625))
+        megabytes = sum(p.stat().st_size for p in series_dirs[0].iterdir()) / 1e6
+        one = {name: timed(receiver, work, series_dirs[:1], args.repeats) for name, receiver in receivers.items()}
+        many = {name: timed(receiver, work, series_dirs, args.repeats) for name, receiver in receivers.items()}
 
-    reference = statistics.median(push_storescp)
-    ours = statistics.median(push_rtnode)
-    print(f"series: {args.slices} slices 512x512, {megabytes:.0f} MB, median of {args.repeats} pushes with storescu")
-    print(f"DCMTK storescp : {reference:6.2f} s  {args.slices / reference:7.1f} slices/s")
-    bare = statistics.median(push_bare)
-    print(f"bare pynetdicom: {bare:6.2f} s  {args.slices / bare:7.1f} slices/s  (writes bytes only, no checks)")
-    print(f"rtnode (fsync {'off' if args.no_fsync else 'on'}): {ours:6.2f} s  {args.slices / ours:7.1f} slices/s")
-    print(f"ratio rtnode/storescp: {ours / reference:.2f}   (bare pynetdicom/storescp: {bare / reference:.2f})")
+    print(f"cpu: {cpu_description()}")
+    print(f"series: {args.slices} slices 512x512, {megabytes:.0f} MB; storescu pushes, median of {args.repeats}")
+    print(
+        f"{'receiver':24} {'1 sender':>9} {'slices/s':>9} {'vs storescp':>12}   "
+        f"{args.senders} senders {'slices/s':>9} {'vs storescp':>12} {'scaling':>8}"
+    )
+    reference_one, reference_many = one["DCMTK storescp"], many["DCMTK storescp"]
+    for name in receivers:
+        rate_one = args.slices / one[name]
+        rate_many = args.slices * args.senders / many[name]
+        print(
+            f"{name:24} {one[name]:8.2f}s {rate_one:9.1f} {one[name] / reference_one:11.2f}x   "
+            f"{many[name]:8.2f}s {rate_many:9.1f} {many[name] / reference_many:11.2f}x {rate_many / rate_one:7.2f}x"
+        )
+    print("vs storescp: seconds over storescp's seconds (goal for rtnode, one sender: at most 3);")
+    print(f"scaling: {args.senders} senders' aggregate slices/s over one sender's (goal for rtnode: at least 1.5)")
 
 
 if __name__ == "__main__":

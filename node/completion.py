@@ -1,13 +1,15 @@
 """Series completion: when has a series stopped arriving?
 
-Each stored instance re-arms a one-shot APScheduler timer for its series
-(`completion.quiet_seconds`); when it fires, the series gets a job, or, when it is a series
+Each stored instance pushes back the end of its series' quiet time
+(`completion.quiet_seconds`); a one-shot APScheduler timer per series waits for that end
+(re-armed only when it fires early: rescheduling a timer per slice cost more than storing
+the slice); when it fires, the series gets a job, or, when it is a series
 of RT Structure Sets sent back (a reviewed auto-contour, say), a pending review per structure
 set for the worker to match and measure: nothing is read here but the database. When an
 association is released and the series it carried is geometrically complete
 (contiguous, evenly spaced, enough slices), the timer is cut to
 `completion.release_grace_seconds`: a sender that continues the series on another
-association within that grace re-arms the full quiet time, so one series still makes
+association within that grace pushes back the full quiet time, so one series still makes
 one job.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
@@ -75,6 +78,7 @@ class CompletionTracker:
         self._scheduler = BackgroundScheduler(timezone=UTC)
         self._lock = threading.Lock()
         self._carried: dict[int, set[str]] = defaultdict(set)  # association -> series it carried
+        self._quiet_until: dict[str, float] = {}  # series with a timer -> monotonic end of its quiet time
 
     def start(self, pending_series: list[str]) -> None:
         self._scheduler.start()
@@ -85,6 +89,12 @@ class CompletionTracker:
         self._scheduler.shutdown(wait=True)
 
     def arm(self, series_uid: str, delay: float) -> None:
+        """The series' timer fires in `delay` seconds, sooner or later than it would have."""
+        with self._lock:
+            self._quiet_until[series_uid] = time.monotonic() + delay
+        self._schedule(series_uid, delay)
+
+    def _schedule(self, series_uid: str, delay: float) -> None:
         self._scheduler.add_job(
             self._fire,
             "date",
@@ -96,18 +106,20 @@ class CompletionTracker:
         )
 
     def instance_stored(self, association_id: int, series_uid: str) -> None:
+        quiet = self._config.completion.quiet_seconds
         with self._lock:
             self._carried[association_id].add(series_uid)
-        self.arm(series_uid, self._config.completion.quiet_seconds)
+            armed = series_uid in self._quiet_until
+            self._quiet_until[series_uid] = time.monotonic() + quiet
+        if not armed:
+            self._schedule(series_uid, quiet)
 
     def association_released(self, association_id: int) -> None:
         with self._lock:
             carried = self._carried.pop(association_id, set())
         for uid in carried:
             with Session(self._engine) as session:
-                paths = session.scalars(
-                    select(Instance.path).join(Series).where(Series.series_instance_uid == uid)
-                ).all()
+                paths = session.scalars(select(Instance.path).join(Series).where(Series.series_instance_uid == uid)).all()
             if looks_complete(list(paths), self._config.completion.min_slices):
                 log.info(
                     "series %s looks complete after association release: starting in %.1f s",
@@ -121,6 +133,13 @@ class CompletionTracker:
             self._carried.pop(association_id, None)
 
     def _fire(self, series_uid: str) -> None:
+        with self._lock:
+            remaining = self._quiet_until.get(series_uid, 0.0) - time.monotonic()
+            if remaining <= 0:
+                self._quiet_until.pop(series_uid, None)
+        if remaining > 0:  # slices arrived after the timer was set
+            self._schedule(series_uid, remaining)
+            return
         try:
             if submit_reviews(self._engine, series_uid) is None:
                 submit_series(self._engine, series_uid, lambda s, i: eligibility(s, i, self._config.completion.min_slices))

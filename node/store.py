@@ -295,8 +295,9 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes, *, fsync: bool) -> None:
-    """Write-to-temporary then rename: readers never see a half-written file under `path`."""
+def write_durably(path: Path, data: bytes, *, fsync: bool, sync_folder: bool = True) -> None:
+    """Write-to-temporary then rename: readers never see a half-written file under `path`. With
+    `sync_folder` false the caller fsyncs the folder itself (once for several files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
@@ -309,8 +310,21 @@ def write_durably(path: Path, data: bytes, *, fsync: bool) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    if fsync:
+    if fsync and sync_folder:
         _fsync_directory(path.parent)
+
+
+@dataclass(eq=False)
+class _Arrival:
+    """A new instance whose file is written and fsynced, waiting for its folder entry and its row."""
+
+    header: InstanceHeader
+    path: Path
+    size: int
+    transfer_syntax_uid: str
+    peer: CallingPeer
+    committed: bool = False
+    error: BaseException | None = None
 
 
 class InstanceStore:
@@ -330,6 +344,10 @@ class InstanceStore:
         self._uid_locks = [threading.Lock() for _ in range(64)]
         # Committed series rows by UID: a series' slices then cost one INSERT each.
         self._series_ids: dict[str, int] = {}
+        # Group commit: arrivals wait here while one of their threads commits the group before them.
+        self._arrived = threading.Condition()
+        self._arrivals: list[_Arrival] = []
+        self._committing = False
 
     def record_rejection(self, calling_ae_title: str, address: str, reason: str) -> None:
         """Keep an association refused by policy, for the admin and /metrics (nothing was stored)."""
@@ -341,9 +359,7 @@ class InstanceStore:
             log.exception("could not record the rejection of %s@%s", calling_ae_title, address)
 
     def path_for(self, header: InstanceHeader) -> Path:
-        return (
-            self._incoming_dir / header.study_instance_uid / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
-        )
+        return self._incoming_dir / header.study_instance_uid / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
 
     def remove_orphans(self) -> int:
         """Delete the temporary files of writes a killed process never finished (never
@@ -372,17 +388,63 @@ class InstanceStore:
                         kept = str(path)
                     self._count_repeat(held.id, kept, header, peer)
                     return StoredInstance(header, Path(kept), duplicate=True)
-                write_durably(path, encoded, fsync=self._fsync)
+                write_durably(path, encoded, fsync=self._fsync, sync_folder=False)
             except OSError as exc:
                 raise StoreRefused(Status.OUT_OF_RESOURCES, f"cannot write {path}: {exc.strerror or exc}") from exc
             except SQLAlchemyError as exc:
                 raise StoreRefused(Status.OUT_OF_RESOURCES, f"database error: {exc}") from exc
             try:
-                self._record(header, path, len(encoded), transfer_syntax_uid, peer)
+                self._commit(_Arrival(header, path, len(encoded), transfer_syntax_uid, peer))
+            except OSError as exc:
+                path.unlink(missing_ok=True)
+                raise StoreRefused(Status.OUT_OF_RESOURCES, f"cannot write {path}: {exc.strerror or exc}") from exc
             except SQLAlchemyError as exc:
                 path.unlink(missing_ok=True)
                 raise StoreRefused(Status.OUT_OF_RESOURCES, f"database error: {exc}") from exc
         return StoredInstance(header, path, duplicate=False)
+
+    def _commit(self, arrival: _Arrival) -> None:
+        """Makes the arrival's folder entry and row durable together with those of the instances that
+        arrived meanwhile on other associations: one fsync per folder and one database commit for the
+        group instead of one each (group commit). Returns once its row is committed; else raises why."""
+        with self._arrived:
+            self._arrivals.append(arrival)
+            while not (arrival.committed or arrival.error):
+                if self._committing:
+                    self._arrived.wait()
+                    continue
+                group, self._arrivals, self._committing = self._arrivals, [], True
+                self._arrived.release()
+                try:
+                    self._commit_group(group)
+                except BaseException as exc:
+                    for waiting in group:
+                        waiting.error = waiting.error or exc
+                    raise
+                finally:
+                    self._arrived.acquire()
+                    self._committing = False
+                    self._arrived.notify_all()
+        if not arrival.committed:
+            raise arrival.error
+
+    def _commit_group(self, group: list[_Arrival]) -> None:
+        """Folders first, then rows: a row never names a file whose entry a power loss could undo.
+        A group the database refuses is retried one by one, so one bad row fails only its instance."""
+        if self._fsync:
+            for folder in {arrival.path.parent for arrival in group}:
+                _fsync_directory(folder)
+        try:
+            self._record(group)
+        except SQLAlchemyError as exc:
+            if len(group) == 1:
+                group[0].error = exc
+                return
+            for arrival in group:
+                try:
+                    self._record([arrival])
+                except SQLAlchemyError as row_exc:
+                    arrival.error = row_exc
 
     def _held(self, sop_instance_uid: str) -> Row | None:
         """The row of the instance held under this UID, with its study and series UIDs, or None."""
@@ -430,8 +492,9 @@ class InstanceStore:
         path = folder / f"{number}.dcm"
         write_durably(path, encoded, fsync=self._fsync)
         try:
+            series_ids: dict[str, int] = {}
             with self._db_lock, self._engine.begin() as connection:
-                self._series_id(connection, header)
+                self._series_id(connection, header, series_ids)
                 connection.execute(
                     insert(_conflicts).values(
                         sop_instance_uid=header.sop_instance_uid,
@@ -478,46 +541,58 @@ class InstanceStore:
             times,
         )
 
-    def _record(self, header: InstanceHeader, path: Path, size: int, transfer_syntax_uid: str, peer: CallingPeer) -> None:
+    def _record(self, group: list[_Arrival]) -> None:
+        """The rows of `group`, in one transaction; each arrival is marked committed after it."""
         now = utcnow()
-        with self._db_lock, self._engine.begin() as connection:
-            connection.execute(
-                insert(_instances).values(
-                    sop_instance_uid=header.sop_instance_uid,
-                    sop_class_uid=header.sop_class_uid,
-                    series_id=self._series_id(connection, header),
-                    instance_number=header.instance_number,
-                    path=str(path),
-                    size_bytes=size,
-                    transfer_syntax_uid=transfer_syntax_uid,
-                    calling_ae_title=peer.ae_title,
-                    peer_address=peer.address,
-                    received_at=now,
-                    times_received=1,
-                    last_received_at=now,
-                )
-            )
+        series_ids: dict[str, int] = {}
+        with self._db_lock:
+            with self._engine.begin() as connection:
+                rows = [
+                    {
+                        "sop_instance_uid": arrival.header.sop_instance_uid,
+                        "sop_class_uid": arrival.header.sop_class_uid,
+                        "series_id": self._series_id(connection, arrival.header, series_ids),
+                        "instance_number": arrival.header.instance_number,
+                        "path": str(arrival.path),
+                        "size_bytes": arrival.size,
+                        "transfer_syntax_uid": arrival.transfer_syntax_uid,
+                        "calling_ae_title": arrival.peer.ae_title,
+                        "peer_address": arrival.peer.address,
+                        "received_at": now,
+                        "times_received": 1,
+                        "last_received_at": now,
+                    }
+                    for arrival in group
+                ]
+                connection.execute(insert(_instances), rows)
+            self._series_ids.update(series_ids)  # committed now, so safe to remember
+        for arrival in group:
+            arrival.committed = True
 
-    def _series_id(self, connection: Connection, header: InstanceHeader) -> int:
+    def _series_id(self, connection: Connection, header: InstanceHeader, learned: dict[str, int]) -> int:
+        """The series row's id, inserted with its study's if new; `learned` collects what the caller may
+        remember once its transaction commits (a rolled-back insert must not be remembered)."""
         uid = header.series_instance_uid
         if uid in self._series_ids:
             return self._series_ids[uid]
+        if uid in learned:
+            return learned[uid]
         series_id = connection.execute(select(_series.c.id).where(_series.c.series_instance_uid == uid)).scalar()
-        if series_id is not None:
-            self._series_ids[uid] = series_id  # committed earlier, so safe to remember
-            return series_id
-        return connection.execute(
-            insert(_series)
-            .values(
-                series_instance_uid=uid,
-                study_id=self._study_id(connection, header),
-                modality=header.modality,
-                series_number=header.series_number,
-                series_description=header.series_description,
-                frame_of_reference_uid=header.frame_of_reference_uid,
-            )
-            .returning(_series.c.id)
-        ).scalar_one()
+        if series_id is None:
+            series_id = connection.execute(
+                insert(_series)
+                .values(
+                    series_instance_uid=uid,
+                    study_id=self._study_id(connection, header),
+                    modality=header.modality,
+                    series_number=header.series_number,
+                    series_description=header.series_description,
+                    frame_of_reference_uid=header.frame_of_reference_uid,
+                )
+                .returning(_series.c.id)
+            ).scalar_one()
+        learned[uid] = series_id
+        return series_id
 
     @staticmethod
     def _study_id(connection: Connection, header: InstanceHeader) -> int:
