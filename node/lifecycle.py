@@ -178,7 +178,10 @@ def claim_next(engine: Engine, worker: WorkerIdentity, lease_seconds: float) -> 
                 update(Job)
                 .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
                 .values(
-                    status=JobStatus.RUNNING, started_at=now, starts=Job.starts + 1, worker=worker.name,
+                    status=JobStatus.RUNNING,
+                    started_at=now,
+                    starts=Job.starts + 1,
+                    worker=worker.name,
                     lease_expires_at=now + timedelta(seconds=lease_seconds),
                 )
             )
@@ -268,9 +271,7 @@ def expire_leases(engine: Engine) -> int:
         return len(jobs)
 
 
-def _count_interrupted_sends(
-    session: Session, held_by: Callable[[str], bool], expired_before: datetime | None = None
-) -> None:
+def _count_interrupted_sends(session: Session, held_by: Callable[[str], bool], expired_before: datetime | None = None) -> None:
     """An attempt cut off with its worker counts: its delivery waits for the next one as after a failure."""
     query = select(Delivery).where(Delivery.status == DeliveryStatus.PENDING, Delivery.attempt_started_at.is_not(None))
     if expired_before is not None:
@@ -312,8 +313,14 @@ def rerun(engine: Engine, job_id: int) -> Job:
         latest = session.scalars(select(func.max(Job.version)).where(Job.series_id == job.series_id)).one()
         now = utcnow()
         new = Job(
-            series=job.series, version=latest + 1, status=JobStatus.QUEUED, error="", input_uids=list(job.input_uids),
-            input_fingerprint=job.input_fingerprint, inputs_at=now, created_at=now,
+            series=job.series,
+            version=latest + 1,
+            status=JobStatus.QUEUED,
+            error="",
+            input_uids=list(job.input_uids),
+            input_fingerprint=job.input_fingerprint,
+            inputs_at=now,
+            created_at=now,
         )
         session.add(new)
         session.flush()
@@ -353,18 +360,26 @@ class JobInputs:
     job_id: int
     series_instance_uid: str
     version: int
+    attempt: int  # how many times a worker has taken the job up, this time included
     paths: list[Path]
     missing: int  # input instances no longer in the database, or removed by retention
 
 
-def job_inputs(engine: Engine, job_id: int) -> JobInputs:
+def job_inputs(engine: Engine, job_id: int, held_by: str | None = None) -> JobInputs:
+    """Raises LeaseLost when `held_by` no longer holds the job (another worker took it over)."""
     with Session(engine) as session:
         job = session.get(Job, job_id)
+        _held(job, held_by)
         paths = session.scalars(
             select(Instance.path).where(Instance.sop_instance_uid.in_(job.input_uids), Instance.removed_at.is_(None))
         ).all()
         return JobInputs(
-            job.id, job.series.series_instance_uid, job.version, [Path(p) for p in paths], len(job.input_uids) - len(paths)
+            job.id,
+            job.series.series_instance_uid,
+            job.version,
+            job.starts,
+            [Path(p) for p in paths],
+            len(job.input_uids) - len(paths),
         )
 
 
@@ -410,9 +425,19 @@ def new_delivery(job: Job, destination: Destination, kind: OutputKind, path: str
     now = utcnow()
     ae_title, host, port = destination.address
     return Delivery(
-        job=job, destination=destination.name, ae_title=ae_title, host=host, port=port,
-        kind=kind.value, path=path, sop_instance_uid=sop_instance_uid, status=DeliveryStatus.PENDING, attempts=0,
-        last_error="", next_attempt_at=now, created_at=now,
+        job=job,
+        destination=destination.name,
+        ae_title=ae_title,
+        host=host,
+        port=port,
+        kind=kind.value,
+        path=path,
+        sop_instance_uid=sop_instance_uid,
+        status=DeliveryStatus.PENDING,
+        attempts=0,
+        last_error="",
+        next_attempt_at=now,
+        created_at=now,
     )
 
 
@@ -618,8 +643,11 @@ def submit_reviews(engine: Engine, series_instance_uid: str) -> int | None:
         for instance in new:
             session.add(
                 Review(
-                    instance=instance, sop_instance_uid=instance.sop_instance_uid, status=ReviewStatus.PENDING,
-                    calling_ae_title=instance.calling_ae_title, received_at=instance.received_at,
+                    instance=instance,
+                    sop_instance_uid=instance.sop_instance_uid,
+                    status=ReviewStatus.PENDING,
+                    calling_ae_title=instance.calling_ae_title,
+                    received_at=instance.received_at,
                 )
             )
             log.info("structure set %s from %s: review pending", instance.sop_instance_uid, instance.calling_ae_title)

@@ -10,8 +10,10 @@ here too, between jobs (`node.review`).
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
+from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -29,6 +31,13 @@ log = logging.getLogger(__name__)
 
 class JobFailed(Exception):
     """A job ends in `failed` with this message (a sentence for the job log)."""
+
+
+def _remove_other_attempts(folder: Path) -> None:
+    """What earlier attempts of the job left (a worker killed mid-job): only the recorded attempt's files stay."""
+    for other in folder.parent.glob("attempt-*"):
+        if other != folder:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 class Worker:
@@ -68,10 +77,22 @@ class Worker:
             log.error("%s: its result is dropped", exc)
 
     def _contour_held(self, job_id: int) -> None:
-        timings: dict[str, float] = {}  # filled stage by stage, kept for failed jobs too
-        me = self._identity.name
+        """One attempt, in a folder of its own: a worker whose lease ran out while it still computed
+        never writes over the files of the worker that took the job over, and removes its own."""
+        inputs = lifecycle.job_inputs(self._engine, job_id, held_by=self._identity.name)
+        folder = self._config.jobs_dir / str(job_id) / f"attempt-{inputs.attempt}"
         try:
-            outputs = self._compute(job_id, timings)
+            self._attempt(inputs, folder)
+        except lifecycle.LeaseLost:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        _remove_other_attempts(folder)
+
+    def _attempt(self, inputs: lifecycle.JobInputs, folder: Path) -> None:
+        timings: dict[str, float] = {}  # filled stage by stage, kept for failed jobs too
+        job_id, me = inputs.job_id, self._identity.name
+        try:
+            outputs = self._compute(inputs, folder, timings)
         except JobFailed as exc:
             lifecycle.fail_job(self._engine, job_id, str(exc), timings, held_by=me)
             return
@@ -84,8 +105,8 @@ class Worker:
             self._engine, job_id, outputs.paths, outputs.sop_instance_uids, timings, self._config.destinations, held_by=me
         )
 
-    def _compute(self, job_id: int, timings: dict[str, float]):
-        inputs = lifecycle.job_inputs(self._engine, job_id)
+    def _compute(self, inputs: lifecycle.JobInputs, folder: Path, timings: dict[str, float]):
+        job_id = inputs.job_id
         if inputs.missing:
             raise JobFailed(f"{inputs.missing} input instances are no longer held (removed by retention, or lost)")
         start = time.perf_counter()
@@ -104,7 +125,7 @@ class Worker:
         algorithm = Algorithm(segmenter.card.name, segmenter.card.version)
         lifecycle.set_model(self._engine, job_id, algorithm.name, algorithm.version)
 
-        paths = OutputPaths.in_directory(self._config.jobs_dir / str(job_id), seg=self._config.delivery.send_seg)
+        paths = OutputPaths.in_directory(folder, seg=self._config.delivery.send_seg)
         try:
             return write_outputs(
                 volume,

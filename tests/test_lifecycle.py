@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.config import Destination
+from node.config import Destination, parse_config
 from node.db.models import Job, Worker, utcnow
 from node.errors import UserError
 from node.lifecycle import (
@@ -40,8 +40,10 @@ from node.lifecycle import (
 )
 from node.sender import classify_store_status
 from node.store import CallingPeer, InstanceStore
-from node.synth.ct_series import write_cylinder_ct
+from node.synth.ct_series import ct_datasets, write_cylinder_ct, write_series
+from node.synth.phantom import make_phantom
 from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind
+from node.worker import Worker as JobWorker
 from tests.conftest import GONE_WORKER
 
 TPS = Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=11112)
@@ -377,3 +379,32 @@ def test_a_worker_that_lost_its_lease_cannot_record_its_result(engine, series, t
         fail_job(engine, job.id, "too late", {}, held_by=WORKER_A.name)
     fail_job(engine, job.id, "a sentence", {}, held_by=WORKER_B.name)
     assert (job_row(engine, job.id).status, job_row(engine, job.id).error) == (JobStatus.FAILED, "a sentence")
+
+
+def test_each_attempt_writes_its_own_folder_and_a_fenced_worker_writes_nothing(engine, database_url, tmp_path):
+    """A killed worker's half-written attempt is removed by the one that finishes the job; the worker
+    whose lease ran out records nothing and leaves the finished attempt's files alone."""
+    phantom = make_phantom(seed=3)
+    files = write_series(ct_datasets(phantom.hu, phantom.geometry, phantom.patient), tmp_path / "phantom")
+    store_files(engine, tmp_path, files)
+    uid = dcmread(files[0]).SeriesInstanceUID
+    config = parse_config(f'[node]\ndata_dir = "{tmp_path / "data"}"\ndatabase_url = "{database_url}"\n')
+    job = submit_series(engine, uid, lambda series, instances: Eligibility(True))
+    assert claim_next(engine, WORKER_A, 0.05) == job.id
+    left_by_a = config.jobs_dir / str(job.id) / "attempt-1"
+    left_by_a.mkdir(parents=True)
+    (left_by_a / "rtstruct.dcm").write_bytes(b"half written")
+    time.sleep(0.1)
+    expire_leases(engine)
+    assert claim_next(engine, WORKER_B, 60) == job.id
+
+    JobWorker(config, engine, WorkerIdentity("gpu-b", 202, "cpu")).run_job(job.id)
+    done = job_row(engine, job.id)
+    assert done.status == JobStatus.DONE, done.error
+    rtstruct = config.jobs_dir / str(job.id) / "attempt-2" / "rtstruct.dcm"
+    assert done.outputs[OutputKind.RTSTRUCT] == str(rtstruct) and rtstruct.is_file()
+    assert not left_by_a.exists()
+
+    JobWorker(config, engine, WorkerIdentity("gpu-a", 101, "cpu")).run_job(job.id)  # too late: its lease ran out
+    assert [p.name for p in (config.jobs_dir / str(job.id)).iterdir()] == ["attempt-2"]
+    assert job_row(engine, job.id).outputs == done.outputs

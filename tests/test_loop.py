@@ -317,7 +317,7 @@ def test_demo_runs_the_whole_loop(tmp_path):
     assert deliveries == [(job_id, "tps", "rtstruct", DeliveryStatus.DONE, 1, rs.SOPInstanceUID)]
     assert rs.ApprovalStatus == "UNAPPROVED"
     qa = Path(json.loads(outputs)["qa"])
-    assert qa == workdir / "data" / "jobs" / "1" / "qa.png" and qa.is_file()
+    assert qa == workdir / "data" / "jobs" / "1" / "attempt-1" / "qa.png" and qa.is_file()
 
 
 # --- restarts and crashes: a node killed while a job runs is not the job's fault; a worker that
