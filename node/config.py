@@ -79,6 +79,9 @@ class NodeSection(_Section):
     # A worker renews the leases of its job and sends by a heartbeat every quarter of this; when it
     # stops (killed, machine lost), another worker takes them over after this many seconds.
     worker_lease_seconds: Annotated[float, Field(ge=2)] = 60.0
+    # `rtnode serve` runs a worker of its own; false on a receiving machine whose jobs all run on
+    # `rtnode worker` processes elsewhere (GPU servers sharing the database and data_dir).
+    local_worker: bool = True
 
 
 class AllowedCaller(_Section):
@@ -228,15 +231,19 @@ class WebSection(_Section):
         """Why the web app must not start with these settings, in one line; None when it may."""
         if self.tls or self.insecure_http or _is_loopback(self.host):
             return None
-        return (f"web.host = {self.host!r} is not a loopback address and [web] has no certificate: set web.certificate "
-                "and web.private_key, or insecure_http = true to serve plain HTTP anyway")
+        return (
+            f"web.host = {self.host!r} is not a loopback address and [web] has no certificate: set web.certificate "
+            "and web.private_key, or insecure_http = true to serve plain HTTP anyway"
+        )
 
     def warning(self) -> str | None:
         """The warning for plain HTTP beyond this machine, logged at every start."""
         if self.tls or _is_loopback(self.host):
             return None
-        return (f"the web app serves plain HTTP on {self.host}:{self.port} (web.insecure_http = true): "
-                "passwords and patient data cross the network unencrypted")
+        return (
+            f"the web app serves plain HTTP on {self.host}:{self.port} (web.insecure_http = true): "
+            "passwords and patient data cross the network unencrypted"
+        )
 
 
 class ModelSection(_Section):

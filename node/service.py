@@ -150,8 +150,9 @@ def serve(config: Config, config_path: Path) -> int:
         log.info("%d job(s) that were running at the last stop are queued again", requeued)
     tracker = CompletionTracker(config, engine)
     tracker.start(series_needing_jobs(engine))
-    worker = WorkerProcess(config_path.resolve())
-    worker.start()
+    worker = WorkerProcess(config_path.resolve()) if config.node.local_worker else None
+    if worker is not None:
+        worker.start()
     store = InstanceStore(engine, config.incoming_dir, fsync=config.node.fsync, max_instance_mb=config.node.max_instance_mb)
     store.remove_orphans()  # before receiving: a write in flight is no orphan
     scp = StorageSCP(config, store, tracker)
@@ -161,7 +162,7 @@ def serve(config: Config, config_path: Path) -> int:
         web.start()
     retention = _retention_schedule(config, engine)
     while not stop.wait(1.0):
-        died = worker.keep_alive()
+        died = worker.keep_alive() if worker is not None else None
         if died is not None:
             requeue_after_worker_death(engine, *died)
         if web is not None:
@@ -172,7 +173,8 @@ def serve(config: Config, config_path: Path) -> int:
     tracker.stop()
     if web is not None:
         web.stop()
-    worker.stop()
+    if worker is not None:
+        worker.stop()
     return 0
 
 
@@ -202,9 +204,7 @@ def run_worker(config: Config, device: str | None = None) -> int:
     log.info("worker %s on %s", identity.name, identity.device)
     beat = threading.Thread(target=_beat, args=(engine, identity, lease, stop), name="heartbeat", daemon=True)
     beat.start()
-    sender = threading.Thread(
-        target=Sender(config, engine, identity).run_forever, args=(stop,), name="sender", daemon=True
-    )
+    sender = threading.Thread(target=Sender(config, engine, identity).run_forever, args=(stop,), name="sender", daemon=True)
     sender.start()
     worker = Worker(config, engine, identity)
     try:

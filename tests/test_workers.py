@@ -1,5 +1,5 @@
-"""Several workers on one PostgreSQL database: one `rtnode serve` (with its own worker) and two more
-`rtnode worker` processes, nine series pushed at once, one worker SIGKILLed mid-job."""
+"""Several workers on one PostgreSQL database: one `rtnode serve` without a worker of its own and
+three `rtnode worker` processes, nine series pushed at once, one worker SIGKILLed mid-job."""
 
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ def test_three_workers_share_nine_series_and_one_killed_mid_job_loses_nothing(no
     sections = f"[completion]\nquiet_seconds = {QUIET}\nmin_slices = 10\nrelease_grace_seconds = 1.0\n"
     sections += "[delivery]\nfirst_retry_seconds = 1.0\nmax_retry_seconds = 2.0\n"
     sections += destination_toml("tps", "TPS", tps.port)
-    node = node_factory(database_url=url, extra_config="worker_lease_seconds = 6", sections=sections).start()
+    node = node_factory(
+        database_url=url, extra_config="worker_lease_seconds = 6\nlocal_worker = false", sections=sections
+    ).start()
     tps.start()
     command = [sys.executable, "-m", "node", "worker", "--config", str(node.config_path)]
-    logs = [(tmp_path / f"worker{i}.log").open("w") for i in range(2)]
+    logs = [(tmp_path / f"worker{i}.log").open("w") for i in range(3)]
     workers = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT) for log in logs]
     database = create_engine(url)
     try:
