@@ -54,10 +54,11 @@ class Method:
     name: str
     bound: float | None  # the OCM's lambda; None: no quality module; math.inf: the QAM without the OCM
     memory: int = 0
+    crops: int = 2  # the batch: more crops are smaller ones (Recipe.small_shape), about as many voxels in all
 
     @property
     def label(self) -> str:
-        name = self.name.replace("memory", f"memory {self.memory}")
+        name = self.name.replace("memory", f"memory {self.memory}").replace("crops", f"{self.crops} crops")
         return name if self.bound is None or math.isinf(self.bound) else f"{name} lambda {self.bound:g}"
 
 
@@ -71,6 +72,10 @@ METHODS = (
 MORE_METHODS = (  # tried after the first run, by --methods
     Method("QAM+OCM+memory", 1.0, 14),
     Method("QAM+OCM+memory", 2.0, 30),
+    # many small crops per batch: the softmax weighs 8 cases against each other, not 2
+    Method("baseline crops", None, crops=8),
+    Method("QAM+OCM crops", 2.0, crops=8),
+    Method("QAM+OCM crops", 1.0, crops=8),
 )
 
 
@@ -83,21 +88,25 @@ class Recipe:
     learning_rate: float
     training_seeds: tuple[int, ...]
     held_out_seeds: tuple[int, ...]
+    small_shape: tuple[int, int, int] = (16, 24, 24)  # crops of the arms with 8 crops a batch
     window_overlap: float = 0.5
     held_out_stride: int = 1  # >1: held-out CTs thinned in-plane, so an untrained model's sprawling mask is quick to measure
 
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(mode="spacing", spacing=self.spacing, shape=self.shape, window_overlap=self.window_overlap)
+    def preprocessing(self, crops: int = 2) -> Preprocessing:
+        shape = self.shape if crops == 2 else self.small_shape
+        return Preprocessing(mode="spacing", spacing=self.spacing, shape=shape, window_overlap=self.window_overlap)
 
 
 RECIPES = {
     "cpu": Recipe((5.0, 5.0, 5.0), (24, 40, 40), (8, 16, 32), 400, 1e-3, tuple(range(1, 17)), tuple(range(10000, 10006))),
     "smoke": Recipe(
-        (8.0, 8.0, 8.0), (16, 32, 32), (4, 8), 3, 1e-3, tuple(range(1, 5)), (10000,), window_overlap=0.0, held_out_stride=4
+        (8.0, 8.0, 8.0), (16, 32, 32), (4, 8), 3, 1e-3, tuple(range(1, 5)), (10000,), (8, 16, 16), window_overlap=0.0,
+        held_out_stride=4,
     ),
     # the thesis's input and channels, on a GPU
     "full": Recipe(
-        (2.5, 1.5, 1.5), (72, 256, 256), (16, 32, 64, 96, 128), 3000, 1e-4, tuple(range(1, 25)), tuple(range(10000, 10010))
+        (2.5, 1.5, 1.5), (72, 256, 256), (16, 32, 64, 96, 128), 3000, 1e-4, tuple(range(1, 25)), tuple(range(10000, 10010)),
+        (48, 128, 128),
     ),
 }
 
@@ -143,9 +152,10 @@ class ArmResult:
         finite_bound = self.method.bound is not None and math.isfinite(self.method.bound)
         return {
             "noise_fraction": self.noise_fraction,
-            "method": self.method.name,
+            "method": self.method.name.replace("crops", f"{self.method.crops} crops"),
             "lambda": self.method.bound if finite_bound else None,
             "memory": self.method.memory,
+            "crops_per_batch": self.method.crops,
             "dice": round(self.dice, 4),
             "hd95_mm": round(self.hd95_mm, 2),
             "clean_weight": round(self.clean_weight, 4),
@@ -160,7 +170,7 @@ class ArmResult:
         bound = "-" if self.method.bound is None else ("none" if math.isinf(self.method.bound) else f"{self.method.bound:g}")
         noisy = "-" if self.noisy_weight is None else f"{self.noisy_weight:.2f}"
         caught = "-" if self.caught is None else f"{self.caught[0]}/{self.caught[1]}"
-        name = self.method.name.replace("memory", f"memory {self.method.memory}")
+        name = self.method.name.replace("memory", f"memory {self.method.memory}").replace("crops", f"{self.method.crops} crops")
         return (
             f"| {share} | {size} | {name} | {bound} | {self.dice:.3f} | {self.hd95_mm:.1f} | "
             f"{self.clean_weight:.2f} | {noisy} | {caught} |"
@@ -178,8 +188,9 @@ def run_arm(
     seed: int,
 ) -> ArmResult:
     config = TrainConfig(
-        steps=recipe.steps, batch_size=2, learning_rate=recipe.learning_rate, seed=seed, checkpoint_every=recipe.steps + 1,
-        architecture=Architecture(channels=recipe.channels), preprocessing=recipe.preprocessing(),
+        steps=recipe.steps, batch_size=method.crops, learning_rate=recipe.learning_rate, seed=seed,
+        checkpoint_every=recipe.steps + 1, architecture=Architecture(channels=recipe.channels),
+        preprocessing=recipe.preprocessing(method.crops),
         quality_bound=method.bound, quality_memory=method.memory, device=device,
     )
     started = time.perf_counter()
@@ -244,7 +255,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), device {device}, training seed {args.seed}")
     print(
         f"recipe: {len(recipe.training_seeds)} training phantoms, {len(recipe.held_out_seeds)} held out; "
-        f"{recipe.spacing} mm voxels, {recipe.shape} crops, channels {recipe.channels}, batch 2, "
+        f"{recipe.spacing} mm voxels, {recipe.shape} crops, channels {recipe.channels}, batch 2 "
+        f"(8 crops of {recipe.small_shape} in the crops arms), "
         f"{recipe.steps} steps, Adam lr {recipe.learning_rate:g}; noise in voxels of {NOISE_UNIT_MM} mm",
         flush=True,
     )

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -50,6 +51,14 @@ def rtnode(*args, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "node", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    """Polls `condition` until it holds; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

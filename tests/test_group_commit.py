@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from io import BytesIO
 
 from pydicom import dcmread
@@ -14,6 +13,7 @@ from sqlalchemy import event, func, select
 from node.db.models import Instance
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import write_cylinder_ct
+from tests.conftest import wait_until
 
 SENDER = CallingPeer("SCANNER", "127.0.0.1")
 
@@ -25,13 +25,6 @@ def _slices(tmp_path, count: int) -> list[bytes]:
         dcmwrite(buffer, dcmread(path), enforce_file_format=True)
         encoded.append(buffer.getvalue())
     return encoded
-
-
-def _wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_instances_arriving_while_a_commit_runs_are_committed_together(engine, tmp_path):
@@ -49,11 +42,11 @@ def test_instances_arriving_while_a_commit_runs_are_committed_together(engine, t
     with store._db_lock:
         first = threading.Thread(target=save, args=(slices[0],))
         first.start()
-        _wait_until(lambda: store._committing)
+        wait_until(lambda: store._committing)
         others = [threading.Thread(target=save, args=(data,)) for data in slices[1:]]
         for thread in others:
             thread.start()
-        _wait_until(lambda: len(store._arrivals) == 3)
+        wait_until(lambda: len(store._arrivals) == 3)
         commits.clear()
     for thread in [first, *others]:
         thread.join(timeout=30)
@@ -81,11 +74,11 @@ def test_a_row_the_database_refuses_fails_only_its_own_instance(engine, tmp_path
     with store._db_lock:
         first = threading.Thread(target=save, args=(0,))
         first.start()
-        _wait_until(lambda: store._committing)
+        wait_until(lambda: store._committing)
         others = [threading.Thread(target=save, args=(index,)) for index in (1, 2)]
         for thread in others:
             thread.start()
-        _wait_until(lambda: len(store._arrivals) == 2)
+        wait_until(lambda: len(store._arrivals) == 2)
         other_writer = InstanceStore(engine, tmp_path / "elsewhere")
         other_writer.save(slices[1], ExplicitVRLittleEndian, SENDER)
     for thread in [first, *others]:

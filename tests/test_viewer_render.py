@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from node.web.viewer import (
     ViewerRequestError,
     ViewerSourceError,
 )
+from tests.conftest import wait_until
 
 SLICES, ROWS, COLUMNS = 30, 80, 96
 SLICE_SPACING = 3.0
@@ -327,13 +327,6 @@ def wait_for_index(page, index: int) -> None:
     page.wait_for_selector(f"#slice-image[data-index='{index}']")  # a selector: the page's CSP forbids eval
 
 
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_page_pages_plays_and_windows_in_a_browser(page, viewer):
     info = viewer.slice_info()
     centre = info["ctv_centre"]["slice"]
@@ -344,8 +337,14 @@ def test_page_pages_plays_and_windows_in_a_browser(page, viewer):
     assert page.text_content("#thickness") == "3.0 mm"
     assert page.get_attribute("#outline-path", "d").startswith("M")
 
-    for key, expected in [("ArrowDown", centre + 1), ("ArrowUp", centre), ("PageDown", centre + 10), ("PageUp", centre),
-                          ("End", SLICES - 1), ("Home", 0)]:
+    for key, expected in [
+        ("ArrowDown", centre + 1),
+        ("ArrowUp", centre),
+        ("PageDown", centre + 10),
+        ("PageUp", centre),
+        ("End", SLICES - 1),
+        ("Home", 0),
+    ]:
         page.keyboard.press(key)
         wait_for_index(page, expected)
         assert page.text_content("#slice-number") == str(expected + 1)
