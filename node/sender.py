@@ -125,18 +125,9 @@ def client_context(tls: TlsSection) -> _ClientContext:
     return context
 
 
-def _destination(config: Config, order: DeliveryOrder) -> Destination:
-    """The configured destination of a delivery, for its timeouts and TLS; one removed from the
-    configuration since the delivery was queued is sent to as recorded, with default timeouts."""
-    configured = {d.name: d for d in config.destinations}
-    return configured.get(order.destination) or Destination(
-        name=order.destination, ae_title=order.ae_title, host=order.host, port=order.port
-    )
-
-
-def c_store(config: Config, order: DeliveryOrder) -> Outcome:
+def c_store(config: Config, order: DeliveryOrder, destination: Destination) -> Outcome:
+    """One C-STORE to the address the delivery recorded, with the configured destination's timeouts and TLS."""
     peer = f"{order.ae_title}@{order.host}:{order.port}"
-    destination = _destination(config, order)
     ae = AE(ae_title=config.node.ae_title)
     ae.connection_timeout = destination.acse_timeout_seconds  # also bounds the TLS handshake
     ae.acse_timeout = destination.acse_timeout_seconds
@@ -228,7 +219,10 @@ def send(config: Config, order: DeliveryOrder) -> Outcome:
     if not order.ae_title:  # queued for a STOW-RS destination that is no longer configured so
         return Outcome(False, False, f"{order.destination} is no longer a STOW-RS destination, and a delivery keeps no URL "
                        "or credentials: `rtnode resend` queues it anew")
-    return c_store(config, order)
+    if configured is None:  # sending as recorded could drop the TLS the destination had
+        return Outcome(False, False, f"{order.destination} is no longer a configured destination, so its TLS and timeouts "
+                       "are unknown: not sent; `rtnode resend` queues it to the configured destinations")
+    return c_store(config, order, configured)
 
 
 def _is_loopback(host: str) -> bool:

@@ -13,7 +13,7 @@ from pynetdicom.status import Status
 from node.config import Config, Destination
 from node.harness import LOOPBACK, free_port
 from node.lifecycle import DeliveryOrder
-from node.sender import c_store
+from node.sender import send
 from node.vocabulary import OutputKind
 
 
@@ -38,8 +38,15 @@ def test_the_destination_dimse_timeout_decides_how_long_the_sender_waits(slow_tp
     destination = Destination(name="tps", ae_title="TPS", host=LOOPBACK, port=slow_tps, dimse_timeout_seconds=dimse_timeout)
     config = Config(destinations=[destination])
     start = time.monotonic()
-    outcome = c_store(config, DeliveryOrder(1, "tps", "TPS", LOOPBACK, slow_tps, OutputKind.RTSTRUCT, rtstruct))
+    outcome = send(config, DeliveryOrder(1, "tps", "TPS", LOOPBACK, slow_tps, OutputKind.RTSTRUCT, rtstruct))
     elapsed = time.monotonic() - start
     assert outcome.delivered is delivered, outcome
     if not delivered:
         assert outcome.retry and outcome.detail == "no C-STORE response from tps" and elapsed < 2.9
+
+
+def test_a_delivery_to_a_destination_no_longer_configured_is_not_sent(slow_tps, rtstruct):
+    """Sent as recorded, it could go without the TLS the destination had: it fails in words instead."""
+    outcome = send(Config(), DeliveryOrder(1, "tps", "TPS", LOOPBACK, slow_tps, OutputKind.RTSTRUCT, rtstruct))
+    assert not outcome.delivered and not outcome.retry
+    assert outcome.detail.startswith("tps is no longer a configured destination, so its TLS and timeouts are unknown")

@@ -23,7 +23,7 @@ from node.errors import UserError
 from node.harness import DCMTK_ENV, LOOPBACK, NodeProcess, free_port, wait_for_port
 from node.lifecycle import DeliveryOrder
 from node.scp import certificate_subject, server_context
-from node.sender import c_store
+from node.sender import send
 from node.synth.ct_series import write_cylinder_ct
 from node.vocabulary import OutputKind
 from tests.conftest import require_tool, run_tool
@@ -205,7 +205,7 @@ def _send(pki: Pki, port: int, path: Path):
     tls = TlsSection(certificate=pki.node.certificate, private_key=pki.node.key, ca_certificates=pki.ca)
     destination = Destination(name="tps", ae_title="TPS", host=LOOPBACK, port=port, tls=True, acse_timeout_seconds=10)
     config = Config(tls=tls, destinations=[destination])
-    return c_store(config, DeliveryOrder(1, "tps", "TPS", LOOPBACK, port, OutputKind.RTSTRUCT, path))
+    return send(config, DeliveryOrder(1, "tps", "TPS", LOOPBACK, port, OutputKind.RTSTRUCT, path))
 
 
 @pytest.fixture
