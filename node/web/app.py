@@ -219,22 +219,24 @@ def create_app(config: Config, engine: Engine) -> FastAPI:
                        statuses=list(JobStatus), next_query=next_query, newest_query=urlencode(asdict(job_filter)),
                        paged=before is not None)
 
-    @app.get("/jobs/{job_id}", response_class=HTMLResponse)
-    def job_page_view(request: Request, identity: User, job_id: int) -> HTMLResponse:
+    def viewed_job(request: Request, identity: User, job_id: int, what: str):
+        """The job's detail, its view audited; 404 when there is no such job."""
         detail = job_detail(engine, job_id)
         if detail is None:
             raise HTTPException(404, f"no job {job_id}")
-        _audit(request, identity, AuditAction.VIEW, f"job {job_id}", detail.job["patient_id"])
+        _audit(request, identity, AuditAction.VIEW, what, detail.job["patient_id"])
+        return detail
+
+    @app.get("/jobs/{job_id}", response_class=HTMLResponse)
+    def job_page_view(request: Request, identity: User, job_id: int) -> HTMLResponse:
+        detail = viewed_job(request, identity, job_id, f"job {job_id}")
         downloads = [] if detail.job["outputs_removed_at"] else [k for k in OutputKind if k in detail.job["outputs"]]
         return _render(request, "job.html", identity, detail=detail, job=detail.job, downloads=downloads,
                        may_resend=identity.may_act() and bool(config.destinations) and "rtstruct" in downloads)
 
     @app.get("/jobs/{job_id}/viewer", response_class=HTMLResponse)
     def viewer_page(request: Request, identity: User, job_id: int) -> HTMLResponse:
-        detail = job_detail(engine, job_id)
-        if detail is None:
-            raise HTTPException(404, f"no job {job_id}")
-        _audit(request, identity, AuditAction.VIEW, f"viewer of job {job_id}", detail.job["patient_id"])
+        detail = viewed_job(request, identity, job_id, f"viewer of job {job_id}")
         return _render(request, "viewer.html", identity, job=detail.job, detail=detail)
 
     @app.post("/jobs/{job_id}/resend")
