@@ -54,11 +54,12 @@ class Method:
     name: str
     bound: float | None  # the OCM's lambda; None: no quality module; math.inf: the QAM without the OCM
     memory: int = 0
-    crops: int = 2  # the batch: more crops are smaller ones (Recipe.small_shape), about as many voxels in all
+    crops: int = 2  # crops a batch: the softmax weighs this many samples against each other
+    small: bool = False  # crops of Recipe.small_shape: 8 of them hold about as many voxels as 2 of the recipe's
 
     @property
     def label(self) -> str:
-        name = self.name.replace("memory", f"memory {self.memory}").replace("crops", f"{self.crops} crops")
+        name = self.name.replace("memory", f"memory {self.memory}")
         return name if self.bound is None or math.isinf(self.bound) else f"{name} lambda {self.bound:g}"
 
 
@@ -72,10 +73,12 @@ METHODS = (
 MORE_METHODS = (  # tried after the first run, by --methods
     Method("QAM+OCM+memory", 1.0, 14),
     Method("QAM+OCM+memory", 2.0, 30),
-    # many small crops per batch: the softmax weighs 8 cases against each other, not 2
-    Method("baseline crops", None, crops=8),
-    Method("QAM+OCM crops", 2.0, crops=8),
-    Method("QAM+OCM crops", 1.0, crops=8),
+    # more crops per batch: the softmax weighs 8 samples against each other, not 2
+    Method("baseline 8 small crops", None, crops=8, small=True),
+    Method("QAM+OCM 8 small crops", 2.0, crops=8, small=True),
+    Method("baseline 8 crops", None, crops=8),
+    Method("QAM+OCM 8 crops", 2.0, crops=8),
+    Method("QAM+OCM 8 crops", 1.0, crops=8),
 )
 
 
@@ -88,12 +91,12 @@ class Recipe:
     learning_rate: float
     training_seeds: tuple[int, ...]
     held_out_seeds: tuple[int, ...]
-    small_shape: tuple[int, int, int] = (16, 24, 24)  # crops of the arms with 8 crops a batch
+    small_shape: tuple[int, int, int] = (16, 24, 24)  # crops of the "small crops" arms
     window_overlap: float = 0.5
     held_out_stride: int = 1  # >1: held-out CTs thinned in-plane, so an untrained model's sprawling mask is quick to measure
 
-    def preprocessing(self, crops: int = 2) -> Preprocessing:
-        shape = self.shape if crops == 2 else self.small_shape
+    def preprocessing(self, small: bool = False) -> Preprocessing:
+        shape = self.small_shape if small else self.shape
         return Preprocessing(mode="spacing", spacing=self.spacing, shape=shape, window_overlap=self.window_overlap)
 
 
@@ -152,7 +155,7 @@ class ArmResult:
         finite_bound = self.method.bound is not None and math.isfinite(self.method.bound)
         return {
             "noise_fraction": self.noise_fraction,
-            "method": self.method.name.replace("crops", f"{self.method.crops} crops"),
+            "method": self.method.name,
             "lambda": self.method.bound if finite_bound else None,
             "memory": self.method.memory,
             "crops_per_batch": self.method.crops,
@@ -170,7 +173,7 @@ class ArmResult:
         bound = "-" if self.method.bound is None else ("none" if math.isinf(self.method.bound) else f"{self.method.bound:g}")
         noisy = "-" if self.noisy_weight is None else f"{self.noisy_weight:.2f}"
         caught = "-" if self.caught is None else f"{self.caught[0]}/{self.caught[1]}"
-        name = self.method.name.replace("memory", f"memory {self.method.memory}").replace("crops", f"{self.method.crops} crops")
+        name = self.method.name.replace("memory", f"memory {self.method.memory}")
         return (
             f"| {share} | {size} | {name} | {bound} | {self.dice:.3f} | {self.hd95_mm:.1f} | "
             f"{self.clean_weight:.2f} | {noisy} | {caught} |"
@@ -190,7 +193,7 @@ def run_arm(
     config = TrainConfig(
         steps=recipe.steps, batch_size=method.crops, learning_rate=recipe.learning_rate, seed=seed,
         checkpoint_every=recipe.steps + 1, architecture=Architecture(channels=recipe.channels),
-        preprocessing=recipe.preprocessing(method.crops),
+        preprocessing=recipe.preprocessing(method.small),
         quality_bound=method.bound, quality_memory=method.memory, device=device,
     )
     started = time.perf_counter()
@@ -256,7 +259,7 @@ def main() -> None:
     print(
         f"recipe: {len(recipe.training_seeds)} training phantoms, {len(recipe.held_out_seeds)} held out; "
         f"{recipe.spacing} mm voxels, {recipe.shape} crops, channels {recipe.channels}, batch 2 "
-        f"(8 crops of {recipe.small_shape} in the crops arms), "
+        f"(8 in the crops arms, of {recipe.small_shape} in the small ones), "
         f"{recipe.steps} steps, Adam lr {recipe.learning_rate:g}; noise in voxels of {NOISE_UNIT_MM} mm",
         flush=True,
     )

@@ -31,7 +31,7 @@ EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s",
         stream=sys.stderr,
     )
     # pynetdicom narrates every PDU at INFO; its warnings and errors are what an admin needs.
