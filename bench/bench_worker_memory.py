@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_description  # bench/machine.py, beside this script
 
 PHANTOM_SEED = 50_049  # unseen by the bundled weights (trained on 0-39); 2 mm slices, 0.97 mm pixels
 SLICE_MM = 1.0  # long series are thin-slice series
@@ -168,17 +169,6 @@ def measure(ct_dir: Path, out_dir: Path, stages: bool, keep_mask: Path | None) -
     return result
 
 
-def cpu_model() -> str:
-    try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no lscpu)"
-    for line in output.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", default="300,1000,2000", help="comma-separated series lengths")
@@ -197,7 +187,7 @@ def main() -> None:
         return
 
     print(
-        f"CPU: {cpu_model()}; bundled weights on the CPU; "
+        f"CPU: {cpu_description()}; bundled weights on the CPU; "
         f"generated 512x512 series (phantom {PHANTOM_SEED}, {SLICE_MM:g} mm slices)"
     )
     if args.keep_masks:
