@@ -430,16 +430,14 @@ class InstanceStore:
 
     def _commit_group(self, group: list[_Arrival]) -> None:
         """Folders first, then rows: a row never names a file whose entry a power loss could undo.
-        A group the database refuses is retried one by one, so one bad row fails only its instance."""
+        A group the database refuses is retried row by row: one bad row fails only its instance, and
+        a row whose new study or series another writer (the web upload) inserted meanwhile finds it."""
         if self._fsync:
             for folder in {arrival.path.parent for arrival in group}:
                 _fsync_directory(folder)
         try:
             self._record(group)
-        except SQLAlchemyError as exc:
-            if len(group) == 1:
-                group[0].error = exc
-                return
+        except SQLAlchemyError:
             for arrival in group:
                 try:
                     self._record([arrival])
