@@ -347,14 +347,14 @@ class _Deleted:
 
 def _delete_instance_files(engine: Engine, instance_ids: list[int], deleted: _Deleted) -> None:
     """Delete the files of rows still marked, a batch per transaction. The store clears the mark of a
-    removed instance received again under the same database lock before it writes the file again,
+    removed instance received again under the same row lock (SQLite: the database's) before it writes the file again,
     so a file received again is never deleted."""
     for start in range(0, len(instance_ids), BATCH):
         with engine.begin() as connection:
             paths = connection.execute(
                 update(Instance)
                 .where(Instance.id.in_(instance_ids[start : start + BATCH]), Instance.removed_at.is_not(None))
-                .values(removed_at=Instance.removed_at)  # takes the write lock before the files go
+                .values(removed_at=Instance.removed_at)  # locks the rows (SQLite: the database) before the files go
                 .returning(Instance.path)
             ).scalars()
             for path in paths:

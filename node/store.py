@@ -295,11 +295,21 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in `path`'s folder, made if need be, and made again if retention removed
+    it as empty between the two steps."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+
+
 def write_durably(path: Path, data: bytes, *, fsync: bool, sync_folder: bool = True) -> None:
     """Write-to-temporary then rename: readers never see a half-written file under `path`. With
     `sync_folder` false the caller fsyncs the folder itself (once for several files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, temporary = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -515,7 +525,7 @@ class InstanceStore:
 
     def _unmark_removed(self, instance_id: int) -> None:
         """An instance retention removed is received again: clear its mark before the file is written,
-        as retention deletes only files of rows still marked (checked under the database's write lock).
+        as retention deletes only files of rows still marked (checked under a lock on the row; SQLite: the database).
         Arriving now also starts its series' quiet timer, so retention does not mark it again."""
         with self._db_lock, self._engine.begin() as connection:
             connection.execute(

@@ -1,4 +1,4 @@
-"""Schema: migrations create exactly what the models describe; SQLite runs in WAL mode."""
+"""Schema: migrations create exactly what the models describe, on SQLite and PostgreSQL; SQLite runs in WAL mode."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from node.db.engine import alembic_config, make_engine, migrate
 from node.db.models import Base
 
 
-def test_migrations_match_models(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'x.sqlite3'}")
-    migrate(engine)
+def test_migrations_match_models(engine):
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
@@ -38,16 +36,8 @@ def test_upgrade_keeps_rows_of_an_older_schema(tmp_path):
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "0003")
-        connection.execute(
-            text(
-                "insert into studies values (1, '1.2.3', 'P1', 'Doe^J', '20260101', 'pelvis', 'A1')"
-            )
-        )
-        connection.execute(
-            text(
-                "insert into series values (1, '1.2.3.4', 1, 'CT', 2, 'pelvis', '1.2.3.5')"
-            )
-        )
+        connection.execute(text("insert into studies values (1, '1.2.3', 'P1', 'Doe^J', '20260101', 'pelvis', 'A1')"))
+        connection.execute(text("insert into series values (1, '1.2.3.4', 1, 'CT', 2, 'pelvis', '1.2.3.5')"))
     migrate(engine)
     with engine.connect() as connection:
         assert connection.execute(text("select count(*) from series where study_id = 1")).scalar() == 1

@@ -14,6 +14,7 @@ import sqlite3
 import struct
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import pynetdicom
 import pytest
@@ -34,7 +35,6 @@ from pynetdicom.status import Status
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from node.db.engine import open_database
 from node.db.models import Conflict, Instance
 from node.inventory import list_studies, study_lines
 from node.store import CallingPeer, InstanceStore, StoreRefused
@@ -121,10 +121,19 @@ def ct_slice(folder: Path, rows: int = 16, columns: int = 16) -> Dataset:
 # --- against the store ------------------------------------------------------------------------
 
 
+class StoreUnderTest(NamedTuple):
+    """A store capped at 1 MiB, sessions on its database, and the data directory its files go under."""
+
+    instances: InstanceStore
+    sessions: sessionmaker
+    data_dir: Path
+
+
 @pytest.fixture
-def store(tmp_path):
-    engine = open_database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
-    return InstanceStore(engine, tmp_path / "incoming", fsync=False, max_instance_mb=1), sessionmaker(engine)
+def store(engine, tmp_path) -> StoreUnderTest:
+    return StoreUnderTest(
+        InstanceStore(engine, tmp_path / "incoming", fsync=False, max_instance_mb=1), sessionmaker(engine), tmp_path
+    )
 
 
 @pytest.fixture
@@ -132,15 +141,13 @@ def slice_ds(tmp_path):
     return ct_slice(tmp_path / "ct")
 
 
-def refused(store, data: bytes) -> StoreRefused:
+def refused(store: StoreUnderTest, data: bytes) -> StoreRefused:
     """Save `data`, which must be refused with nothing stored (no file, no row); return the refusal."""
-    instance_store, sessions = store
     with pytest.raises(StoreRefused) as info:
-        instance_store.save(data, ExplicitVRLittleEndian, SENDER)
-    with sessions() as session:
+        store.instances.save(data, ExplicitVRLittleEndian, SENDER)
+    with store.sessions() as session:
         assert session.scalars(select(Instance)).all() == []
-    data_dir = Path(sessions.kw["bind"].url.database).parent
-    assert [*data_dir.glob("incoming/**/*.dcm"), *data_dir.glob("conflicts/**/*.dcm")] == []
+    assert [*store.data_dir.glob("incoming/**/*.dcm"), *store.data_dir.glob("conflicts/**/*.dcm")] == []
     return info.value
 
 
@@ -151,13 +158,13 @@ def test_deeply_nested_sequences_cannot_be_decoded(store, slice_ds):
 
 
 def test_shallow_nesting_is_accepted(store, slice_ds):
-    store[0].save(part10(slice_ds, nested(slice_ds, 20)), ExplicitVRLittleEndian, SENDER)
+    store.instances.save(part10(slice_ds, nested(slice_ds, 20)), ExplicitVRLittleEndian, SENDER)
 
 
 def test_deflated_instance_under_the_cap_is_stored_as_received(store, slice_ds):
     body = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
     data = part10(slice_ds, body.compress(dataset_bytes(slice_ds)) + body.flush(), DeflatedExplicitVRLittleEndian)
-    stored = store[0].save(data, DeflatedExplicitVRLittleEndian, SENDER)
+    stored = store.instances.save(data, DeflatedExplicitVRLittleEndian, SENDER)
     assert stored.path.read_bytes() == data
 
 
@@ -200,7 +207,7 @@ def test_other_element_claiming_4_gb_hides_the_pixels_and_is_refused(store, slic
 
 
 def test_pixel_data_sizes_follow_frames_bits_and_padding(store, slice_ds):
-    instance_store, _ = store
+    instance_store = store.instances
     slice_ds.Rows, slice_ds.Columns, slice_ds.BitsAllocated, slice_ds.BitsStored, slice_ds.HighBit = 3, 3, 1, 1, 0
     slice_ds.NumberOfFrames = 2
     assert refused(store, native(slice_ds, 2, 2)).status == Status.INCOMPLETE_PIXEL_DATA  # 18 bits need 3 bytes
@@ -231,7 +238,7 @@ def test_incomplete_encapsulated_pixel_data_is_refused(store, slice_ds, fragment
 
 
 def test_whole_encapsulated_fragments_are_accepted(store, slice_ds):
-    store[0].save(encapsulated(slice_ds, [item(4, b"\x00" * 4)] * 3, frames=3), RLELossless, SENDER)
+    store.instances.save(encapsulated(slice_ds, [item(4, b"\x00" * 4)] * 3, frames=3), RLELossless, SENDER)
 
 
 @pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
@@ -242,7 +249,7 @@ def test_path_like_uids_are_refused(store, slice_ds, keyword, tmp_path):
 
 
 def test_huge_patient_name_is_text_cut_to_its_column(store, slice_ds):
-    instance_store, sessions = store
+    instance_store, sessions, _ = store
     slice_ds.PatientName = "A" * 100_000  # too long for PN's 16-bit length: written as UN, read back as bytes
     instance_store.save(part10(slice_ds, dataset_bytes(slice_ds)), ExplicitVRLittleEndian, SENDER)
     [study] = list_studies(sessions.kw["bind"])
@@ -251,7 +258,7 @@ def test_huge_patient_name_is_text_cut_to_its_column(store, slice_ds):
 
 
 def test_reused_uid_kept_aside_and_listed_under_the_series_it_claims(store, slice_ds, tmp_path):
-    instance_store, sessions = store
+    instance_store, sessions, _ = store
     original = part10(slice_ds, dataset_bytes(slice_ds))
     held = instance_store.save(original, ExplicitVRLittleEndian, SENDER)
     assert instance_store.save(original, ExplicitVRLittleEndian, SENDER).duplicate  # identical: a repeat

@@ -1,5 +1,6 @@
-"""Retention on a real SQLite database and real files: what goes when, what never goes, the
-ceiling, dry runs, protection, what the reports say afterwards, and a SIGKILL in mid-removal."""
+"""Retention on a real database (SQLite and PostgreSQL) and real files: what goes when, what never
+goes, the ceiling, dry runs, protection, what the reports say afterwards, a store writing again
+while retention deletes, and a SIGKILL in mid-removal."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from io import BytesIO
@@ -36,7 +38,7 @@ from node.lifecycle import (
     rerun,
     submit_series,
 )
-from node.retention import purge, set_protected
+from node.retention import _Deleted, purge, set_protected
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import PatientStudy, write_cylinder_ct
 from node.vocabulary import OutputKind
@@ -48,12 +50,11 @@ POLICY = RetryPolicy(first_retry_seconds=30, max_retry_seconds=300, max_age_seco
 SENDER = CallingPeer("SCANNER", "127.0.0.1")
 
 
-def write_config(tmp_path: Path, retention: str = "") -> Path:
-    """The data directory under tmp_path/data, the database beside it (outside: sizes stay exact)."""
+def write_config(tmp_path: Path, database_url: str, retention: str = "") -> Path:
+    """The data directory under tmp_path/data, the database outside it (sizes stay exact)."""
     path = tmp_path / "node.toml"
     path.write_text(
-        f'[node]\ndata_dir = "{tmp_path / "data"}"\ndatabase_url = "sqlite:///{tmp_path / "db.sqlite3"}"\nfsync = false\n'
-        f"\n[retention]\n{retention}\n"
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\ndatabase_url = "{database_url}"\nfsync = false\n\n[retention]\n{retention}\n'
     )
     return path
 
@@ -61,9 +62,9 @@ def write_config(tmp_path: Path, retention: str = "") -> Path:
 class Node:
     """A node's configuration, database and store, without its processes."""
 
-    def __init__(self, tmp_path: Path, retention: str = "") -> None:
+    def __init__(self, tmp_path: Path, database_url: str, retention: str = "") -> None:
         self.tmp_path = tmp_path
-        self.config_path = write_config(tmp_path, retention)
+        self.config_path = write_config(tmp_path, database_url, retention)
         self.config: Config = load_config(self.config_path)
         self.engine = open_database(self.config.node.database_url, fsync=False)
         self.store = InstanceStore(self.engine, self.config.incoming_dir, fsync=False)
@@ -122,8 +123,9 @@ class Node:
 
 
 @pytest.fixture
-def make_node(tmp_path):
-    return lambda retention="": Node(tmp_path, retention)
+def make_node(tmp_path, database_url):
+    """A node on each database the node supports, with the given [retention] settings."""
+    return lambda retention="": Node(tmp_path, database_url, retention)
 
 
 def removed(node: Node, series_uid: str, files: list[Path]) -> bool:
@@ -199,8 +201,11 @@ def test_a_protected_study_stays_until_unprotected(make_node, capsys):
     study, series, files = node.receive()
     job_id = node.job(series)
     node.age(job_id, 100)
-    assert node.cli(capsys, "protect", study) == (0, f"study {study} is protected: retention removes none of its"
-                                                     " instances or outputs\n", "")
+    assert node.cli(capsys, "protect", study) == (
+        0,
+        f"study {study} is protected: retention removes none of its instances or outputs\n",
+        "",
+    )
     report = purge(node.engine, node.config)
     assert (report.series, report.outputs) == ([], []) and not removed(node, series, files)
 
@@ -323,6 +328,31 @@ def test_an_instance_received_again_after_removal_is_stored_again(make_node):
     assert files[0].exists()
 
 
+def test_an_instance_received_again_while_retention_deletes_files_is_kept(make_node, monkeypatch):
+    """Retention deletes a batch's files while its transaction holds the rows (SQLite: the database's
+    write lock; PostgreSQL: the rows' locks): the store's clearing of the mark waits for it to commit,
+    so the file written again comes after the deletes, never before."""
+    node = make_node()
+    _, series, files = node.receive()
+    node.age(node.job(series), 31)
+    resend = threading.Thread(target=node.resend, args=(node.sources[series][0],))
+    unlink = _Deleted.unlink
+
+    def unlink_while_resending(deleted: _Deleted, path: Path) -> None:
+        if resend.ident is None:  # at the first file
+            resend.start()
+            time.sleep(0.5)  # the store would write the file again meanwhile, were it not held up
+        unlink(deleted, path)
+
+    monkeypatch.setattr(_Deleted, "unlink", unlink_while_resending)
+    assert [s.series_instance_uid for s in purge(node.engine, node.config).series] == [series]
+    resend.join(timeout=60)
+
+    healed = [i for i in node.instances(series) if i.removed_at is None]
+    assert [Path(i.path) for i in healed] == [files[0]] and healed[0].times_received == 2
+    assert files[0].exists() and not any(path.exists() for path in files[1:])
+
+
 def many_removable_instances(node: Node, series_count: int, per_series: int) -> list[Path]:
     """Small instances in finished, old series, rows inserted in bulk: (their files)."""
     paths = []
@@ -340,11 +370,22 @@ def many_removable_instances(node: Node, series_count: int, per_series: int) -> 
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(b"\0" * 128)
                 paths.append(path)
-                rows.append(dict(
-                    sop_instance_uid=uid, sop_class_uid=CTImageStorage, series_id=series.id, instance_number=number,
-                    path=str(path), size_bytes=128, transfer_syntax_uid=ExplicitVRLittleEndian, calling_ae_title="SCANNER",
-                    peer_address="127.0.0.1", received_at=utcnow(), times_received=1, last_received_at=utcnow(),
-                ))
+                rows.append(
+                    dict(
+                        sop_instance_uid=uid,
+                        sop_class_uid=CTImageStorage,
+                        series_id=series.id,
+                        instance_number=number,
+                        path=str(path),
+                        size_bytes=128,
+                        transfer_syntax_uid=ExplicitVRLittleEndian,
+                        calling_ae_title="SCANNER",
+                        peer_address="127.0.0.1",
+                        received_at=utcnow(),
+                        times_received=1,
+                        last_received_at=utcnow(),
+                    )
+                )
             session.execute(insert(Instance), rows)
     with Session(node.engine) as session:
         uids = session.scalars(select(Series.series_instance_uid).order_by(Series.id)).all()

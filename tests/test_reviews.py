@@ -1,9 +1,9 @@
 """Learning from the clinic's edits: structure sets sent back are matched to their job, told apart
 from machine output, measured (checked against SimpleITK), listed and exported for training.
 
-The first tests run on a real SQLite database without a network or the model; the last one is
-the whole loop with DCMTK: a phantom contoured, the stand-in TPS's copy edited as a dosimetrist
-would, pushed back with storescu, and the export evaluated by `rtnode evaluate --data`."""
+The first tests run on a real database, SQLite and PostgreSQL, without a network or the model; the
+last one is the whole loop with DCMTK: a phantom contoured, the stand-in TPS's copy edited as a
+dosimetrist would, pushed back with storescu, and the export evaluated by `rtnode evaluate --data`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from sqlalchemy.orm import Session
 
 from node.completion import eligibility
 from node.config import Config, Destination
-from node.db.engine import open_database
 from node.db.models import Instance
 from node.imaging.metrics import dice, hd95, surface_dice
 from node.imaging.volume import Volume, load_series_dir, load_volume
@@ -164,11 +163,6 @@ def save(ds: Dataset, path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def engine(tmp_path):
-    return open_database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
-
-
 def store(engine, tmp_path: Path, datasets: list[Dataset], caller: str = "SCANNER") -> None:
     instances = InstanceStore(engine, tmp_path / "incoming", fsync=False)
     for ds in datasets:
@@ -213,7 +207,12 @@ def test_structure_sets_sent_back_are_matched_classified_and_measured(engine, tm
     sent_back = [review, dcmread(own_path), automatic, for_unknown_series(review), off_the_slices(review, volume), no_target]
     reviews = measure_all(engine, sent_back, tmp_path)
     assert [reviews[ds.SOPInstanceUID]["kind"] for ds in sent_back] == [
-        "review", "not a review", "not a review", "unmatched", "unreadable", "unreadable"
+        "review",
+        "not a review",
+        "not a review",
+        "unmatched",
+        "unreadable",
+        "unreadable",
     ]
 
     measured = reviews[review.SOPInstanceUID]
@@ -247,7 +246,8 @@ def test_structure_sets_sent_back_are_matched_classified_and_measured(engine, tm
     reviews = measure_all(engine, [re_edit], tmp_path)
     job = describe_job(engine, job_id)
     assert [r["sop_instance_uid"] for r in job["reviews"] if r["kind"] == "review"] == [
-        review.SOPInstanceUID, re_edit.SOPInstanceUID
+        review.SOPInstanceUID,
+        re_edit.SOPInstanceUID,
     ]
     assert "review received" in [e["event"] for e in job["events"]]
     text = "\n".join(review_lines(list(reviews.values()), 0.95))

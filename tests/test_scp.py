@@ -1,11 +1,11 @@
-"""The receiving node against real DCMTK peers on loopback."""
+"""The receiving node against real DCMTK peers on loopback; the tests that read its rows do so on
+SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
-import sqlite3
 import subprocess
 import threading
 import time
@@ -15,7 +15,9 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import create_engine, text
 
+from node.harness import NodeProcess
 from node.synth.ct_series import write_cylinder_ct
 from tests.conftest import DCMTK_ENV, require_tool, run_tool, shared_data
 
@@ -26,14 +28,23 @@ def echo(port: int, calling: str = "ECHOSCU", called: str = "RTNODE") -> subproc
 
 def storescu(port: int, files: list[Path] | Path, *options: str, calling: str = "SCANNER") -> subprocess.CompletedProcess:
     paths = [str(files)] if isinstance(files, Path) else [str(p) for p in files]
-    return run_tool(
-        require_tool("storescu"), "-aet", calling, "-aec", "RTNODE", *options, "127.0.0.1", str(port), *paths
-    )
+    return run_tool(require_tool("storescu"), "-aet", calling, "-aec", "RTNODE", *options, "127.0.0.1", str(port), *paths)
 
 
-def rows(database: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(database) as connection:
-        return connection.execute(sql).fetchall()
+def rows(database_url: str, sql: str) -> list[tuple]:
+    """What `sql` reads from the node's database, whichever engine it is on."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def node_on_each_database(node_factory, database_url) -> NodeProcess:
+    """A started node on SQLite and on PostgreSQL."""
+    return node_factory(database_url=database_url).start()
 
 
 def stored_files(data_dir: Path) -> list[Path]:
@@ -45,14 +56,15 @@ def test_echo(node):
     assert result.returncode == 0, result.stderr
 
 
-def test_store_series_identical_files_and_rows(node, tmp_path):
+def test_store_series_identical_files_and_rows(node_on_each_database, tmp_path):
+    node = node_on_each_database
     sent = write_cylinder_ct(tmp_path / "ct", slices=50)
     result = storescu(node.port, tmp_path / "ct", "+sd")
     assert result.returncode == 0, result.stderr
 
     files = stored_files(node.data_dir)
     assert len(files) == 50
-    assert rows(node.database, "select count(*), sum(times_received) from instances") == [(50, 50)]
+    assert rows(node.database_url, "select count(*), sum(times_received) from instances") == [(50, 50)]
     by_uid = {dcmread(p).SOPInstanceUID: p for p in sent}
     for stored_path in files:
         stored = dcmread(stored_path)
@@ -60,9 +72,7 @@ def test_store_series_identical_files_and_rows(node, tmp_path):
         assert stored == original
         assert stored.PixelData == original.PixelData
         assert stored.file_meta.MediaStorageSOPInstanceUID == stored.SOPInstanceUID
-    (path, size, ae, peer), *_ = rows(
-        node.database, "select path, size_bytes, calling_ae_title, peer_address from instances"
-    )
+    (path, size, ae, peer), *_ = rows(node.database_url, "select path, size_bytes, calling_ae_title, peer_address from instances")
     assert Path(path).stat().st_size == size
     assert (ae, peer) == ("SCANNER", "127.0.0.1")
 
@@ -72,12 +82,13 @@ def test_store_series_identical_files_and_rows(node, tmp_path):
     assert listing[0]["series"][0]["series_instance_uid"] == original.SeriesInstanceUID
 
 
-def test_repeat_is_idempotent(node, tmp_path):
+def test_repeat_is_idempotent(node_on_each_database, tmp_path):
+    node = node_on_each_database
     write_cylinder_ct(tmp_path / "ct", slices=5)
     assert storescu(node.port, tmp_path / "ct", "+sd").returncode == 0
     assert storescu(node.port, tmp_path / "ct", "+sd").returncode == 0
     assert len(stored_files(node.data_dir)) == 5
-    assert rows(node.database, "select count(*), sum(times_received) from instances") == [(5, 10)]
+    assert rows(node.database_url, "select count(*), sum(times_received) from instances") == [(5, 10)]
 
 
 def test_jpeg2000_series_stored_intact(node):
@@ -125,8 +136,7 @@ def test_unknown_caller_and_wrong_called_title_rejected(node_factory):
     log = node.log()
     assert "rejected association from STRANGER@127.0.0.1: caller not in security.allowed_callers" in log
     assert "rejected association from SCANNER@127.0.0.1: called AE title 'NOTRTNODE' is not ours" in log
-    with sqlite3.connect(node.database) as connection:
-        kept = connection.execute("select calling_ae_title, address, reason from association_rejections order by id").fetchall()
+    kept = rows(node.database_url, "select calling_ae_title, address, reason from association_rejections order by id")
     assert kept == [
         ("STRANGER", "127.0.0.1", "caller not in security.allowed_callers"),
         ("SCANNER", "127.0.0.1", "called AE title 'NOTRTNODE' is not ours ('RTNODE')"),
@@ -148,7 +158,7 @@ def test_sigkill_after_success_loses_nothing(node_factory, tmp_path):
     node.start()
     listing = json.loads(node.rtnode("studies", "--json").stdout)
     assert listing[0]["series"][0]["instances"] == 30
-    for (path,) in rows(node.database, "select path from instances"):
+    for (path,) in rows(node.database_url, "select path from instances"):
         assert dcmread(path).SOPInstanceUID in path
     assert list((node.data_dir / "incoming").rglob("*.part")) == []
 
@@ -181,8 +191,15 @@ def test_ten_simultaneous_associations(node, tmp_path):
     processes = [
         subprocess.Popen(
             [
-                require_tool("storescu"), "-aet", f"SCANNER{i}", "-aec", "RTNODE",
-                "+sd", "127.0.0.1", str(node.port), str(tmp_path / f"ct{i}"),
+                require_tool("storescu"),
+                "-aet",
+                f"SCANNER{i}",
+                "-aec",
+                "RTNODE",
+                "+sd",
+                "127.0.0.1",
+                str(node.port),
+                str(tmp_path / f"ct{i}"),
             ],
             env=DCMTK_ENV,
             stdout=subprocess.PIPE,
@@ -191,8 +208,8 @@ def test_ten_simultaneous_associations(node, tmp_path):
         for i in range(10)
     ]
     assert [p.wait(timeout=120) for p in processes] == [0] * 10
-    assert rows(node.database, "select count(*) from instances") == [(80,)]
-    assert rows(node.database, "select count(distinct calling_ae_title) from instances") == [(10,)]
+    assert rows(node.database_url, "select count(*) from instances") == [(80,)]
+    assert rows(node.database_url, "select count(distinct calling_ae_title) from instances") == [(10,)]
 
 
 def test_sigterm_lets_in_flight_association_finish(node, tmp_path):
@@ -209,7 +226,7 @@ def test_sigterm_lets_in_flight_association_finish(node, tmp_path):
     assert [assoc.send_c_store(p).Status for p in paths[1:]] == [0, 0]
     assoc.release()
     assert node.process.wait(timeout=15) == 0
-    assert rows(node.database, "select count(*) from instances") == [(3,)]
+    assert rows(node.database_url, "select count(*) from instances") == [(3,)]
 
 
 def test_store_failure_answers_out_of_resources_and_node_keeps_serving(node, tmp_path):
@@ -222,12 +239,13 @@ def test_store_failure_answers_out_of_resources_and_node_keeps_serving(node, tmp
     statuses = [assoc.send_c_store(p).Status for p in sorted((tmp_path / "ct").iterdir())]
     assoc.release()
     assert statuses == [0xA700, 0xA700]
-    assert rows(node.database, "select count(*) from instances") == [(0,)]
+    assert rows(node.database_url, "select count(*) from instances") == [(0,)]
     assert "cannot write" in node.log()
     assert echo(node.port).returncode == 0
 
 
-def test_concurrent_repeats_make_one_row(node, tmp_path):
+def test_concurrent_repeats_make_one_row(node_on_each_database, tmp_path):
+    node = node_on_each_database
     paths = write_cylinder_ct(tmp_path / "ct", slices=4, rows=32, columns=32)
 
     def send() -> None:
@@ -243,5 +261,5 @@ def test_concurrent_repeats_make_one_row(node, tmp_path):
         thread.start()
     for thread in threads:
         thread.join()
-    assert rows(node.database, "select count(*), sum(times_received) from instances") == [(4, 16)]
+    assert rows(node.database_url, "select count(*), sum(times_received) from instances") == [(4, 16)]
     assert len(stored_files(node.data_dir)) == 4

@@ -1,6 +1,7 @@
-"""The web app in-process (Starlette's TestClient over the real app, a real SQLite database, real
-argon2, real DICOM files): the security rules that need no browser. The browser tests against a
-real `rtnode serve` are in test_web_browser.py."""
+"""The web app in-process (Starlette's TestClient over the real app, a real database, real argon2,
+real DICOM files): the security rules that need no browser. The tests on the `site` fixture run on
+SQLite and on PostgreSQL; the others, whose subject is not the database, on SQLite only. The
+browser tests against a real `rtnode serve` are in test_web_browser.py."""
 
 from __future__ import annotations
 
@@ -33,27 +34,29 @@ PASSWORD = "correct-horse-1"
 TEMPLATES = REPO / "node" / "web" / "templates"
 
 
-def make_config(root: Path, web: str = "", tls: bool = False):
+def make_config(root: Path, web: str = "", tls: bool = False, database_url: str | None = None):
+    """A configuration under `root`; its database is `database_url`, else SQLite in the data directory."""
     tls_keys = f'certificate = "{root / "web.crt"}"\nprivate_key = "{root / "web.key"}"\n' if tls else ""
+    database = f'database_url = "{database_url}"\n' if database_url else ""
     return parse_config(
-        f'[node]\ndata_dir = "{root / "data"}"\nfsync = false\n[completion]\nmin_slices = 10\n'
+        f'[node]\ndata_dir = "{root / "data"}"\n{database}fsync = false\n[completion]\nmin_slices = 10\n'
         f"[web]\nlogin_slowdown_after = 2\nlogin_lockout_after = 4\n{tls_keys}{web}\n"
     )
 
 
 @pytest.fixture
-def site(tmp_path):
-    """A configuration, a migrated database with one user per role, and a client per role."""
-    config = make_config(tmp_path)
-    engine = open_database(config.node.database_url, fsync=False)
+def site(tmp_path, database_url, engine):
+    """A configuration and its migrated database (SQLite, PostgreSQL) with one user per role."""
+    config = make_config(tmp_path, database_url=database_url)
     for role in Role:
         add_user(engine, role.value, role, PASSWORD)
     return config, engine
 
 
 def client(config, engine, https: bool = False) -> TestClient:
-    return TestClient(create_app(config, engine), base_url="https://testserver" if https else "http://testserver",
-                      follow_redirects=False)
+    return TestClient(
+        create_app(config, engine), base_url="https://testserver" if https else "http://testserver", follow_redirects=False
+    )
 
 
 def logged_in(config, engine, username: str, https: bool = False) -> tuple[TestClient, str]:
@@ -96,8 +99,13 @@ def test_plain_http_beyond_loopback_is_refused_at_start_up_unless_insecure_http(
 
     config_path = tmp_path / "node.toml"
     config_path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nport = 11999\n[web]\nhost = "0.0.0.0"\n')
-    result = subprocess.run([sys.executable, "-m", "node", "--config", str(config_path), "serve"], capture_output=True,
-                            text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "--config", str(config_path), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "web.host = '0.0.0.0' is not a loopback address" in result.stderr
 
@@ -107,8 +115,13 @@ def test_users_from_the_command_line_with_argon2_hashes(tmp_path):
     config_path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n')
 
     def rtnode(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "node", "--config", str(config_path), *args], input=stdin,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "node", "--config", str(config_path), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     assert rtnode("user", "add", "alice", "--role", "dosimetrist", stdin=PASSWORD + "\n").returncode == 0
     assert rtnode("user", "add", "alice", "--role", "viewer", stdin=PASSWORD + "\n").returncode == 2  # exists
@@ -140,8 +153,16 @@ def test_every_page_needs_a_login_and_the_api_answers_401(site):
     for page in ("/", "/studies", "/upload", "/audit", "/jobs/1", "/jobs/1/viewer"):
         response = anonymous.get(page)
         assert response.status_code == 303 and response.headers["location"].startswith("/login"), page
-    for path in ("/api/", "/api/jobs", "/api/jobs/1", "/api/jobs/1/files/rtstruct", "/api/studies", "/api/dashboard",
-                 "/api/jobs/1/slices", "/api/jobs/1/slices/0.png"):
+    for path in (
+        "/api/",
+        "/api/jobs",
+        "/api/jobs/1",
+        "/api/jobs/1/files/rtstruct",
+        "/api/studies",
+        "/api/dashboard",
+        "/api/jobs/1/slices",
+        "/api/jobs/1/slices/0.png",
+    ):
         assert anonymous.get(path).status_code == 401, path
     assert anonymous.get("/api/jobs", headers={"Authorization": "Bearer rtn_made-up"}).status_code == 401
     assert anonymous.get("/healthz").json()["status"] in ("ok", "unhealthy")  # no login, no patient data
@@ -161,7 +182,7 @@ def test_cookie_flags_and_security_headers(site):
     assert not re.search(r"<script(?![^>]*\bsrc=)", page.text), "inline script"
     assert web.get("/static/app.css").headers.get("cache-control") != "no-store"
 
-    tls_config = make_config(Path(config.node.data_dir).parent, tls=True)
+    tls_config = make_config(Path(config.node.data_dir).parent, tls=True, database_url=config.node.database_url)
     secure = client(tls_config, engine, https=True).post("/login", data={"username": "admin", "password": PASSWORD})
     assert "Secure" in secure.headers["set-cookie"] and "HttpOnly" in secure.headers["set-cookie"]
 
@@ -209,8 +230,9 @@ def test_failed_logins_are_slowed_then_locked(site):
 
 def test_login_posted_from_another_site_is_refused(site):
     config, engine = site
-    response = client(config, engine).post("/login", data={"username": "admin", "password": PASSWORD},
-                                           headers={"Origin": "https://evil.example"})
+    response = client(config, engine).post(
+        "/login", data={"username": "admin", "password": PASSWORD}, headers={"Origin": "https://evil.example"}
+    )
     assert response.status_code == 403
 
 
@@ -308,7 +330,7 @@ def test_a_bad_archive_is_refused_whole(site, tmp_path):
     paths = small_series(tmp_path / "ct")
     good = zipped(paths)
     corrupt = bytearray(good)
-    corrupt[len(corrupt) // 2: len(corrupt) // 2 + 64] = b"\0" * 64  # a member's bytes damaged: its CRC fails
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = b"\0" * 64  # a member's bytes damaged: its CRC fails
     bad = [("truncated.zip", good[: len(good) // 2]), ("corrupt.zip", bytes(corrupt)), ("junk.zip", b"PK\x03\x04junk")]
     for name, data in bad:
         files = [("files", ("first.zip", good, "application/zip")), ("files", (name, data, "application/zip"))]
@@ -366,8 +388,12 @@ def web_process(tmp_path: Path, web: str) -> tuple[subprocess.Popen, int, Path]:
     config_path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[web]\nport = {port}\n{web}\n')
     log = tmp_path / "web.log"
     with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "node", "--config", str(config_path), "web"], stdout=out,
-                                   stderr=subprocess.STDOUT, cwd=tmp_path)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "node", "--config", str(config_path), "web"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
     wait_for_port(port, 60)
     return process, port, log
 
@@ -375,9 +401,29 @@ def web_process(tmp_path: Path, web: str) -> tuple[subprocess.Popen, int, Path]:
 def test_tls_serves_https_with_secure_cookies(tmp_path):
     openssl = require_tool("openssl")
     key, certificate = tmp_path / "web.key", tmp_path / "web.crt"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=rtnode", "-days", "1",
-                    "-addext", f"subjectAltName=IP:{LOOPBACK}",
-                    "-keyout", key, "-out", certificate], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=rtnode",
+            "-days",
+            "1",
+            "-addext",
+            f"subjectAltName=IP:{LOOPBACK}",
+            "-keyout",
+            key,
+            "-out",
+            certificate,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     process, port, _ = web_process(tmp_path, f'certificate = "{certificate}"\nprivate_key = "{key}"')
     try:
         config = parse_config((tmp_path / "node.toml").read_text())
