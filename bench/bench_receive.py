@@ -1,6 +1,7 @@
 """Receiving speed: DCMTK storescu -> rtnode, against storescu -> DCMTK storescp, same data, same run.
 
     .venv/bin/python bench/bench_receive.py [--slices 200] [--repeats 3] [--senders 4] [--no-fsync]
+        [--postgresql postgresql+psycopg://USER@HOST:PORT --receivers N]
 
 Two figures, each as a ratio to storescp measured in the same run (median of repeats):
 - one sender: seconds for one storescu push of one series;
@@ -17,12 +18,14 @@ import statistics
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from machine import cpu_description  # bench/machine.py, beside this script
 from pynetdicom import AE, evt
+from sqlalchemy import create_engine
 
 from node.harness import DCMTK_ENV, NodeProcess, free_port, wait_for_port
 from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
@@ -87,10 +90,25 @@ def bare_pynetdicom(work: Path) -> Iterator[int]:
         shutil.rmtree(out)
 
 
-def rtnode(fsync: bool) -> Callable[[Path], contextmanager]:
+def fresh_database(server: str | None) -> str:
+    """SQLite in the node's folder (""), or a new database on the PostgreSQL server."""
+    if server is None:
+        return ""
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    with create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT").connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    return f"{server}/{name}"
+
+
+def rtnode(fsync: bool, receivers: int, postgresql: str | None) -> Callable[[Path], contextmanager]:
     @contextmanager
     def receiver(work: Path) -> Iterator[int]:
-        node = NodeProcess(root=work / "rtnode", port=free_port(), extra_config=f"fsync = {str(fsync).lower()}")
+        node = NodeProcess(
+            root=work / "rtnode",
+            port=free_port(),
+            extra_config=f"fsync = {str(fsync).lower()}\nreceivers = {receivers}",
+            database_url=fresh_database(postgresql),
+        )
         node.start()
         time.sleep(5)  # let the worker process finish importing torch before timing the push
         try:
@@ -117,12 +135,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--no-fsync", action="store_true", help="rtnode with node.fsync = false")
+    parser.add_argument("--postgresql", metavar="SERVER_URL", help="rtnode on a new database of this server, not SQLite")
+    parser.add_argument("--receivers", type=int, default=1, help="rtnode's node.receivers (above 1: PostgreSQL only)")
     args = parser.parse_args()
 
     receivers = {
         "DCMTK storescp": storescp,
         "bare pynetdicom": bare_pynetdicom,
-        f"rtnode (fsync {'off' if args.no_fsync else 'on'})": rtnode(fsync=not args.no_fsync),
+        f"rtnode ({args.receivers} receiving)": rtnode(not args.no_fsync, args.receivers, args.postgresql),
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -135,6 +155,8 @@ def main() -> None:
 
     print(f"cpu: {cpu_description()}")
     print(f"series: {args.slices} slices 512x512, {megabytes:.0f} MB; storescu pushes, median of {args.repeats}")
+    database = "PostgreSQL" if args.postgresql else "SQLite"
+    print(f"rtnode: fsync {'off' if args.no_fsync else 'on'}, {database}, node.receivers = {args.receivers}")
     print(
         f"{'receiver':24} {'1 sender':>9} {'slices/s':>9} {'vs storescp':>12}   "
         f"{args.senders} senders {'slices/s':>9} {'vs storescp':>12} {'scaling':>8}"

@@ -56,6 +56,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(_config(args), config_path(args.config))
 
 
+def cmd_receive(args: argparse.Namespace) -> int:
+    from node.scp import Listeners
+    from node.service import receive
+
+    return receive(_config(args), Listeners.inherited([int(fd) for fd in args.listeners.split(",")]))
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from node.service import run_worker
 
@@ -426,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", cmd_demo, "the whole loop on this machine: phantom CT in by C-STORE, RT Structure Set out")
     demo.add_argument("--workdir", type=Path, help="where to keep the demo's files (default: a new temporary folder)")
     demo.add_argument("--weights", type=Path)
+    receive_ = add("receive", cmd_receive, "a receiving process beside `rtnode serve` (it starts them: node.receivers)")
+    receive_.add_argument("--listeners", required=True, help="descriptors of the listening sockets serve opened")
     worker = add("worker", cmd_worker, "run a job worker and sender alone, on this or another machine (any number of them)")
     worker.add_argument("--device", help="the torch device for this worker, e.g. cuda:1 (default: model.device)")
     studies = add("studies", cmd_studies, "list received studies and their series")

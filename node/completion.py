@@ -25,7 +25,7 @@ import numpy as np
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from node.config import Config
@@ -95,11 +95,12 @@ class CompletionTracker:
         self._schedule(series_uid, delay)
 
     def _schedule(self, series_uid: str, delay: float) -> None:
+        now = datetime.now(UTC)
         self._scheduler.add_job(
             self._fire,
             "date",
-            run_date=datetime.now(UTC) + timedelta(seconds=delay),
-            args=[series_uid],
+            run_date=now + timedelta(seconds=delay),
+            args=[series_uid, now],
             id=series_uid,
             replace_existing=True,
             misfire_grace_time=None,
@@ -128,17 +129,30 @@ class CompletionTracker:
                 )
                 self.arm(uid, self._config.completion.release_grace_seconds)
 
+    def _quiet_left_elsewhere(self, series_uid: str, armed_at: datetime) -> float:
+        """Seconds of quiet time still owed to slices of the series that another receiving process
+        stored after this timer was set (it knows nothing of them but their rows); 0 when none."""
+        with Session(self._engine) as session:
+            latest = session.scalar(
+                select(func.max(Instance.last_received_at)).join(Series).where(Series.series_instance_uid == series_uid)
+            )
+        if latest is None or latest <= armed_at:
+            return 0.0
+        return (latest - datetime.now(UTC)).total_seconds() + self._config.completion.quiet_seconds
+
     def association_aborted(self, association_id: int) -> None:
         with self._lock:
             self._carried.pop(association_id, None)
 
-    def _fire(self, series_uid: str) -> None:
+    def _fire(self, series_uid: str, armed_at: datetime) -> None:
         with self._lock:
             remaining = self._quiet_until.get(series_uid, 0.0) - time.monotonic()
             if remaining <= 0:
                 self._quiet_until.pop(series_uid, None)
+        if remaining <= 0:
+            remaining = self._quiet_left_elsewhere(series_uid, armed_at)
         if remaining > 0:  # slices arrived after the timer was set
-            self._schedule(series_uid, remaining)
+            self.arm(series_uid, remaining)
             return
         try:
             if submit_reviews(self._engine, series_uid) is None:

@@ -82,6 +82,10 @@ class NodeSection(_Section):
     # `rtnode serve` runs a worker of its own; false on a receiving machine whose jobs all run on
     # `rtnode worker` processes elsewhere (GPU servers sharing the database and data_dir).
     local_worker: bool = True
+    # Processes receiving on node.port (and tls.port), each taking whole associations: more than one
+    # stores several senders' instances on several cores (pynetdicom runs an association's Python in
+    # one process). Limits such as max_associations hold per process. Above 1 only with PostgreSQL.
+    receivers: Annotated[int, Field(ge=1)] = 1
 
 
 class AllowedCaller(_Section):

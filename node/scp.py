@@ -95,6 +95,9 @@ _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 
 # How often the server closes connections past their negotiation deadline.
 _POLL_SECONDS = 0.2
+# On a shared listener, how long a receiving process lets the others take a connection first, per
+# association it serves already: the busy leave new senders to the idle.
+_YIELD_SECONDS = 0.02
 # Closed connections: the first per peer and reason is logged, then a count per this long.
 _LOG_INTERVAL_SECONDS = 60.0
 
@@ -154,9 +157,10 @@ class _NegotiationGuardServer(ThreadedAssociationServer):
     it waits. It is closed if not negotiated `negotiation_timeout_seconds` after it opened.
     """
 
-    def __init__(self, *args, node: NodeSection, **kwargs) -> None:
+    def __init__(self, *args, node: NodeSection, listener: socket.socket | None = None, **kwargs) -> None:
         # The listen backlog (socketserver's default 5): a burst beyond it waits a SYN retry (1 s, 3 s, ...).
         self.request_queue_size = node.max_associations
+        self._shared_listener = listener  # opened by `rtnode serve`, accepted on by every receiving process
         super().__init__(*args, **kwargs)
         self._node = node
         self._lock = threading.Lock()  # guards the lists and every start of an association thread
@@ -166,9 +170,25 @@ class _NegotiationGuardServer(ThreadedAssociationServer):
         self.bind(evt.EVT_CONN_OPEN, self._on_conn_open)
         self.bind(evt.EVT_ESTABLISHED, self._on_established)
 
+    def server_bind(self) -> None:
+        if self._shared_listener is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self._shared_listener
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._shared_listener is None:
+            super().server_activate()
+
     def get_request(self) -> tuple[socket.socket, tuple]:
         """Wraps a TLS connection without its handshake, which `process_request_thread` does: here, in the one
-        accepting thread, a peer that never answers would stall every caller."""
+        accepting thread, a peer that never answers would stall every caller. On a shared listener every
+        receiving process is woken: one serving associations already lets an idle one take it first, and
+        the loser's accept fails (BlockingIOError), after which socketserver goes back to waiting."""
+        if self._shared_listener is not None and (serving := len(self.ae.active_associations)):
+            time.sleep(min(_YIELD_SECONDS * serving, _POLL_SECONDS))
         sock, address = self.socket.accept()
         if self.ssl_context:
             sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -253,7 +273,41 @@ class _NegotiationGuardServer(ThreadedAssociationServer):
             for conn in self._waiting:
                 self.shutdown_request(conn.sock)
             self._negotiating, self._waiting = [], []
-        super().server_close()
+        if self._shared_listener is not None:
+            self.socket.close()  # no shutdown(): that would stop the other receiving processes' listening too
+        else:
+            super().server_close()
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """Listening sockets `rtnode serve` opened for `node.receivers` processes to accept on (the TLS one when
+    `[tls]` is configured): the kernel gives each connection to one of them, whole."""
+
+    plain: socket.socket
+    tls: socket.socket | None = None
+
+    @classmethod
+    def open(cls, config: Config) -> Listeners:
+        node = config.node
+        tls = _listening_socket(node.host, config.tls.port, node.max_associations) if config.tls.enabled else None
+        return cls(_listening_socket(node.host, node.port, node.max_associations), tls)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [self.plain] if self.tls is None else [self.plain, self.tls]
+
+    @classmethod
+    def inherited(cls, descriptors: list[int]) -> Listeners:
+        """The listeners a receiving process was started with, in the order of `sockets`."""
+        return cls(*[socket.socket(fileno=descriptor) for descriptor in descriptors])
+
+
+def _listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, backlog=backlog)
+    listener.setblocking(False)  # every receiving process is woken by a connection; only one accept may succeed
+    return listener
 
 
 def server_context(tls: TlsSection) -> ssl.SSLContext:
@@ -333,10 +387,17 @@ class SeriesObserver(Protocol):
 class StorageSCP:
     """Accepts associations from allowed callers and stores what they send."""
 
-    def __init__(self, config: Config, store: InstanceStore, observer: SeriesObserver | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: InstanceStore,
+        observer: SeriesObserver | None = None,
+        listeners: Listeners | None = None,
+    ) -> None:
         self._config = config
         self._store = store
         self._observer = observer
+        self._listeners = listeners  # None: bind the ports here (one receiving process)
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: ThreadedAssociationServer | None = None
         self._ae = self._make_ae()
@@ -365,10 +426,10 @@ class StorageSCP:
     def start(self) -> None:
         """Listen in background threads, over TLS too when `[tls]` has a certificate; returns once the ports are
         bound (the TLS one first, so whoever waits for the plain port finds both)."""
-        tls = self._config.tls
+        tls, listeners = self._config.tls, self._listeners
         if tls.enabled:
-            self._tls_server = self._listen(tls.port, server_context(tls))
-        self._server = self._listen(self._config.node.port, None)
+            self._tls_server = self._listen(tls.port, server_context(tls), listeners.tls if listeners else None)
+        self._server = self._listen(self._config.node.port, None, listeners.plain if listeners else None)
         log.info(
             "listening as %s on %s:%d%s (%d storage SOP classes)",
             self._config.node.ae_title,
@@ -378,7 +439,9 @@ class StorageSCP:
             len(STORAGE_SOP_CLASSES),
         )
 
-    def _listen(self, port: int, ssl_context: ssl.SSLContext | None) -> ThreadedAssociationServer:
+    def _listen(
+        self, port: int, ssl_context: ssl.SSLContext | None, listener: socket.socket | None
+    ) -> ThreadedAssociationServer:
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_c_store),
@@ -393,6 +456,7 @@ class StorageSCP:
             ssl_context=ssl_context,
             server_class=_NegotiationGuardServer,
             node=self._config.node,
+            listener=listener,
         )
         self._ae._servers.append(server)
         threading.Thread(target=server.serve_forever, args=(_POLL_SECONDS,), name="AcceptorServer", daemon=True).start()

@@ -2,7 +2,10 @@
 `rtnode worker` (the job worker and the sender), each stopped cleanly by SIGTERM/SIGINT.
 
 The worker is its own process, so inference never stalls the SCP's threads. It dies with
-its parent (PR_SET_PDEATHSIG): a killed node never leaves a second worker behind.
+its parent (PR_SET_PDEATHSIG): a killed node never leaves a second worker behind. With
+`node.receivers` above 1, `rtnode serve` opens the listening sockets itself and starts that
+many minus one `rtnode receive` processes beside it, all accepting on them: pynetdicom runs an
+association's Python in one process, so several senders at once are stored on several cores.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from node.lifecycle import (
     series_needing_jobs,
 )
 from node.retention import purge_logged
-from node.scp import StorageSCP
+from node.scp import Listeners, StorageSCP
 from node.store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -63,16 +66,20 @@ def open_node_database(config: Config) -> Engine:
 class ChildProcess:
     """An rtnode sub-command beside the receiving process; it dies with its parent."""
 
-    def __init__(self, config_path: Path, command: str, stop_timeout: float) -> None:
-        self._command = [sys.executable, "-m", "node", "--config", str(config_path), command]
+    def __init__(
+        self, config_path: Path, command: str, stop_timeout: float, args: tuple[str, ...] = (), pass_fds: tuple[int, ...] = ()
+    ) -> None:
+        self._name = command
+        self._command = [sys.executable, "-m", "node", "--config", str(config_path), command, *args]
         self._stop_timeout = stop_timeout
+        self._pass_fds = pass_fds
         self._process: subprocess.Popen | None = None
         self._started_at = 0.0
 
     def start(self) -> None:
-        self._process = subprocess.Popen(self._command, preexec_fn=_die_with_parent)
+        self._process = subprocess.Popen(self._command, preexec_fn=_die_with_parent, pass_fds=self._pass_fds)
         self._started_at = time.monotonic()
-        log.info("%s process %d started", self._command[-1], self._process.pid)
+        log.info("%s process %d started", self._name, self._process.pid)
 
     def _exited(self) -> tuple[int, int] | None:
         """(pid, exit status) once the process has ended, else None."""
@@ -108,15 +115,15 @@ class WorkerProcess(ChildProcess):
         return name, status
 
 
-class WebProcess(ChildProcess):
-    """`rtnode web` beside the receiving process, so browsers paging slices never slow the SCP.
-    Restarted when it dies, unless it dies within its first seconds (a busy port, a bad certificate):
+class RestartedProcess(ChildProcess):
+    """Restarted when it dies, unless it dies within its first seconds (a busy port, a bad certificate):
     then it is left down with an error rather than restarted in a loop."""
 
     STARTUP_SECONDS = 10.0
 
-    def __init__(self, config_path: Path) -> None:
-        super().__init__(config_path, "web", stop_timeout=10.0)
+    def __init__(self, what: str, config_path: Path, command: str, stop_timeout: float, **kwargs) -> None:
+        super().__init__(config_path, command, stop_timeout, **kwargs)
+        self._what = what
 
     def keep_alive(self) -> None:
         exited = self._exited()
@@ -124,10 +131,32 @@ class WebProcess(ChildProcess):
             return
         status, self._process = exited[1], None
         if time.monotonic() - self._started_at < self.STARTUP_SECONDS:
-            log.error("the web app exited with status %s right after starting (see above): not restarted", status)
+            log.error("%s exited with status %s right after starting (see above): not restarted", self._what, status)
             return
-        log.error("the web app exited with status %s: starting it again", status)
+        log.error("%s exited with status %s: starting it again", self._what, status)
         self.start()
+
+
+class WebProcess(RestartedProcess):
+    """`rtnode web` beside the receiving process, so browsers paging slices never slow the SCP."""
+
+    def __init__(self, config_path: Path) -> None:
+        super().__init__("the web app", config_path, "web", stop_timeout=10.0)
+
+
+class ReceiverProcess(RestartedProcess):
+    """`rtnode receive`: one more process accepting on the listening sockets `rtnode serve` opened."""
+
+    def __init__(self, config_path: Path, listeners: Listeners, stop_timeout: float) -> None:
+        descriptors = tuple(listener.fileno() for listener in listeners.sockets)
+        super().__init__(
+            "a receiving process",
+            config_path,
+            "receive",
+            stop_timeout,
+            args=("--listeners", ",".join(map(str, descriptors))),
+            pass_fds=descriptors,
+        )
 
 
 def _retention_schedule(config: Config, engine: Engine) -> BackgroundScheduler:
@@ -143,6 +172,11 @@ def serve(config: Config, config_path: Path) -> int:
     """Receive until asked to stop; the worker process runs the jobs."""
     if config.web.enabled and (refusal := config.web.refusal()) is not None:
         raise UserError(refusal)  # before anything listens
+    if config.node.receivers > 1 and not config.node.database_url.startswith("postgresql"):
+        raise UserError(
+            f"node.receivers = {config.node.receivers} needs PostgreSQL (node.database_url): on SQLite, several receiving "
+            "processes' saves were seen to stall together for seconds while their fsyncs ran"
+        )
     stop = stop_on_signals()
     engine = open_node_database(config)
     requeued = recover_after_restart(engine)
@@ -153,10 +187,15 @@ def serve(config: Config, config_path: Path) -> int:
     worker = WorkerProcess(config_path.resolve()) if config.node.local_worker else None
     if worker is not None:
         worker.start()
-    store = InstanceStore(engine, config.incoming_dir, fsync=config.node.fsync, max_instance_mb=config.node.max_instance_mb)
+    store = _instance_store(config, engine)
     store.remove_orphans()  # before receiving: a write in flight is no orphan
-    scp = StorageSCP(config, store, tracker)
+    listeners = Listeners.open(config) if config.node.receivers > 1 else None
+    scp = StorageSCP(config, store, tracker, listeners)
     scp.start()
+    stop_timeout = config.node.shutdown_grace_seconds + 10
+    receivers = [ReceiverProcess(config_path.resolve(), listeners, stop_timeout) for _ in range(config.node.receivers - 1)]
+    for receiver in receivers:
+        receiver.start()
     web = WebProcess(config_path.resolve()) if config.web.enabled else None
     if web is not None:
         web.start()
@@ -167,7 +206,11 @@ def serve(config: Config, config_path: Path) -> int:
             requeue_after_worker_death(engine, *died)
         if web is not None:
             web.keep_alive()
+        for receiver in receivers:
+            receiver.keep_alive()
     log.info("stopping: no new associations, waiting for in-flight ones")
+    for receiver in receivers:
+        receiver.stop()
     scp.stop()
     retention.shutdown()
     tracker.stop()
@@ -175,6 +218,25 @@ def serve(config: Config, config_path: Path) -> int:
         web.stop()
     if worker is not None:
         worker.stop()
+    return 0
+
+
+def _instance_store(config: Config, engine: Engine) -> InstanceStore:
+    return InstanceStore(engine, config.incoming_dir, fsync=config.node.fsync, max_instance_mb=config.node.max_instance_mb)
+
+
+def receive(config: Config, listeners: Listeners) -> int:
+    """One of `rtnode serve`'s receiving processes beyond its own: stores what the associations it
+    accepts carry and keeps their series' completion timers, until asked to stop."""
+    stop = stop_on_signals()
+    engine = open_node_database(config)
+    tracker = CompletionTracker(config, engine)
+    tracker.start([])  # series pending at start-up are `rtnode serve`'s to time
+    scp = StorageSCP(config, _instance_store(config, engine), tracker, listeners)
+    scp.start()
+    stop.wait()
+    scp.stop()
+    tracker.stop()
     return 0
 
 
