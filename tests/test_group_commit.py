@@ -18,12 +18,18 @@ from tests.conftest import wait_until
 SENDER = CallingPeer("SCANNER", "127.0.0.1")
 
 
-def _slices(tmp_path, count: int) -> list[bytes]:
-    encoded = []
-    for path in write_cylinder_ct(tmp_path / "ct", slices=count, rows=16, columns=16):
-        buffer = BytesIO()
-        dcmwrite(buffer, dcmread(path), enforce_file_format=True)
-        encoded.append(buffer.getvalue())
+def _slices(tmp_path, count: int, store: InstanceStore) -> list[bytes]:
+    """`count` slices whose saves take different per-UID locks: two UIDs sharing a lock would make
+    the second wait for the first's commit, which these tests hold back on purpose."""
+    encoded, buckets = [], set()
+    for path in write_cylinder_ct(tmp_path / "ct", slices=4 * count, rows=16, columns=16):
+        bucket = hash(str(dcmread(path).SOPInstanceUID)) % len(store._uid_locks)
+        if bucket not in buckets and len(encoded) < count:
+            buckets.add(bucket)
+            buffer = BytesIO()
+            dcmwrite(buffer, dcmread(path), enforce_file_format=True)
+            encoded.append(buffer.getvalue())
+    assert len(encoded) == count
     return encoded
 
 
@@ -31,7 +37,7 @@ def test_instances_arriving_while_a_commit_runs_are_committed_together(engine, t
     store = InstanceStore(engine, tmp_path / "incoming")
     commits = []
     event.listen(engine, "commit", lambda connection: commits.append(1))
-    slices = _slices(tmp_path, 4)
+    slices = _slices(tmp_path, 4, store)
     saved = []
 
     def save(data: bytes) -> None:
@@ -61,7 +67,7 @@ def test_a_row_the_database_refuses_fails_only_its_own_instance(engine, tmp_path
     """A group whose commit fails is retried row by row: here one row's UID was taken meanwhile
     by another writer (another node process sharing the database)."""
     store = InstanceStore(engine, tmp_path / "incoming")
-    slices = _slices(tmp_path, 3)
+    slices = _slices(tmp_path, 3, store)
     taken = dcmread(BytesIO(slices[1])).SOPInstanceUID
     results: dict[int, object] = {}
 
