@@ -1,9 +1,10 @@
 """Series completion: when has a series stopped arriving?
 
 Each stored instance pushes back the end of its series' quiet time
-(`completion.quiet_seconds`); a one-shot APScheduler timer per series waits for that end
-(re-armed only when it fires early: rescheduling a timer per slice cost more than storing
-the slice); when it fires, the series gets a job, or, when it is a series
+(`completion.quiet_seconds`): a one-shot APScheduler timer per series, set at its first slice,
+reads the series' latest arrival when it fires and waits again while the quiet time is not over
+(rescheduling a timer per slice cost more than storing the slice; the rows also tell of slices
+another receiving process stored). When the quiet time is over, the series gets a job, or, when it is a series
 of RT Structure Sets sent back (a reviewed auto-contour, say), a pending review per structure
 set for the worker to match and measure: nothing is read here but the database. When an
 association is released and the series it carried is geometrically complete
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
@@ -78,7 +78,7 @@ class CompletionTracker:
         self._scheduler = BackgroundScheduler(timezone=UTC)
         self._lock = threading.Lock()
         self._carried: dict[int, set[str]] = defaultdict(set)  # association -> series it carried
-        self._quiet_until: dict[str, float] = {}  # series with a timer -> monotonic end of its quiet time
+        self._armed: set[str] = set()  # series whose timer is set
 
     def start(self, pending_series: list[str]) -> None:
         self._scheduler.start()
@@ -91,7 +91,7 @@ class CompletionTracker:
     def arm(self, series_uid: str, delay: float) -> None:
         """The series' timer fires in `delay` seconds, sooner or later than it would have."""
         with self._lock:
-            self._quiet_until[series_uid] = time.monotonic() + delay
+            self._armed.add(series_uid)
         self._schedule(series_uid, delay)
 
     def _schedule(self, series_uid: str, delay: float) -> None:
@@ -107,13 +107,13 @@ class CompletionTracker:
         )
 
     def instance_stored(self, association_id: int, series_uid: str) -> None:
-        quiet = self._config.completion.quiet_seconds
+        """Sets the series' timer if none is set; a set one finds this slice's row when it fires."""
         with self._lock:
             self._carried[association_id].add(series_uid)
-            armed = series_uid in self._quiet_until
-            self._quiet_until[series_uid] = time.monotonic() + quiet
+            armed = series_uid in self._armed
+            self._armed.add(series_uid)
         if not armed:
-            self._schedule(series_uid, quiet)
+            self._schedule(series_uid, self._config.completion.quiet_seconds)
 
     def association_released(self, association_id: int) -> None:
         with self._lock:
@@ -129,9 +129,9 @@ class CompletionTracker:
                 )
                 self.arm(uid, self._config.completion.release_grace_seconds)
 
-    def _quiet_left_elsewhere(self, series_uid: str, armed_at: datetime) -> float:
-        """Seconds of quiet time still owed to slices of the series that another receiving process
-        stored after this timer was set (it knows nothing of them but their rows); 0 when none."""
+    def _quiet_left(self, series_uid: str, armed_at: datetime) -> float:
+        """Seconds of quiet time still owed to slices of the series stored after this timer was set,
+        by this receiving process or another (their rows tell); 0 when none."""
         with Session(self._engine) as session:
             latest = session.scalar(
                 select(func.max(Instance.last_received_at)).join(Series).where(Series.series_instance_uid == series_uid)
@@ -146,11 +146,8 @@ class CompletionTracker:
 
     def _fire(self, series_uid: str, armed_at: datetime) -> None:
         with self._lock:
-            remaining = self._quiet_until.get(series_uid, 0.0) - time.monotonic()
-            if remaining <= 0:
-                self._quiet_until.pop(series_uid, None)
-        if remaining <= 0:
-            remaining = self._quiet_left_elsewhere(series_uid, armed_at)
+            self._armed.discard(series_uid)  # before the rows are read: a slice stored after sets a new timer
+        remaining = self._quiet_left(series_uid, armed_at)
         if remaining > 0:  # slices arrived after the timer was set
             self.arm(series_uid, remaining)
             return
