@@ -264,20 +264,20 @@ def expire_leases(engine: Engine) -> int:
             job.status = JobStatus.QUEUED
             detail = f"the lease of worker {job.worker} expired while this job ran: attempt {job.starts} of {MAX_STARTS}"
             add_event(session, job, EventKind.REQUEUED, detail)
-        expired = select(Delivery.worker).where(Delivery.attempt_started_at.is_not(None), Delivery.lease_expires_at < now)
-        holders = set(session.scalars(expired).all())
-        if holders:
-            _count_interrupted_sends(session, holders.__contains__, expired_before=now)
+        _count_interrupted_sends(session, expired_before=now)
         return len(jobs)
 
 
-def _count_interrupted_sends(session: Session, held_by: Callable[[str], bool], expired_before: datetime | None = None) -> None:
-    """An attempt cut off with its worker counts: its delivery waits for the next one as after a failure."""
+def _count_interrupted_sends(
+    session: Session, held_by: Callable[[str], bool] | None = None, expired_before: datetime | None = None
+) -> None:
+    """An attempt cut off with its worker counts: its delivery waits for the next one as after a failure.
+    `held_by` picks the workers whose attempts were cut off (None: any whose lease expired)."""
     query = select(Delivery).where(Delivery.status == DeliveryStatus.PENDING, Delivery.attempt_started_at.is_not(None))
     if expired_before is not None:
         query = query.where(Delivery.lease_expires_at < expired_before)
     for delivery in session.scalars(query).all():
-        if not held_by(delivery.worker):
+        if held_by is not None and not held_by(delivery.worker):
             continue
         delivery.attempts += 1
         delivery.attempt_started_at = None
