@@ -17,6 +17,11 @@ inference: mean Dice and HD95 on the CT's grid. Weights: the mean loss weight cl
 corrupted samples got over the second half of training; "caught": of the k cases the end-of-
 training label-quality report trusts least (k = the number of corrupted cases), how many are
 corrupted.
+
+Arms tried later, by --methods: memory 14 with lambda 1 and memory 30; 8 crops a batch (of the
+recipe's size, or small); gradient accumulation (4 micro-batches of 2 crops a step, one softmax
+over the 8); and "clean cases only", the oracle: training on the clean cases alone, what a quality
+module that gave corrupted labels no weight at all could reach.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class Method:
     memory: int = 0
     crops: int = 2  # crops a batch: the softmax weighs this many samples against each other
     small: bool = False  # crops of Recipe.small_shape: 8 of them hold about as many voxels as 2 of the recipe's
+    accumulate: int = 1  # micro-batches of `crops` per step (gradient accumulation): the softmax spans all of them
+    oracle: bool = False  # trains on the clean cases alone: what a module that weighed corrupted labels 0 could reach
 
     @property
     def label(self) -> str:
@@ -79,6 +86,11 @@ MORE_METHODS = (  # tried after the first run, by --methods
     Method("baseline 8 crops", None, crops=8),
     Method("QAM+OCM 8 crops", 2.0, crops=8),
     Method("QAM+OCM 8 crops", 1.0, crops=8),
+    Method("clean cases only", None, oracle=True),
+    # gradient accumulation: 4 micro-batches of 2 crops a step, one softmax over the 8
+    Method("baseline 4x2 accumulated", None, accumulate=4),
+    Method("QAM+OCM 4x2 accumulated", 2.0, accumulate=4),
+    Method("QAM+OCM 4x2 accumulated", 1.0, accumulate=4),
 )
 
 
@@ -147,7 +159,7 @@ class ArmResult:
     dice: float
     hd95_mm: float
     clean_weight: float
-    noisy_weight: float | None  # None: no corrupted case
+    noisy_weight: float | None  # None: no corrupted case trained on
     caught: tuple[int, int] | None  # (corrupted among the k least trusted, k); None without a module or noise
     seconds: float
 
@@ -159,6 +171,8 @@ class ArmResult:
             "lambda": self.method.bound if finite_bound else None,
             "memory": self.method.memory,
             "crops_per_batch": self.method.crops,
+            "micro_batches_per_step": self.method.accumulate,
+            "clean_cases_only": self.method.oracle,
             "dice": round(self.dice, 4),
             "hd95_mm": round(self.hd95_mm, 2),
             "clean_weight": round(self.clean_weight, 4),
@@ -191,13 +205,13 @@ def run_arm(
     seed: int,
 ) -> ArmResult:
     config = TrainConfig(
-        steps=recipe.steps, batch_size=method.crops, learning_rate=recipe.learning_rate, seed=seed,
+        steps=recipe.steps, batch_size=method.crops, accumulate=method.accumulate, learning_rate=recipe.learning_rate, seed=seed,
         checkpoint_every=recipe.steps + 1, architecture=Architecture(channels=recipe.channels),
         preprocessing=recipe.preprocessing(method.small),
         quality_bound=method.bound, quality_memory=method.memory, device=device,
     )
     started = time.perf_counter()
-    run = train(cases, config, show_progress=False)
+    run = train([c for c in cases if c.name not in corrupted] if method.oracle else cases, config, show_progress=False)
     card = ModelCard("noisy-labels", method.label, config.architecture, config.preprocessing)
     summary = evaluate(Segmenter(run.model, card, next(run.model.parameters()).device), held_out)
     late = [(name, w) for step, name, w in run.sample_weights if step > recipe.steps // 2]
@@ -210,7 +224,7 @@ def run_arm(
     return ArmResult(
         fraction, method, summary.mean_dice, summary.mean_hd95,
         float(np.mean(clean)) if clean else 1.0,
-        (float(np.mean(noisy)) if noisy else 1.0) if corrupted else None,
+        (float(np.mean(noisy)) if noisy else 1.0) if corrupted and not method.oracle else None,
         caught, time.perf_counter() - started,
     )
 
@@ -259,7 +273,7 @@ def main() -> None:
     print(
         f"recipe: {len(recipe.training_seeds)} training phantoms, {len(recipe.held_out_seeds)} held out; "
         f"{recipe.spacing} mm voxels, {recipe.shape} crops, channels {recipe.channels}, batch 2 "
-        f"(8 in the crops arms, of {recipe.small_shape} in the small ones), "
+        f"(8 in the crops arms, of {recipe.small_shape} in the small ones; 4 micro-batches of 2 in the accumulated ones), "
         f"{recipe.steps} steps, Adam lr {recipe.learning_rate:g}; noise in voxels of {NOISE_UNIT_MM} mm",
         flush=True,
     )

@@ -337,6 +337,7 @@ def _training_config(args: argparse.Namespace):
     return TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
+        accumulate=args.accumulate,
         learning_rate=args.lr,
         seed=args.seed,
         architecture=Architecture(channels=tuple(int(v) for v in args.channels.split(",")), passes=args.passes),
@@ -499,7 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data", type=Path, help="train instead on folders of CT series + RT Structure Sets")
         sub.add_argument("--roi-pattern", default="^CTV", help="regular expression choosing the CTV ROI (with --data)")
         sub.add_argument("--steps", type=int, default=2000)
-        sub.add_argument("--batch-size", type=int, default=2)
+        sub.add_argument("--batch-size", type=int, default=2, help="crops per micro-batch (held in memory together)")
+        sub.add_argument(
+            "--accumulate", type=int, default=1, metavar="K",
+            help="micro-batches per optimiser step (gradient accumulation): a virtual batch of K x batch size, "
+            "over which --quality-bound weighs the labels",
+        )
         sub.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (the thesis: 1e-4)")
         sub.add_argument("--channels", default="16,32,64,96,128", help="channels per resolution level")
         sub.add_argument("--passes", type=int, default=2, help="recurrent refinement passes")

@@ -59,7 +59,7 @@ def test_a_few_training_steps_lower_the_loss():
     target = (image > 0.6).float()
     losses = []
     for _ in range(15):
-        loss = recurrent_loss(model(image), target)
+        loss = recurrent_loss(model(image), target).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -226,11 +226,12 @@ def test_training_runs_on_the_device_asked_for(device):
     cases = [TrainingCase("a", image, image > 0.6), TrainingCase("b", image[::-1].copy(), image[::-1] > 0.6)]
     config = TrainConfig(
         steps=3, batch_size=2, learning_rate=1e-3, architecture=TINY, preprocessing=Preprocessing(shape=(16, 32, 32)),
-        quality_bound=1.0, device=device,
+        quality_bound=1.0, accumulate=2, device=device,
     )
     run = train(cases, config, show_progress=False)
     assert next(run.model.parameters()).device.type == device
     assert len(run.history) == 3 and all(np.isfinite(loss) for _, loss in run.history)
+    assert [step for step, _, _ in run.sample_weights] == [1] * 4 + [2] * 4 + [3] * 4  # 2 micro-batches of 2 a step
     assert sorted(run.label_weights) == ["a", "b"] and np.isclose(sum(run.label_weights.values()), 2.0)
 
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from node.pipeline.model import Architecture, ResSEUNet3D, recurrent_loss
 from node.training.quality import QualityAwareness
+from node.training.train import accumulate_gradients
 from tests.conftest import REPO, rtnode
 
 METHODS = {("baseline", None, 0), ("QAM", None, 0), ("QAM+OCM", 2.0, 0), ("QAM+OCM", 1.0, 0), ("QAM+OCM+memory", 2.0, 14)}
@@ -45,6 +47,28 @@ def test_the_smoke_run_of_the_benchmark_writes_every_arm(tmp_path):
             assert all(w is None or w <= bound for w in (arm["clean_weight"], arm["noisy_weight"]))
     table = result.stdout.split("| noise share |")[1]
     assert "| 50 % | 5-13 | QAM+OCM | 2 |" in table and "| 0 % | - | baseline | - |" in table
+
+
+def test_the_smoke_run_also_runs_the_arms_tried_later(tmp_path):
+    out = tmp_path / "more.json"
+    labels = "QAM+OCM+memory 30 lambda 2,QAM+OCM 8 small crops lambda 2,clean cases only,QAM+OCM 4x2 accumulated lambda 1"
+    result = subprocess.run(
+        [sys.executable, "bench/bench_noisy_labels.py", "--smoke", "--fractions", "0.5", "--methods", labels, "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    arms = {arm["method"]: arm for arm in json.loads(out.read_text())}
+    assert arms["QAM+OCM+memory"]["memory"] == 30 and arms["QAM+OCM 8 small crops"]["crops_per_batch"] == 8
+    oracle = arms["clean cases only"]
+    assert oracle["clean_cases_only"] and oracle["noisy_weight"] is None and oracle["clean_weight"] == 1
+    accumulated = arms["QAM+OCM 4x2 accumulated"]
+    assert accumulated["micro_batches_per_step"] == 4 and accumulated["crops_per_batch"] == 2
+    assert accumulated["clean_weight"] != 1 and 0 < accumulated["noisy_weight"] < 8  # weighed over the 8 crops
+    bad = subprocess.run(
+        [sys.executable, "bench/bench_noisy_labels.py", "--smoke", "--methods", "QAM+OCM lambda 3"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert bad.returncode == 2 and "unknown method" in bad.stderr
 
 
 def test_training_reports_the_labels_it_trusts_least(tmp_path):
@@ -83,33 +107,65 @@ def test_the_memory_weighs_a_sample_against_the_recent_ones_not_only_its_batch_m
 
     torch.manual_seed(0)
     alone = QualityAwareness(bound=2.0)
-    loss, weights = alone.weighted_loss(image, label, tie)
-    loss.backward()
+    alone.score_loss(alone.raw_scores(image, label), tie).backward()
     assert all(p.grad.abs().max() < 1e-7 for p in alone.parameters())  # batch-mates that tie teach nothing
 
     torch.manual_seed(0)
     quality = QualityAwareness(bound=2.0, memory=4)
-    raw = quality.raw_scores(image, label).detach()
-    loss, weights = quality.weighted_loss(image, label, torch.tensor([0.5, 0.7]))
+    raw = quality.raw_scores(image, label)
+    weights = quality.batch_weights(raw)
+    loss = quality.score_loss(raw, torch.tensor([0.5, 0.7]))
     assert int(quality.recent_count) == 2  # the first batch had nobody else to be weighed against
     assert weights.sum().item() == pytest.approx(2)
-    np.testing.assert_allclose(quality.recent_raw[:2], raw, rtol=1e-6)
+    np.testing.assert_allclose(quality.recent_raw[:2], raw.detach(), rtol=1e-6)
     np.testing.assert_allclose(quality.recent_loss[:2], [0.5, 0.7])
     assert loss.item() == pytest.approx((weights * torch.tensor([0.5, 0.7])).mean().item())
 
     # the same tie as above, now in one softmax with the queue, whose losses were higher
-    loss, weights = quality.weighted_loss(image, label, tie)
-    loss.backward()
+    raw = quality.raw_scores(image, label)
+    weights = quality.batch_weights(raw)
+    quality.score_loss(raw, tie).backward()
     np.testing.assert_allclose(weights.detach(), quality(image, label).detach(), rtol=1e-5)  # the queue holds its twin
     assert quality.features[-1].bias.grad.item() < 0  # fits better than the recent samples: descent raises its scores
     assert int(quality.recent_count) == 4
 
     for _ in range(3):  # the queue keeps the latest 4 samples, oldest overwritten first
-        quality.weighted_loss(image, label, torch.tensor([0.3, 0.4]))
+        quality.score_loss(quality.raw_scores(image, label), torch.tensor([0.3, 0.4]))
     np.testing.assert_allclose(quality.recent_loss, [0.3, 0.4, 0.3, 0.4])
     quality.eval()
-    quality.weighted_loss(image, label, torch.tensor([9.0, 9.0]))
+    quality.score_loss(quality.raw_scores(image, label), torch.tensor([9.0, 9.0]))
     assert int(quality.recent_count) == 10  # evaluation leaves the queue alone
+
+
+@pytest.mark.parametrize("bound", [None, 2.0, math.inf])
+def test_micro_batches_give_the_gradient_of_one_batch_weighed_as_one(bound):
+    """Gradient accumulation widens Pick-and-Learn's softmax to the whole virtual batch: four
+    micro-batches of one crop must teach both networks what one batch of four would."""
+    torch.manual_seed(0)
+    model = ResSEUNet3D(Architecture(channels=(4, 8), passes=2)).eval()  # running BatchNorm: each crop's loss is its own
+    quality = None if bound is None else QualityAwareness(bound)
+    parameters = [*model.parameters(), *(quality.parameters() if quality is not None else [])]
+    images = torch.rand(4, 1, 8, 16, 16)
+    masks = torch.stack([images[i] > t for i, t in enumerate((0.3, 0.5, 0.6, 0.9))]).float()
+
+    losses = recurrent_loss(model(images), masks)
+    weights = torch.ones(4) if quality is None else quality(images, masks)
+    expected_loss = (weights * losses).mean()
+    expected_loss.backward()  # the weighted loss of one batch, straight through autograd
+    expected = [p.grad.clone() for p in parameters]
+    for p in parameters:
+        p.grad = None
+
+    loss, got_weights = accumulate_gradients(model, quality, [(images[i : i + 1], masks[i : i + 1]) for i in range(4)])
+    assert loss == pytest.approx(expected_loss.item(), rel=1e-5)
+    if quality is None:
+        assert got_weights is None
+    else:
+        np.testing.assert_allclose(got_weights, weights.detach(), rtol=1e-5)
+        assert (got_weights - 1).abs().max() > 1e-3  # weighed against each other, not each alone (weight 1)
+        assert quality.features[-1].weight.grad.abs().max() > 1e-6
+    for p, want in zip(parameters, expected, strict=True):
+        np.testing.assert_allclose(p.grad, want, rtol=1e-3, atol=1e-7)
 
 
 def test_the_quality_module_without_the_overfitting_control_is_unbounded():
@@ -124,7 +180,8 @@ def test_the_quality_module_without_the_overfitting_control_is_unbounded():
 def test_cross_validation_accepts_the_same_label_quality_options():
     result = rtnode(
         "evaluate", "--folds", "2", "--phantoms", "2", "--seed", "900", "--steps", "3", "--channels", "4,8",
-        "--spacing", "8,8,8", "--shape", "16,32,32", "--quality-bound", "2", "--quality-memory", "4", "--quiet",
+        "--spacing", "8,8,8", "--shape", "16,32,32", "--quality-bound", "2", "--quality-memory", "4", "--accumulate", "2",
+        "--quiet",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].startswith("mean over 2 folds: Dice")

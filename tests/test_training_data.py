@@ -96,7 +96,7 @@ def test_the_quality_module_learns_to_weight_down_the_sample_the_network_fits_wo
     fixed = [logits]
     before = quality(image, label).detach()
     for _ in range(20):
-        loss = recurrent_loss(fixed, label, quality(image, label))
+        loss = (recurrent_loss(fixed, label) * quality(image, label)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

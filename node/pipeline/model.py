@@ -161,10 +161,7 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.
     return bce + 1 - dice
 
 
-def recurrent_loss(outputs: list[torch.Tensor], target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """BCE + Dice on every pass, averaged over passes (early passes must already be useful),
-    then over the batch, each sample counted by its weight (Pick-and-Learn) when given."""
-    per_sample = torch.stack([bce_dice_loss(logits, target) for logits in outputs]).mean(dim=0)
-    if weights is not None:
-        per_sample = per_sample * weights
-    return per_sample.mean()
+def recurrent_loss(outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """BCE + Dice on every pass, averaged over passes (early passes must already be useful), of each
+    sample of the batch: the trainer averages them, or weighs them first (Pick-and-Learn)."""
+    return torch.stack([bce_dice_loss(logits, target) for logits in outputs]).mean(dim=0)

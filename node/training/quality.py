@@ -9,9 +9,11 @@ bounds each score by lambda*tanh before the normalisation, so no sample can take
 weight or be ignored: the largest weight is at most exp(2*lambda) times the smallest.
 
 The paper's softmax runs over a 2D batch of 32. A 3D batch holds 2 crops, and a softmax
-over 2 only says which of the two fits better. With `memory` the softmax also runs over
-the scores and losses of the samples of the last steps (kept, without gradient, as a
-queue, like MoCo's): a sample is weighed against a virtual batch of 2 + memory.
+over 2 only says which of the two fits better. Two ways to widen it: gradient accumulation
+(`TrainConfig.accumulate`: the softmax runs over every micro-batch of an optimiser step, see
+`node.training.train.accumulate_gradients`), and `memory`: the softmax also runs over the
+scores and losses of the samples of the last steps (kept, without gradient, as a queue,
+like MoCo's), so a sample is weighed against a virtual batch of its batch + memory.
 """
 
 from __future__ import annotations
@@ -70,22 +72,28 @@ class QualityAwareness(nn.Module):
         """Loss weights of the batch on its own."""
         return self.weights(self.raw_scores(image, label))
 
-    def weighted_loss(
-        self, image: torch.Tensor, label: torch.Tensor, losses: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss to minimise for a batch with per-sample `losses`, and the batch's weights.
+    def batch_weights(self, raw: torch.Tensor) -> torch.Tensor:
+        """The loss weights of a batch with these raw scores, from one softmax over the batch and
+        the queue (mean 1 over both)."""
+        return self._pool_weights(raw)[: raw.numel()]
 
-        Weights come from one softmax over the batch and the queue (mean 1 over both). The
-        queue's terms carry no gradient to the segmentation, but they enter the loss through
-        the softmax's denominator: the QAM then lowers a sample's score when its loss is above
-        the weighted mean loss of the whole virtual batch, not just above its batch-mate's.
-        Divided by the batch size, so the segmentation's gradient keeps its scale. While
-        training, the batch then joins the queue.
-        """
-        raw = self.raw_scores(image, label)
+    def _pool_weights(self, raw: torch.Tensor) -> torch.Tensor:
+        """Weights of the batch, then of the queue's samples."""
         kept = min(int(self.recent_count), self.memory)
-        pool_weights = self.weights(torch.cat([raw, self.recent_raw[:kept]]))
-        pool_losses = torch.cat([losses, self.recent_loss[:kept]])
+        return self.weights(torch.cat([raw, self.recent_raw[:kept]]))
+
+    def score_loss(self, raw: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """The QAM's loss for a batch with these raw scores whose samples' segmentation losses
+        were `losses`: the weighted loss the segmentation minimised, as a function of the scores.
+
+        The losses are fixed here (the segmentation learnt from them, weighed by
+        `batch_weights`). The queue's terms enter through the softmax's denominator: the QAM
+        lowers a sample's score when its loss is above the weighted mean loss of the whole
+        virtual batch, not just above its batch-mate's. Divided by the batch size, as the
+        segmentation's loss is. While training, the batch then joins the queue.
+        """
+        pool_weights = self._pool_weights(raw)
+        pool_losses = torch.cat([losses.detach(), self.recent_loss[: pool_weights.numel() - raw.numel()]])
         loss = (pool_weights * pool_losses).sum() / raw.numel()
         if self.training and self.memory:
             with torch.no_grad():
@@ -93,4 +101,4 @@ class QualityAwareness(nn.Module):
                     slot = int(self.recent_count) % self.memory
                     self.recent_raw[slot], self.recent_loss[slot] = score, value
                     self.recent_count += 1
-        return loss, pool_weights[: raw.numel()]
+        return loss

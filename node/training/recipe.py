@@ -89,6 +89,7 @@ def training_section(config: TrainConfig, run: TrainingRun, description: str, se
         "seed": config.seed,
         "steps": config.steps,
         "batch_size": config.batch_size,
+        "micro_batches_per_step": config.accumulate,
         "optimizer": f"Adam, lr {config.learning_rate:g}",
         "loss": LOSS,
         "augmentation": augmentation_text(),

@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from node.errors import UserError
 from node.pipeline.inference import resolve_device
-from node.pipeline.model import Architecture, ResSEUNet3D, bce_dice_loss, recurrent_loss
+from node.pipeline.model import Architecture, ResSEUNet3D, recurrent_loss
 from node.pipeline.preprocess import Preprocessing, resample, to_model_grid
 from node.synth.phantom import make_phantom
 from node.training.cases import archive_cts
@@ -36,6 +36,9 @@ MAX_ROTATION_DEGREES = 10.0
 NOISE_VARIANCE = 0.001
 LOSS = "BCE + Dice on every recurrent pass"
 QUALITY_MEMORY = 0  # the thesis's softmax over the batch alone: a queue of recent samples did worse (bench_noisy_labels)
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # crops and their masks, (N, 1, z, y, x) each
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +62,7 @@ class TrainingRun:
 class TrainConfig:
     steps: int = 2000
     batch_size: int = 2
+    accumulate: int = 1  # micro-batches of batch_size crops per optimiser step; Pick-and-Learn weighs all their crops together
     learning_rate: float = 1e-4
     seed: int = 0
     checkpoint_every: int = 100
@@ -154,6 +158,8 @@ def train(
     """Train from scratch, or from `checkpoint` when resuming."""
     if not cases:
         raise UserError("no training cases")
+    if config.batch_size < 1 or config.accumulate < 1:
+        raise UserError(f"batch size and micro-batches per step: 1 or more, not {config.batch_size} and {config.accumulate}")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -188,33 +194,70 @@ def train(
     with progress as bar:
         task = bar.add_task("training", total=config.steps, completed=step, loss=float("nan")) if bar else None
         while step < config.steps:
-            chosen = [cases[rng.integers(len(cases))] for _ in range(config.batch_size)]
-            batch = [augmented_crop(case, shape, rng, config.target_fraction) for case in chosen]
-            images = torch.from_numpy(np.stack([b[0] for b in batch]))[:, None].to(device, memory_format=torch.channels_last_3d)
-            masks = torch.from_numpy(np.stack([b[1] for b in batch]))[:, None].to(device)
-            outputs = model(images)
-            if quality is None:
-                loss = batch_loss = recurrent_loss(outputs, masks)
-            else:
-                losses = torch.stack([bce_dice_loss(logits, masks) for logits in outputs]).mean(dim=0)
-                loss, weights = quality.weighted_loss(images, masks, losses)
-                batch_loss = (weights * losses).mean()
-                got = weights.detach().tolist()
-                sample_weights += [(step + 1, case.name, w) for case, w in zip(chosen, got, strict=True)]
+            chosen: list[TrainingCase] = []
+            micro_batches: list[Batch] = []
+            for _ in range(config.accumulate):
+                picked = [cases[rng.integers(len(cases))] for _ in range(config.batch_size)]
+                crops = [augmented_crop(case, shape, rng, config.target_fraction) for case in picked]
+                micro_batches.append(_batch(crops, device))
+                chosen += picked
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, weights = accumulate_gradients(model, quality, micro_batches)
             optimizer.step()
             step += 1
-            history.append((step, batch_loss.item()))
+            history.append((step, loss))
+            if weights is not None:
+                sample_weights += [(step, case.name, w) for case, w in zip(chosen, weights.tolist(), strict=True)]
             if bar:
                 bar.update(task, completed=step, loss=float(np.mean([h[1] for h in history[-20:]])))
             elif step % 50 == 0:
-                log.info("step %d/%d loss %.4f (%.0f s)", step, config.steps, loss.item(), time.perf_counter() - started)
+                log.info("step %d/%d loss %.4f (%.0f s)", step, config.steps, loss, time.perf_counter() - started)
             if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.steps):
                 _save_checkpoint(checkpoint, model, quality, optimizer, step, rng, history, sample_weights)
     recalibrate_batchnorm(model, cases, config, rng)
     model = model.to(memory_format=torch.contiguous_format).eval()
     return TrainingRun(model, history, label_weights(quality, cases, shape) if quality is not None else None, sample_weights)
+
+
+def _batch(crops: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> Batch:
+    images = torch.from_numpy(np.stack([image for image, _ in crops]))[:, None]
+    masks = torch.from_numpy(np.stack([mask for _, mask in crops]))[:, None]
+    return images.to(device, memory_format=torch.channels_last_3d), masks.to(device)
+
+
+def accumulate_gradients(
+    model: ResSEUNet3D, quality: QualityAwareness | None, micro_batches: list[Batch]
+) -> tuple[float, torch.Tensor | None]:
+    """The gradient of one optimiser step over micro-batches, as if their crops were one batch
+    (but for BatchNorm, which normalises each micro-batch on its own), holding one micro-batch's
+    activations at a time: a virtual batch too large for the GPU, so that Pick-and-Learn's
+    softmax weighs many 3D samples against each other, not two. Returns the step's loss and,
+    with Pick-and-Learn, each crop's loss weight."""
+    sizes = [len(images) for images, _ in micro_batches]
+    count = sum(sizes)
+    if quality is None:
+        total = 0.0
+        for images, masks in micro_batches:
+            loss = recurrent_loss(model(images), masks).sum() / count
+            loss.backward()
+            total += loss.item()
+        return total, None
+    # The QAM scores every crop first, keeping no activations; its own gradient needs every crop's
+    # loss, so it comes last: through the scores, then back into the QAM one micro-batch at a time.
+    with torch.no_grad():
+        raw = torch.cat([quality.raw_scores(images, masks) for images, masks in micro_batches])
+        weights = quality.batch_weights(raw)
+    losses = []
+    for (images, masks), batch_weights in zip(micro_batches, weights.split(sizes), strict=True):
+        per_sample = recurrent_loss(model(images), masks)
+        ((batch_weights * per_sample).sum() / count).backward()
+        losses.append(per_sample.detach())
+    losses = torch.cat(losses)
+    raw.requires_grad_()
+    quality.score_loss(raw, losses).backward()
+    for (images, masks), score_grad in zip(micro_batches, raw.grad.split(sizes), strict=True):
+        quality.raw_scores(images, masks).backward(score_grad)
+    return (weights * losses).mean().item(), weights
 
 
 def label_weights(quality: QualityAwareness, cases: list[TrainingCase], shape: tuple[int, int, int]) -> dict[str, float]:
