@@ -16,7 +16,8 @@ the same crops in the same order. Each is evaluated on clean held-out phantoms b
 inference: mean Dice and HD95 on the CT's grid. Weights: the mean loss weight clean and
 corrupted samples got over the second half of training; "caught": of the k cases the end-of-
 training label-quality report trusts least (k = the number of corrupted cases), how many are
-corrupted.
+corrupted; "highest loss": the same count among the k cases whose crops had the highest mean
+training loss over the second half (a signal any method could use, with a module or without).
 
 Arms tried later, by --methods: memory 14 with lambda 1 and memory 30; 8 crops a batch (of the
 recipe's size, or small); gradient accumulation (4 micro-batches of 2 crops a step, one softmax
@@ -161,6 +162,9 @@ class ArmResult:
     clean_weight: float
     noisy_weight: float | None  # None: no corrupted case trained on
     caught: tuple[int, int] | None  # (corrupted among the k least trusted, k); None without a module or noise
+    clean_loss: float  # mean training loss of clean and corrupted crops over the second half
+    noisy_loss: float | None
+    loss_caught: tuple[int, int] | None  # (corrupted among the k cases of highest mean loss, k); None without noise
     seconds: float
 
     def to_json(self) -> dict:
@@ -178,6 +182,9 @@ class ArmResult:
             "clean_weight": round(self.clean_weight, 4),
             "noisy_weight": None if self.noisy_weight is None else round(self.noisy_weight, 4),
             "least_trusted_corrupted": None if self.caught is None else list(self.caught),
+            "clean_loss": round(self.clean_loss, 4),
+            "noisy_loss": None if self.noisy_loss is None else round(self.noisy_loss, 4),
+            "highest_loss_corrupted": None if self.loss_caught is None else list(self.loss_caught),
             "seconds": round(self.seconds, 1),
         }
 
@@ -187,16 +194,17 @@ class ArmResult:
         bound = "-" if self.method.bound is None else ("none" if math.isinf(self.method.bound) else f"{self.method.bound:g}")
         noisy = "-" if self.noisy_weight is None else f"{self.noisy_weight:.2f}"
         caught = "-" if self.caught is None else f"{self.caught[0]}/{self.caught[1]}"
+        loss_caught = "-" if self.loss_caught is None else f"{self.loss_caught[0]}/{self.loss_caught[1]}"
         name = self.method.name.replace("memory", f"memory {self.method.memory}")
         return (
             f"| {share} | {size} | {name} | {bound} | {self.dice:.3f} | {self.hd95_mm:.1f} | "
-            f"{self.clean_weight:.2f} | {noisy} | {caught} |"
+            f"{self.clean_weight:.2f} | {noisy} | {caught} | {loss_caught} |"
         )
 
 
 HEADER = (
     "| noise share | noise size (voxels) | method | lambda | Dice | HD95 (mm) | clean weight | noisy weight | "
-    "corrupted among least trusted |\n|---|---|---|---|---|---|---|---|---|"
+    "corrupted among least trusted | corrupted among highest loss |\n|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -214,19 +222,30 @@ def run_arm(
     run = train([c for c in cases if c.name not in corrupted] if method.oracle else cases, config, show_progress=False)
     card = ModelCard("noisy-labels", method.label, config.architecture, config.preprocessing)
     summary = evaluate(Segmenter(run.model, card, next(run.model.parameters()).device), held_out)
-    late = [(name, w) for step, name, w in run.sample_weights if step > recipe.steps // 2]
-    clean = [w for name, w in late if name not in corrupted]
-    noisy = [w for name, w in late if name in corrupted]
-    caught = None
+    late = [sample for sample in run.samples if sample.step > recipe.steps // 2]
+    clean = [sample for sample in late if sample.case not in corrupted]
+    noisy = [sample for sample in late if sample.case in corrupted] if corrupted and not method.oracle else None
+    caught = loss_caught = None
     if run.label_weights is not None and corrupted:
-        least = sorted(run.label_weights, key=run.label_weights.get)[: len(corrupted)]
-        caught = (sum(name in corrupted for name in least), len(corrupted))
+        caught = among_corrupted(sorted(run.label_weights, key=run.label_weights.get), corrupted)
+    if noisy:
+        case_loss = {case: np.mean([s.loss for s in late if s.case == case]) for case in {s.case for s in late}}
+        loss_caught = among_corrupted(sorted(case_loss, key=case_loss.get, reverse=True), corrupted)
     return ArmResult(
         fraction, method, summary.mean_dice, summary.mean_hd95,
-        float(np.mean(clean)) if clean else 1.0,
-        (float(np.mean(noisy)) if noisy else 1.0) if corrupted and not method.oracle else None,
-        caught, time.perf_counter() - started,
+        float(np.mean([s.weight for s in clean])),
+        None if noisy is None else float(np.mean([s.weight for s in noisy])) if noisy else 1.0,
+        caught,
+        float(np.mean([s.loss for s in clean])),
+        float(np.mean([s.loss for s in noisy])) if noisy else None,
+        loss_caught,
+        time.perf_counter() - started,
     )
+
+
+def among_corrupted(ranked: list[str], corrupted: set[str]) -> tuple[int, int]:
+    """How many of the first k cases of a ranking are corrupted, k being how many are."""
+    return sum(name in corrupted for name in ranked[: len(corrupted)]), len(corrupted)
 
 
 def thinned(ct: ContouredCT, stride: int) -> ContouredCT:

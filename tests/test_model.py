@@ -231,7 +231,8 @@ def test_training_runs_on_the_device_asked_for(device):
     run = train(cases, config, show_progress=False)
     assert next(run.model.parameters()).device.type == device
     assert len(run.history) == 3 and all(np.isfinite(loss) for _, loss in run.history)
-    assert [step for step, _, _ in run.sample_weights] == [1] * 4 + [2] * 4 + [3] * 4  # 2 micro-batches of 2 a step
+    assert [sample.step for sample in run.samples] == [1] * 4 + [2] * 4 + [3] * 4  # 2 micro-batches of 2 a step
+    assert all(sample.loss > 0 and sample.weight > 0 for sample in run.samples)
     assert sorted(run.label_weights) == ["a", "b"] and np.isclose(sum(run.label_weights.values()), 2.0)
 
 

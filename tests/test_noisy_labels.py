@@ -36,10 +36,13 @@ def test_the_smoke_run_of_the_benchmark_writes_every_arm(tmp_path):
     for arm in arms:
         assert 0 <= arm["dice"] <= 1 and math.isfinite(arm["hd95_mm"]) and arm["hd95_mm"] >= 0
         assert 0 < arm["clean_weight"] < 32
+        assert arm["clean_loss"] > 0
         if arm["noise_fraction"] == 0:
-            assert arm["noisy_weight"] is None
+            assert arm["noisy_weight"] is None and arm["highest_loss_corrupted"] is None
         else:
-            assert 0 < arm["noisy_weight"] < 32
+            assert 0 < arm["noisy_weight"] < 32 and arm["noisy_loss"] > 0
+            caught, corrupted = arm["highest_loss_corrupted"]
+            assert corrupted == round(4 * arm["noise_fraction"]) and 0 <= caught <= corrupted  # 4 training phantoms
         if arm["method"] == "baseline":
             assert arm["clean_weight"] == 1 and arm["noisy_weight"] in (None, 1)
         if arm["method"] == "QAM+OCM":  # the OCM's bound: in a batch of 2 no weight is above 2 e^2l / (1 + e^2l)
@@ -156,8 +159,8 @@ def test_micro_batches_give_the_gradient_of_one_batch_weighed_as_one(bound):
     for p in parameters:
         p.grad = None
 
-    loss, got_weights = accumulate_gradients(model, quality, [(images[i : i + 1], masks[i : i + 1]) for i in range(4)])
-    assert loss == pytest.approx(expected_loss.item(), rel=1e-5)
+    got_losses, got_weights = accumulate_gradients(model, quality, [(images[i : i + 1], masks[i : i + 1]) for i in range(4)])
+    np.testing.assert_allclose(got_losses, losses.detach(), rtol=1e-5)
     if quality is None:
         assert got_weights is None
     else:

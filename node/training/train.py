@@ -50,12 +50,23 @@ class TrainingCase:
     mask: np.ndarray  # bool
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One crop of a training step: its loss, and the loss weight Pick-and-Learn gave it (1 without).
+    Labels the network cannot fit show in the loss, whether a quality module is trained or not."""
+
+    step: int
+    case: str
+    loss: float
+    weight: float
+
+
 @dataclass
 class TrainingRun:
     model: ResSEUNet3D
     history: list[tuple[int, float]]  # (step, loss)
     label_weights: dict[str, float] | None = None  # case -> learned label weight (mean 1), with Pick-and-Learn
-    sample_weights: list[tuple[int, str, float]] = field(default_factory=list)  # (step, case, loss weight it got)
+    samples: list[Sample] = field(default_factory=list)
 
 
 @dataclass
@@ -136,13 +147,13 @@ def augmented_crop(
 
 
 def _save_checkpoint(
-    path: Path, model, quality, optimizer, step: int, rng: np.random.Generator, history: list, sample_weights: list
+    path: Path, model, quality, optimizer, step: int, rng: np.random.Generator, history: list, samples: list
 ) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(
         {"model": model.state_dict(), "quality": quality.state_dict() if quality is not None else None,
          "optimizer": optimizer.state_dict(), "step": step, "rng": rng.bit_generator.state,
-         "torch_rng": torch.get_rng_state(), "history": history, "sample_weights": sample_weights},
+         "torch_rng": torch.get_rng_state(), "history": history, "samples": samples},
         temporary,
     )
     temporary.replace(path)
@@ -170,7 +181,7 @@ def train(
     parameters = [*model.parameters(), *(quality.parameters() if quality is not None else [])]
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
     history: list[tuple[int, float]] = []
-    sample_weights: list[tuple[int, str, float]] = []
+    samples: list[Sample] = []
     step = 0
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)  # our own file, written by _save_checkpoint
@@ -182,7 +193,7 @@ def train(
         if quality is not None:
             quality.load_state_dict(state["quality"])
         optimizer.load_state_dict(state["optimizer"])
-        step, history, sample_weights = state["step"], state["history"], state.get("sample_weights", [])
+        step, history, samples = state["step"], state["history"], state.get("samples", [])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"].cpu())
         log.info("resuming from %s at step %d", checkpoint, step)
@@ -202,21 +213,22 @@ def train(
                 micro_batches.append(_batch(crops, device))
                 chosen += picked
             optimizer.zero_grad(set_to_none=True)
-            loss, weights = accumulate_gradients(model, quality, micro_batches)
+            losses, weights = accumulate_gradients(model, quality, micro_batches)
             optimizer.step()
             step += 1
+            loss = float((losses if weights is None else weights * losses).mean())
             history.append((step, loss))
-            if weights is not None:
-                sample_weights += [(step, case.name, w) for case, w in zip(chosen, weights.tolist(), strict=True)]
+            got = [1.0] * len(chosen) if weights is None else weights.tolist()
+            samples += [Sample(step, case.name, v, w) for case, v, w in zip(chosen, losses.tolist(), got, strict=True)]
             if bar:
                 bar.update(task, completed=step, loss=float(np.mean([h[1] for h in history[-20:]])))
             elif step % 50 == 0:
                 log.info("step %d/%d loss %.4f (%.0f s)", step, config.steps, loss, time.perf_counter() - started)
             if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-                _save_checkpoint(checkpoint, model, quality, optimizer, step, rng, history, sample_weights)
+                _save_checkpoint(checkpoint, model, quality, optimizer, step, rng, history, samples)
     recalibrate_batchnorm(model, cases, config, rng)
     model = model.to(memory_format=torch.contiguous_format).eval()
-    return TrainingRun(model, history, label_weights(quality, cases, shape) if quality is not None else None, sample_weights)
+    return TrainingRun(model, history, label_weights(quality, cases, shape) if quality is not None else None, samples)
 
 
 def _batch(crops: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> Batch:
@@ -227,21 +239,21 @@ def _batch(crops: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> 
 
 def accumulate_gradients(
     model: ResSEUNet3D, quality: QualityAwareness | None, micro_batches: list[Batch]
-) -> tuple[float, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gradient of one optimiser step over micro-batches, as if their crops were one batch
     (but for BatchNorm, which normalises each micro-batch on its own), holding one micro-batch's
     activations at a time: a virtual batch too large for the GPU, so that Pick-and-Learn's
-    softmax weighs many 3D samples against each other, not two. Returns the step's loss and,
-    with Pick-and-Learn, each crop's loss weight."""
+    softmax weighs many 3D samples against each other, not two. Returns each crop's loss and,
+    with Pick-and-Learn, its loss weight."""
     sizes = [len(images) for images, _ in micro_batches]
     count = sum(sizes)
     if quality is None:
-        total = 0.0
+        losses = []
         for images, masks in micro_batches:
-            loss = recurrent_loss(model(images), masks).sum() / count
-            loss.backward()
-            total += loss.item()
-        return total, None
+            per_sample = recurrent_loss(model(images), masks)
+            (per_sample.sum() / count).backward()
+            losses.append(per_sample.detach())
+        return torch.cat(losses), None
     # The QAM scores every crop first, keeping no activations; its own gradient needs every crop's
     # loss, so it comes last: through the scores, then back into the QAM one micro-batch at a time.
     with torch.no_grad():
@@ -257,7 +269,7 @@ def accumulate_gradients(
     quality.score_loss(raw, losses).backward()
     for (images, masks), score_grad in zip(micro_batches, raw.grad.split(sizes), strict=True):
         quality.raw_scores(images, masks).backward(score_grad)
-    return (weights * losses).mean().item(), weights
+    return losses, weights
 
 
 def label_weights(quality: QualityAwareness, cases: list[TrainingCase], shape: tuple[int, int, int]) -> dict[str, float]:
