@@ -63,6 +63,7 @@ class Method:
     crops: int = 2  # crops a batch: the softmax weighs this many samples against each other
     small: bool = False  # crops of Recipe.small_shape: 8 of them hold about as many voxels as 2 of the recipe's
     accumulate: int = 1  # micro-batches of `crops` per step (gradient accumulation): the softmax spans all of them
+    sees_prediction: bool = False  # the QAM also sees the network's prediction of the crop
     oracle: bool = False  # trains on the clean cases alone: what a module that weighed corrupted labels 0 could reach
 
     @property
@@ -92,6 +93,10 @@ MORE_METHODS = (  # tried after the first run, by --methods
     Method("baseline 4x2 accumulated", None, accumulate=4),
     Method("QAM+OCM 4x2 accumulated", 2.0, accumulate=4),
     Method("QAM+OCM 4x2 accumulated", 1.0, accumulate=4),
+    # the QAM sees CT, label and the network's prediction: the training loss ranks the corrupted cases first
+    Method("QAM+OCM+prediction", 2.0, sees_prediction=True),
+    Method("QAM+OCM+prediction", 1.0, sees_prediction=True),
+    Method("QAM+OCM+prediction 4x2 accumulated", 2.0, accumulate=4, sees_prediction=True),
 )
 
 
@@ -177,6 +182,7 @@ class ArmResult:
             "crops_per_batch": self.method.crops,
             "micro_batches_per_step": self.method.accumulate,
             "clean_cases_only": self.method.oracle,
+            "sees_prediction": self.method.sees_prediction,
             "dice": round(self.dice, 4),
             "hd95_mm": round(self.hd95_mm, 2),
             "clean_weight": round(self.clean_weight, 4),
@@ -216,7 +222,8 @@ def run_arm(
         steps=recipe.steps, batch_size=method.crops, accumulate=method.accumulate, learning_rate=recipe.learning_rate, seed=seed,
         checkpoint_every=recipe.steps + 1, architecture=Architecture(channels=recipe.channels),
         preprocessing=recipe.preprocessing(method.small),
-        quality_bound=method.bound, quality_memory=method.memory, device=device,
+        quality_bound=method.bound, quality_memory=method.memory, quality_sees_prediction=method.sees_prediction,
+        device=device,
     )
     started = time.perf_counter()
     run = train([c for c in cases if c.name not in corrupted] if method.oracle else cases, config, show_progress=False)

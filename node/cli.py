@@ -344,6 +344,7 @@ def _training_config(args: argparse.Namespace):
         preprocessing=Preprocessing(mode=args.mode, spacing=args.spacing, shape=args.shape),
         quality_bound=args.quality_bound,
         quality_memory=TrainConfig.quality_memory if args.quality_memory is None else args.quality_memory,
+        quality_sees_prediction=args.quality_sees_prediction,
         device=args.device,
     )
 
@@ -520,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--quality-memory", type=int, metavar="N",
             help="with --quality-bound: weigh each batch's labels against the N samples before it too (0: the batch alone)",
+        )
+        sub.add_argument(
+            "--quality-sees-prediction", action="store_true",
+            help="with --quality-bound: the quality module also sees the network's prediction of each crop",
         )
         sub.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
 

@@ -29,17 +29,24 @@ from node.errors import UserError
 class QualityAwareness(nn.Module):
     """QAM with the OCM on its output: (CT, label) batch in, per-sample loss weights out.
 
-    `bound` is the OCM's lambda; math.inf leaves the scores unbounded (the QAM alone)."""
+    `bound` is the OCM's lambda; math.inf leaves the scores unbounded (the QAM alone).
+    `sees_prediction`: the QAM also sees the segmentation network's prediction of the crop (no
+    gradient flows back into the network through it). From CT and label alone it must learn
+    what a right contour looks like from a few dozen cases; with the prediction it only has to
+    notice that a label disagrees with what the network learnt from all the others."""
 
-    def __init__(self, bound: float, memory: int = 0, channels: tuple[int, ...] = (8, 16, 32, 64)) -> None:
+    def __init__(
+        self, bound: float, memory: int = 0, channels: tuple[int, ...] = (8, 16, 32, 64), sees_prediction: bool = False
+    ) -> None:
         super().__init__()
         if not bound > 0:
             raise UserError(f"the quality bound lambda must be positive, not {bound}")
         if memory < 0:
             raise UserError(f"the quality memory must be 0 or more samples, not {memory}")
         self.bound = bound
+        self.sees_prediction = sees_prediction
         layers: list[nn.Module] = []
-        previous = 2  # CT and label
+        previous = 3 if sees_prediction else 2  # CT, label and perhaps the prediction
         for width in channels:
             layers += [nn.Conv3d(previous, width, 3, padding=1), nn.ELU(inplace=True), nn.MaxPool3d(2, ceil_mode=True)]
             previous = width
@@ -53,9 +60,12 @@ class QualityAwareness(nn.Module):
     def memory(self) -> int:
         return self.recent_raw.numel()
 
-    def raw_scores(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """The QAM's unbounded score of each sample."""
-        return self.features(torch.cat([image, label], dim=1)).squeeze(1)
+    def raw_scores(self, image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor | None = None) -> torch.Tensor:
+        """The QAM's unbounded score of each sample; `prediction` (probabilities) when it sees one."""
+        if (prediction is not None) != self.sees_prediction:
+            raise ValueError(f"this quality module {'needs' if self.sees_prediction else 'takes no'} prediction")
+        inputs = [image, label] if prediction is None else [image, label, prediction.to(image.dtype)]
+        return self.features(torch.cat(inputs, dim=1)).squeeze(1)
 
     def weights(self, raw: torch.Tensor) -> torch.Tensor:
         """The OCM's bound, lambda*tanh, then a softmax over the samples, scaled to mean 1.
@@ -68,9 +78,9 @@ class QualityAwareness(nn.Module):
         bounded = centred if math.isinf(self.bound) else self.bound * torch.tanh(centred)
         return torch.softmax(bounded, dim=0) * raw.numel()
 
-    def forward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor | None = None) -> torch.Tensor:
         """Loss weights of the batch on its own."""
-        return self.weights(self.raw_scores(image, label))
+        return self.weights(self.raw_scores(image, label, prediction))
 
     def batch_weights(self, raw: torch.Tensor) -> torch.Tensor:
         """The loss weights of a batch with these raw scores, from one softmax over the batch and

@@ -105,6 +105,7 @@ def training_section(config: TrainConfig, run: TrainingRun, description: str, se
         else:
             section["label_quality"] = f"Pick-and-Learn: QAM loss weights bounded by the OCM, lambda {config.quality_bound:g}"
         section["label_quality_memory"] = config.quality_memory
+        section["label_quality_sees_prediction"] = config.quality_sees_prediction
     return section
 
 

@@ -82,6 +82,7 @@ class TrainConfig:
     target_fraction: float = 0.8  # share of crops centred near the CTV
     quality_bound: float | None = None  # Pick-and-Learn's lambda; None trains without it; math.inf: the QAM without the OCM
     quality_memory: int = QUALITY_MEMORY  # recent samples each batch's softmax also runs over (0: the batch alone)
+    quality_sees_prediction: bool = False  # the QAM also sees the network's prediction of each crop
     device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
 
 
@@ -177,7 +178,9 @@ def train(
     model = ResSEUNet3D(config.architecture).to(device)
     quality = None
     if config.quality_bound is not None:
-        quality = QualityAwareness(config.quality_bound, config.quality_memory).to(device)
+        quality = QualityAwareness(
+            config.quality_bound, config.quality_memory, sees_prediction=config.quality_sees_prediction
+        ).to(device)
     parameters = [*model.parameters(), *(quality.parameters() if quality is not None else [])]
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
     history: list[tuple[int, float]] = []
@@ -191,7 +194,10 @@ def train(
                 f"{checkpoint} was written {'without' if quality is not None else 'with'} Pick-and-Learn; resume it the same way"
             )
         if quality is not None:
-            quality.load_state_dict(state["quality"])
+            try:
+                quality.load_state_dict(state["quality"])
+            except RuntimeError:
+                raise UserError(f"{checkpoint} was written with other Pick-and-Learn settings; resume it the same way") from None
         optimizer.load_state_dict(state["optimizer"])
         step, history, samples = state["step"], state["history"], state.get("samples", [])
         rng.bit_generator.state = state["rng"]
@@ -228,7 +234,7 @@ def train(
                 _save_checkpoint(checkpoint, model, quality, optimizer, step, rng, history, samples)
     recalibrate_batchnorm(model, cases, config, rng)
     model = model.to(memory_format=torch.contiguous_format).eval()
-    return TrainingRun(model, history, label_weights(quality, cases, shape) if quality is not None else None, samples)
+    return TrainingRun(model, history, label_weights(quality, model, cases, shape) if quality is not None else None, samples)
 
 
 def _batch(crops: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> Batch:
@@ -256,8 +262,10 @@ def accumulate_gradients(
         return torch.cat(losses), None
     # The QAM scores every crop first, keeping no activations; its own gradient needs every crop's
     # loss, so it comes last: through the scores, then back into the QAM one micro-batch at a time.
+    # A QAM that sees the prediction costs one more forward pass of the network, without gradient.
     with torch.no_grad():
-        raw = torch.cat([quality.raw_scores(images, masks) for images, masks in micro_batches])
+        predictions = [_prediction(model, images) if quality.sees_prediction else None for images, _ in micro_batches]
+        raw = torch.cat([quality.raw_scores(i, m, p) for (i, m), p in zip(micro_batches, predictions, strict=True)])
         weights = quality.batch_weights(raw)
     losses = []
     for (images, masks), batch_weights in zip(micro_batches, weights.split(sizes), strict=True):
@@ -267,21 +275,29 @@ def accumulate_gradients(
     losses = torch.cat(losses)
     raw.requires_grad_()
     quality.score_loss(raw, losses).backward()
-    for (images, masks), score_grad in zip(micro_batches, raw.grad.split(sizes), strict=True):
-        quality.raw_scores(images, masks).backward(score_grad)
+    for (images, masks), prediction, score_grad in zip(micro_batches, predictions, raw.grad.split(sizes), strict=True):
+        quality.raw_scores(images, masks, prediction).backward(score_grad)
     return losses, weights
 
 
-def label_weights(quality: QualityAwareness, cases: list[TrainingCase], shape: tuple[int, int, int]) -> dict[str, float]:
-    """Each case's weight as the trained QAM sees its central crop, over all cases at once (mean 1):
-    the cases at the bottom are the contours to look at again."""
+def _prediction(model: ResSEUNet3D, images: torch.Tensor) -> torch.Tensor:
+    """The network's probabilities after its last pass."""
+    return torch.sigmoid(model(images)[-1])
+
+
+def label_weights(
+    quality: QualityAwareness, model: ResSEUNet3D, cases: list[TrainingCase], shape: tuple[int, int, int]
+) -> dict[str, float]:
+    """Each case's weight as the trained QAM sees its central crop (and the trained network's
+    prediction of it, when the QAM sees one), over all cases at once (mean 1): the cases at the
+    bottom are the contours to look at again."""
     quality.eval()
     device = next(quality.parameters()).device
     with torch.no_grad():
         raw = []
         for case in cases:
             image, mask = (torch.from_numpy(a)[None, None].to(device) for a in centred_crop(case, shape))
-            raw.append(quality.raw_scores(image, mask))
+            raw.append(quality.raw_scores(image, mask, _prediction(model, image) if quality.sees_prediction else None))
         weights = quality.weights(torch.cat(raw))
     return {case.name: float(w) for case, w in zip(cases, weights, strict=True)}
 
