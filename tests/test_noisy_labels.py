@@ -90,7 +90,7 @@ def test_training_reports_the_labels_it_trusts_least(tmp_path):
     assert all(math.exp(-2) <= w / weights[-1] <= 1 for w in weights)  # lambda 1: at most exp(2 lambda) apart
     card = json.loads(out.with_suffix(".json").read_text())  # no LAMBDA given: the default, 1, and the batch alone
     assert card["training"]["label_quality"] == "Pick-and-Learn: QAM loss weights bounded by the OCM, lambda 1"
-    assert card["training"]["label_quality_memory"] == 0
+    assert card["training"]["label_quality_memory"] == 0 and card["training"]["label_quality_sees_prediction"] is False
 
 
 def test_without_the_option_no_label_quality_is_reported(tmp_path):
@@ -140,19 +140,21 @@ def test_the_memory_weighs_a_sample_against_the_recent_ones_not_only_its_batch_m
     assert int(quality.recent_count) == 10  # evaluation leaves the queue alone
 
 
-@pytest.mark.parametrize("bound", [None, 2.0, math.inf])
-def test_micro_batches_give_the_gradient_of_one_batch_weighed_as_one(bound):
+@pytest.mark.parametrize(("bound", "sees_prediction"), [(None, False), (2.0, False), (math.inf, False), (1.0, True)])
+def test_micro_batches_give_the_gradient_of_one_batch_weighed_as_one(bound, sees_prediction):
     """Gradient accumulation widens Pick-and-Learn's softmax to the whole virtual batch: four
     micro-batches of one crop must teach both networks what one batch of four would."""
     torch.manual_seed(0)
     model = ResSEUNet3D(Architecture(channels=(4, 8), passes=2)).eval()  # running BatchNorm: each crop's loss is its own
-    quality = None if bound is None else QualityAwareness(bound)
+    quality = None if bound is None else QualityAwareness(bound, sees_prediction=sees_prediction)
     parameters = [*model.parameters(), *(quality.parameters() if quality is not None else [])]
     images = torch.rand(4, 1, 8, 16, 16)
     masks = torch.stack([images[i] > t for i, t in enumerate((0.3, 0.5, 0.6, 0.9))]).float()
 
-    losses = recurrent_loss(model(images), masks)
-    weights = torch.ones(4) if quality is None else quality(images, masks)
+    outputs = model(images)
+    losses = recurrent_loss(outputs, masks)
+    prediction = torch.sigmoid(outputs[-1]).detach() if sees_prediction else None  # the network's, no gradient through it
+    weights = torch.ones(4) if quality is None else quality(images, masks, prediction)
     expected_loss = (weights * losses).mean()
     expected_loss.backward()  # the weighted loss of one batch, straight through autograd
     expected = [p.grad.clone() for p in parameters]
@@ -171,6 +173,16 @@ def test_micro_batches_give_the_gradient_of_one_batch_weighed_as_one(bound):
         np.testing.assert_allclose(p.grad, want, rtol=1e-3, atol=1e-7)
 
 
+def test_a_quality_module_that_sees_the_prediction_is_given_one():
+    image, label = torch.rand(2, 1, 8, 16, 16), (torch.rand(2, 1, 8, 16, 16) > 0.5).float()
+    seeing, blind = QualityAwareness(1.0, sees_prediction=True), QualityAwareness(1.0)
+    assert seeing.raw_scores(image, label, torch.rand(2, 1, 8, 16, 16)).shape == (2,)
+    with pytest.raises(ValueError, match="needs prediction"):
+        seeing.raw_scores(image, label)
+    with pytest.raises(ValueError, match="takes no prediction"):
+        blind.raw_scores(image, label, label)
+
+
 def test_the_quality_module_without_the_overfitting_control_is_unbounded():
     quality = QualityAwareness(bound=math.inf)
     weights = quality.weights(torch.tensor([0.0, 10.0]))
@@ -184,7 +196,7 @@ def test_cross_validation_accepts_the_same_label_quality_options():
     result = rtnode(
         "evaluate", "--folds", "2", "--phantoms", "2", "--seed", "900", "--steps", "3", "--channels", "4,8",
         "--spacing", "8,8,8", "--shape", "16,32,32", "--quality-bound", "2", "--quality-memory", "4", "--accumulate", "2",
-        "--quiet",
+        "--quality-sees-prediction", "--quiet",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].startswith("mean over 2 folds: Dice")
