@@ -64,6 +64,7 @@ class Method:
     small: bool = False  # crops of Recipe.small_shape: 8 of them hold about as many voxels as 2 of the recipe's
     accumulate: int = 1  # micro-batches of `crops` per step (gradient accumulation): the softmax spans all of them
     sees_prediction: bool = False  # the QAM also sees the network's prediction of the crop
+    signal: str = "qam"  # "case-loss": no QAM, each case's running training loss scores its label (CaseLossMemory)
     oracle: bool = False  # trains on the clean cases alone: what a module that weighed corrupted labels 0 could reach
 
     @property
@@ -97,6 +98,10 @@ MORE_METHODS = (  # tried after the first run, by --methods
     Method("QAM+OCM+prediction", 2.0, sees_prediction=True),
     Method("QAM+OCM+prediction", 1.0, sees_prediction=True),
     Method("QAM+OCM+prediction 4x2 accumulated", 2.0, accumulate=4, sees_prediction=True),
+    # no QAM: each case's running loss, standardised over all cases, bounded by the OCM, one softmax over all cases
+    Method("OCM on case losses", 2.0, signal="case-loss"),
+    Method("OCM on case losses", 1.0, signal="case-loss"),
+    Method("OCM on case losses 4x2 accumulated", 2.0, accumulate=4, signal="case-loss"),
 )
 
 
@@ -183,6 +188,7 @@ class ArmResult:
             "micro_batches_per_step": self.method.accumulate,
             "clean_cases_only": self.method.oracle,
             "sees_prediction": self.method.sees_prediction,
+            "signal": self.method.signal if self.method.bound is not None else None,
             "dice": round(self.dice, 4),
             "hd95_mm": round(self.hd95_mm, 2),
             "clean_weight": round(self.clean_weight, 4),
@@ -223,6 +229,7 @@ def run_arm(
         checkpoint_every=recipe.steps + 1, architecture=Architecture(channels=recipe.channels),
         preprocessing=recipe.preprocessing(method.small),
         quality_bound=method.bound, quality_memory=method.memory, quality_sees_prediction=method.sees_prediction,
+        quality_signal=method.signal,
         device=device,
     )
     started = time.perf_counter()

@@ -345,6 +345,7 @@ def _training_config(args: argparse.Namespace):
         quality_bound=args.quality_bound,
         quality_memory=TrainConfig.quality_memory if args.quality_memory is None else args.quality_memory,
         quality_sees_prediction=args.quality_sees_prediction,
+        quality_signal=args.quality_signal,
         device=args.device,
     )
 
@@ -525,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--quality-sees-prediction", action="store_true",
             help="with --quality-bound: the quality module also sees the network's prediction of each crop",
+        )
+        sub.add_argument(
+            "--quality-signal", choices=["qam", "case-loss"], default="qam",
+            help="with --quality-bound: what scores a label: the thesis's quality module (qam), or each case's running "
+            "training loss (case-loss; README: Noisy labels)",
         )
         sub.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
 

@@ -74,9 +74,7 @@ class QualityAwareness(nn.Module):
         differ, and without the centring a drift shared by all of them pushes every score
         into tanh's flat end, where all weights are equal and nothing more is learnt.
         """
-        centred = raw - raw.mean()
-        bounded = centred if math.isinf(self.bound) else self.bound * torch.tanh(centred)
-        return torch.softmax(bounded, dim=0) * raw.numel()
+        return ocm_weights(raw, self.bound)
 
     def forward(self, image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor | None = None) -> torch.Tensor:
         """Loss weights of the batch on its own."""
@@ -112,3 +110,46 @@ class QualityAwareness(nn.Module):
                     self.recent_raw[slot], self.recent_loss[slot] = score, value
                     self.recent_count += 1
         return loss
+
+
+def ocm_weights(raw: torch.Tensor, bound: float) -> torch.Tensor:
+    """Centred scores, bounded by lambda*tanh (math.inf: unbounded), then a softmax scaled to mean 1."""
+    centred = raw - raw.mean()
+    bounded = centred if math.isinf(bound) else bound * torch.tanh(centred)
+    return torch.softmax(bounded, dim=0) * raw.numel()
+
+
+class CaseLossMemory(nn.Module):
+    """Label quality from each training case's own running loss, bounded by the OCM.
+
+    In 3D at batch 2 the QAM did not learn which labels were wrong, though the training loss
+    knew: averaged over a case's crops it ranked the corrupted cases first (bench_noisy_labels).
+    One crop's loss tells more about where the crop lies than about its label, so the signal is
+    kept per case, as a running mean over its visits, and every case is weighed against all the
+    others (a softmax over all cases, mean weight 1), not against a batch-mate. Buffers, so a
+    checkpoint carries the memory; nothing here is trained by gradient."""
+
+    def __init__(self, bound: float, cases: int, momentum: float = 0.9, warmup_visits: int = 3) -> None:
+        super().__init__()
+        if not bound > 0:
+            raise UserError(f"the quality bound lambda must be positive, not {bound}")
+        self.bound, self.momentum, self.warmup_visits = bound, momentum, warmup_visits
+        self.register_buffer("mean_loss", torch.zeros(cases))
+        self.register_buffer("visits", torch.zeros(cases, dtype=torch.long))
+
+    def case_weights(self) -> torch.Tensor:
+        """Each case's loss weight: standardised running loss, lower is better; cases seen fewer
+        than `warmup_visits` times count as average."""
+        ready = self.visits >= self.warmup_visits
+        raw = torch.zeros_like(self.mean_loss)
+        if int(ready.sum()) >= 2:
+            seen = self.mean_loss[ready]
+            raw[ready] = -(seen - seen.mean()) / seen.std().clamp_min(1e-8)
+        return ocm_weights(raw, self.bound)
+
+    def update(self, cases: list[int], losses: torch.Tensor) -> None:
+        for case, loss in zip(cases, losses.tolist(), strict=True):
+            first = int(self.visits[case]) == 0
+            self.mean_loss[case] = loss if first else self.momentum * self.mean_loss[case] + (1 - self.momentum) * loss
+            self.visits[case] += 1
+

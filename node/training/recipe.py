@@ -99,7 +99,9 @@ def training_section(config: TrainConfig, run: TrainingRun, description: str, se
         "torch": torch.__version__,
         "device": device_name(next(run.model.parameters()).device),
     }
-    if config.quality_bound is not None:
+    if config.quality_bound is not None and config.quality_signal == "case-loss":
+        section["label_quality"] = f"Pick-and-Learn's OCM on each case's running training loss, lambda {config.quality_bound:g}"
+    elif config.quality_bound is not None:
         if math.isinf(config.quality_bound):
             section["label_quality"] = "Pick-and-Learn: QAM loss weights, no OCM bound"
         else:

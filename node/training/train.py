@@ -27,7 +27,7 @@ from node.pipeline.model import Architecture, ResSEUNet3D, recurrent_loss
 from node.pipeline.preprocess import Preprocessing, resample, to_model_grid
 from node.synth.phantom import make_phantom
 from node.training.cases import archive_cts
-from node.training.quality import QualityAwareness
+from node.training.quality import CaseLossMemory, QualityAwareness
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ MAX_ROTATION_DEGREES = 10.0
 NOISE_VARIANCE = 0.001
 LOSS = "BCE + Dice on every recurrent pass"
 QUALITY_MEMORY = 0  # the thesis's softmax over the batch alone: a queue of recent samples did worse (bench_noisy_labels)
+QUALITY_SIGNALS = ("qam", "case-loss")
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # crops and their masks, (N, 1, z, y, x) each
@@ -83,6 +84,7 @@ class TrainConfig:
     quality_bound: float | None = None  # Pick-and-Learn's lambda; None trains without it; math.inf: the QAM without the OCM
     quality_memory: int = QUALITY_MEMORY  # recent samples each batch's softmax also runs over (0: the batch alone)
     quality_sees_prediction: bool = False  # the QAM also sees the network's prediction of each crop
+    quality_signal: str = "qam"  # what scores a label: "qam" (the thesis's module) or "case-loss" (CaseLossMemory)
     device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
 
 
@@ -176,8 +178,12 @@ def train(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = ResSEUNet3D(config.architecture).to(device)
-    quality = None
-    if config.quality_bound is not None:
+    if config.quality_signal not in QUALITY_SIGNALS:
+        raise UserError(f"the label quality signal is one of {', '.join(QUALITY_SIGNALS)}, not {config.quality_signal!r}")
+    quality: QualityAwareness | CaseLossMemory | None = None
+    if config.quality_bound is not None and config.quality_signal == "case-loss":
+        quality = CaseLossMemory(config.quality_bound, len(cases)).to(device)
+    elif config.quality_bound is not None:
         quality = QualityAwareness(
             config.quality_bound, config.quality_memory, sees_prediction=config.quality_sees_prediction
         ).to(device)
@@ -211,21 +217,25 @@ def train(
     with progress as bar:
         task = bar.add_task("training", total=config.steps, completed=step, loss=float("nan")) if bar else None
         while step < config.steps:
-            chosen: list[TrainingCase] = []
+            chosen: list[int] = []
             micro_batches: list[Batch] = []
             for _ in range(config.accumulate):
-                picked = [cases[rng.integers(len(cases))] for _ in range(config.batch_size)]
-                crops = [augmented_crop(case, shape, rng, config.target_fraction) for case in picked]
+                picked = [int(rng.integers(len(cases))) for _ in range(config.batch_size)]
+                crops = [augmented_crop(cases[i], shape, rng, config.target_fraction) for i in picked]
                 micro_batches.append(_batch(crops, device))
                 chosen += picked
             optimizer.zero_grad(set_to_none=True)
-            losses, weights = accumulate_gradients(model, quality, micro_batches)
+            if isinstance(quality, CaseLossMemory):
+                losses, weights = accumulate_gradients(model, None, micro_batches, quality.case_weights()[chosen])
+                quality.update(chosen, losses)
+            else:
+                losses, weights = accumulate_gradients(model, quality, micro_batches)
             optimizer.step()
             step += 1
             loss = float((losses if weights is None else weights * losses).mean())
             history.append((step, loss))
             got = [1.0] * len(chosen) if weights is None else weights.tolist()
-            samples += [Sample(step, case.name, v, w) for case, v, w in zip(chosen, losses.tolist(), got, strict=True)]
+            samples += [Sample(step, cases[i].name, v, w) for i, v, w in zip(chosen, losses.tolist(), got, strict=True)]
             if bar:
                 bar.update(task, completed=step, loss=float(np.mean([h[1] for h in history[-20:]])))
             elif step % 50 == 0:
@@ -234,7 +244,11 @@ def train(
                 _save_checkpoint(checkpoint, model, quality, optimizer, step, rng, history, samples)
     recalibrate_batchnorm(model, cases, config, rng)
     model = model.to(memory_format=torch.contiguous_format).eval()
-    return TrainingRun(model, history, label_weights(quality, model, cases, shape) if quality is not None else None, samples)
+    if isinstance(quality, CaseLossMemory):
+        trusted = {case.name: float(w) for case, w in zip(cases, quality.case_weights(), strict=True)}
+    else:
+        trusted = label_weights(quality, model, cases, shape) if quality is not None else None
+    return TrainingRun(model, history, trusted, samples)
 
 
 def _batch(crops: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> Batch:
@@ -244,22 +258,20 @@ def _batch(crops: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> 
 
 
 def accumulate_gradients(
-    model: ResSEUNet3D, quality: QualityAwareness | None, micro_batches: list[Batch]
+    model: ResSEUNet3D, quality: QualityAwareness | None, micro_batches: list[Batch], weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gradient of one optimiser step over micro-batches, as if their crops were one batch
     (but for BatchNorm, which normalises each micro-batch on its own), holding one micro-batch's
     activations at a time: a virtual batch too large for the GPU, so that Pick-and-Learn's
-    softmax weighs many 3D samples against each other, not two. Returns each crop's loss and,
-    with Pick-and-Learn, its loss weight."""
+    softmax weighs many 3D samples against each other, not two. `weights`: the crops' loss
+    weights when known beforehand (CaseLossMemory's); with a QAM they are its own. Returns each
+    crop's loss and its weight (None: all 1)."""
+    if quality is not None and weights is not None:
+        raise ValueError("weights come from the QAM or are given, not both")
     sizes = [len(images) for images, _ in micro_batches]
     count = sum(sizes)
     if quality is None:
-        losses = []
-        for images, masks in micro_batches:
-            per_sample = recurrent_loss(model(images), masks)
-            (per_sample.sum() / count).backward()
-            losses.append(per_sample.detach())
-        return torch.cat(losses), None
+        return _segmentation_backward(model, micro_batches, torch.ones(count) if weights is None else weights), weights
     # The QAM scores every crop first, keeping no activations; its own gradient needs every crop's
     # loss, so it comes last: through the scores, then back into the QAM one micro-batch at a time.
     # A QAM that sees the prediction costs one more forward pass of the network, without gradient.
@@ -267,17 +279,22 @@ def accumulate_gradients(
         predictions = [_prediction(model, images) if quality.sees_prediction else None for images, _ in micro_batches]
         raw = torch.cat([quality.raw_scores(i, m, p) for (i, m), p in zip(micro_batches, predictions, strict=True)])
         weights = quality.batch_weights(raw)
-    losses = []
-    for (images, masks), batch_weights in zip(micro_batches, weights.split(sizes), strict=True):
-        per_sample = recurrent_loss(model(images), masks)
-        ((batch_weights * per_sample).sum() / count).backward()
-        losses.append(per_sample.detach())
-    losses = torch.cat(losses)
+    losses = _segmentation_backward(model, micro_batches, weights)
     raw.requires_grad_()
     quality.score_loss(raw, losses).backward()
     for (images, masks), prediction, score_grad in zip(micro_batches, predictions, raw.grad.split(sizes), strict=True):
         quality.raw_scores(images, masks, prediction).backward(score_grad)
     return losses, weights
+
+
+def _segmentation_backward(model: ResSEUNet3D, micro_batches: list[Batch], weights: torch.Tensor) -> torch.Tensor:
+    """The network's gradient of the weighted mean loss of all crops, one micro-batch at a time; each crop's loss."""
+    losses = []
+    for (images, masks), batch_weights in zip(micro_batches, weights.split([len(i) for i, _ in micro_batches]), strict=True):
+        per_sample = recurrent_loss(model(images), masks)
+        ((batch_weights.to(per_sample.device) * per_sample).sum() / len(weights)).backward()
+        losses.append(per_sample.detach())
+    return torch.cat(losses)
 
 
 def _prediction(model: ResSEUNet3D, images: torch.Tensor) -> torch.Tensor:
