@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from node.pipeline.model import Architecture, ResSEUNet3D, recurrent_loss
-from node.training.quality import QualityAwareness
+from node.training.quality import CaseLossMemory, QualityAwareness
 from node.training.train import accumulate_gradients
 from tests.conftest import REPO, rtnode
 
@@ -91,6 +91,38 @@ def test_training_reports_the_labels_it_trusts_least(tmp_path):
     card = json.loads(out.with_suffix(".json").read_text())  # no LAMBDA given: the default, 1, and the batch alone
     assert card["training"]["label_quality"] == "Pick-and-Learn: QAM loss weights bounded by the OCM, lambda 1"
     assert card["training"]["label_quality_memory"] == 0 and card["training"]["label_quality_sees_prediction"] is False
+
+
+def test_the_case_loss_signal_trusts_least_the_case_the_network_fits_worst():
+    memory = CaseLossMemory(bound=1.0, cases=4)
+    assert torch.equal(memory.case_weights(), torch.ones(4))  # nothing seen yet: every case average
+    for _ in range(3):
+        memory.update([0, 1, 2, 3], torch.tensor([0.3, 0.35, 0.9, 0.32]))  # case 2's label fights the others
+        memory.update([2], torch.tensor([0.8]))
+    memory.update([0], torch.tensor([0.31]))
+    weights = memory.case_weights()
+    assert int(weights.argmin()) == 2 and weights.mean().item() == pytest.approx(1)
+    assert weights.max() / weights.min() <= math.exp(2) + 1e-4  # the OCM's bound, lambda 1
+    assert memory.visits.tolist() == [4, 3, 6, 3]
+    assert memory.mean_loss[0].item() == pytest.approx(0.9 * 0.3 + 0.1 * 0.31)  # a running mean, newest 1/10
+
+
+def test_training_with_the_case_loss_signal_reports_each_case(tmp_path):
+    out = tmp_path / "w.safetensors"
+    result = rtnode(
+        "train", "--phantoms", "3", "--seed", "900", "--steps", "8", "--channels", "4,8", "--spacing", "8,8,8",
+        "--shape", "16,32,32", "--quality-bound", "2", "--quality-signal", "case-loss", "--out", out, "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    report = result.stdout.split("trusts least (weight 1 = an average case; check these contours):\n")[1]
+    listed = [line.split() for line in report.splitlines() if line.startswith("  ")]
+    assert sorted(name for _, name in listed) == ["phantom-900", "phantom-901", "phantom-902"]
+    assert sum(float(weight) for weight, _ in listed) == pytest.approx(3, abs=0.02)
+    assert len({weight for weight, _ in listed}) == 3  # 16 crops of 3 cases: each seen enough to be weighed
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["training"]["label_quality"] == "Pick-and-Learn's OCM on each case's running training loss, lambda 2"
+    bad = rtnode("train", "--phantoms", "1", "--quality-bound", "--quality-signal", "dice", "--out", out)
+    assert bad.returncode == 2 and "invalid choice: 'dice'" in bad.stderr
 
 
 def test_without_the_option_no_label_quality_is_reported(tmp_path):
