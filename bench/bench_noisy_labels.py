@@ -101,7 +101,9 @@ MORE_METHODS = (  # tried after the first run, by --methods
     # no QAM: each case's running loss, standardised over all cases, bounded by the OCM, one softmax over all cases
     Method("OCM on case losses", 2.0, signal="case-loss"),
     Method("OCM on case losses", 1.0, signal="case-loss"),
+    Method("OCM on case losses", 4.0, signal="case-loss"),
     Method("OCM on case losses 4x2 accumulated", 2.0, accumulate=4, signal="case-loss"),
+    Method("OCM on case losses 4x2 accumulated", 4.0, accumulate=4, signal="case-loss"),
 )
 
 
