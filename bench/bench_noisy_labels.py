@@ -21,8 +21,10 @@ training loss over the second half (a signal any method could use, with a module
 
 Arms tried later, by --methods: memory 14 with lambda 1 and memory 30; 8 crops a batch (of the
 recipe's size, or small); gradient accumulation (4 micro-batches of 2 crops a step, one softmax
-over the 8); and "clean cases only", the oracle: training on the clean cases alone, what a quality
-module that gave corrupted labels no weight at all could reach.
+over the 8); a QAM that also sees the network's prediction; "OCM on case losses", no QAM but
+each case's running training loss as the score (`--quality-signal case-loss`, the default since);
+and "clean cases only", the oracle: training on the clean cases alone, what a quality module that
+gave corrupted labels no weight at all could reach.
 """
 
 from __future__ import annotations

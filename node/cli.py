@@ -515,9 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--spacing", type=_triple, default=(2.5, 1.5, 1.5), help="model voxel size slice,row,column mm")
         sub.add_argument("--shape", type=lambda t: _triple(t, int), default=(72, 256, 256), help="network input slice,row,column")
         sub.add_argument(
-            "--quality-bound", type=float, nargs="?", const=1.0, metavar="LAMBDA",
-            help="Pick-and-Learn for archives contoured by several doctors: weight each sample's loss by a learned label "
-            "quality score bounded by LAMBDA*tanh (1 when no LAMBDA is given; README: Noisy labels); off by default",
+            "--quality-bound", type=float, nargs="?", const=2.0, metavar="LAMBDA",
+            help="Pick-and-Learn for archives contoured by several doctors: weight each sample's loss by a label "
+            "quality score bounded by LAMBDA*tanh (2 when no LAMBDA is given; README: Noisy labels); off by default",
         )
         sub.add_argument(
             "--quality-memory", type=int, metavar="N",
@@ -528,9 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="with --quality-bound: the quality module also sees the network's prediction of each crop",
         )
         sub.add_argument(
-            "--quality-signal", choices=["qam", "case-loss"], default="qam",
-            help="with --quality-bound: what scores a label: the thesis's quality module (qam), or each case's running "
-            "training loss (case-loss; README: Noisy labels)",
+            "--quality-signal", choices=["qam", "case-loss"], default="case-loss",
+            help="with --quality-bound: what scores a label: each case's running training loss (case-loss, the default: "
+            "it found the corrupted labels where the QAM did not; README: Noisy labels), or the thesis's quality module (qam)",
         )
         sub.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
 

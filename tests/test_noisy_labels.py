@@ -87,8 +87,15 @@ def test_training_reports_the_labels_it_trusts_least(tmp_path):
     assert sorted(name for _, name in listed) == ["phantom-900", "phantom-901", "phantom-902"]
     weights = [float(weight) for weight, _ in listed]
     assert weights == sorted(weights) and sum(weights) == pytest.approx(3, abs=0.02)
-    assert all(math.exp(-2) <= w / weights[-1] <= 1 for w in weights)  # lambda 1: at most exp(2 lambda) apart
-    card = json.loads(out.with_suffix(".json").read_text())  # no LAMBDA given: the default, 1, and the batch alone
+    assert all(math.exp(-4) <= w / weights[-1] <= 1 for w in weights)  # lambda 2: at most exp(2 lambda) apart
+    card = json.loads(out.with_suffix(".json").read_text())  # no LAMBDA given: the default, 2, on the cases' losses
+    assert card["training"]["label_quality"] == "Pick-and-Learn's OCM on each case's running training loss, lambda 2"
+    qam = rtnode(
+        "train", "--phantoms", "2", "--seed", "900", "--steps", "2", "--channels", "4,8", "--spacing", "8,8,8",
+        "--shape", "16,32,32", "--quality-bound", "1", "--quality-signal", "qam", "--out", out, "--quiet",
+    )
+    assert qam.returncode == 0, qam.stderr
+    card = json.loads(out.with_suffix(".json").read_text())
     assert card["training"]["label_quality"] == "Pick-and-Learn: QAM loss weights bounded by the OCM, lambda 1"
     assert card["training"]["label_quality_memory"] == 0 and card["training"]["label_quality_sees_prediction"] is False
 
@@ -123,6 +130,8 @@ def test_training_with_the_case_loss_signal_reports_each_case(tmp_path):
     assert card["training"]["label_quality"] == "Pick-and-Learn's OCM on each case's running training loss, lambda 2"
     bad = rtnode("train", "--phantoms", "1", "--quality-bound", "--quality-signal", "dice", "--out", out)
     assert bad.returncode == 2 and "invalid choice: 'dice'" in bad.stderr
+    bad = rtnode("train", "--phantoms", "1", "--quality-bound", "--quality-memory", "4", "--out", out)
+    assert bad.returncode != 0 and "go with the qam signal" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_without_the_option_no_label_quality_is_reported(tmp_path):
@@ -228,7 +237,7 @@ def test_cross_validation_accepts_the_same_label_quality_options():
     result = rtnode(
         "evaluate", "--folds", "2", "--phantoms", "2", "--seed", "900", "--steps", "3", "--channels", "4,8",
         "--spacing", "8,8,8", "--shape", "16,32,32", "--quality-bound", "2", "--quality-memory", "4", "--accumulate", "2",
-        "--quality-sees-prediction", "--quiet",
+        "--quality-signal", "qam", "--quality-sees-prediction", "--quiet",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].startswith("mean over 2 folds: Dice")

@@ -65,7 +65,7 @@ def test_pick_and_learn_training_names_the_least_trusted_labels(archive, tmp_pat
     listed = result.stdout.split("labels the quality module trusts least")[1].splitlines()[1:3]
     assert sorted(line.split()[1] for line in listed) == ["phantom-00700:CTV_high", "phantom-00701:CTV_high"]
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["training"]["label_quality"] == "Pick-and-Learn: QAM loss weights bounded by the OCM, lambda 1"
+    assert card["training"]["label_quality"] == "Pick-and-Learn's OCM on each case's running training loss, lambda 1"
 
 
 def test_the_overfitting_control_bounds_the_weights():

@@ -37,6 +37,7 @@ NOISE_VARIANCE = 0.001
 LOSS = "BCE + Dice on every recurrent pass"
 QUALITY_MEMORY = 0  # the thesis's softmax over the batch alone: a queue of recent samples did worse (bench_noisy_labels)
 QUALITY_SIGNALS = ("qam", "case-loss")
+QUALITY_SIGNAL = "case-loss"  # the QAM found corrupted labels no better than chance; case losses did (bench_noisy_labels)
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # crops and their masks, (N, 1, z, y, x) each
@@ -84,7 +85,7 @@ class TrainConfig:
     quality_bound: float | None = None  # Pick-and-Learn's lambda; None trains without it; math.inf: the QAM without the OCM
     quality_memory: int = QUALITY_MEMORY  # recent samples each batch's softmax also runs over (0: the batch alone)
     quality_sees_prediction: bool = False  # the QAM also sees the network's prediction of each crop
-    quality_signal: str = "qam"  # what scores a label: "qam" (the thesis's module) or "case-loss" (CaseLossMemory)
+    quality_signal: str = QUALITY_SIGNAL  # what scores a label: "qam" (the thesis's module) or "case-loss" (CaseLossMemory)
     device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
 
 
@@ -180,6 +181,8 @@ def train(
     model = ResSEUNet3D(config.architecture).to(device)
     if config.quality_signal not in QUALITY_SIGNALS:
         raise UserError(f"the label quality signal is one of {', '.join(QUALITY_SIGNALS)}, not {config.quality_signal!r}")
+    if config.quality_signal != "qam" and (config.quality_memory or config.quality_sees_prediction):
+        raise UserError("a quality memory and a QAM that sees the prediction go with the qam signal (--quality-signal qam)")
     quality: QualityAwareness | CaseLossMemory | None = None
     if config.quality_bound is not None and config.quality_signal == "case-loss":
         quality = CaseLossMemory(config.quality_bound, len(cases)).to(device)
