@@ -39,8 +39,7 @@ class QualityAwareness(nn.Module):
         self, bound: float, memory: int = 0, channels: tuple[int, ...] = (8, 16, 32, 64), sees_prediction: bool = False
     ) -> None:
         super().__init__()
-        if not bound > 0:
-            raise UserError(f"the quality bound lambda must be positive, not {bound}")
+        _check_bound(bound)
         if memory < 0:
             raise UserError(f"the quality memory must be 0 or more samples, not {memory}")
         self.bound = bound
@@ -112,6 +111,11 @@ class QualityAwareness(nn.Module):
         return loss
 
 
+def _check_bound(bound: float) -> None:
+    if not bound > 0:
+        raise UserError(f"the quality bound lambda must be positive, not {bound}")
+
+
 def ocm_weights(raw: torch.Tensor, bound: float) -> torch.Tensor:
     """Centred scores, bounded by lambda*tanh (math.inf: unbounded), then a softmax scaled to mean 1."""
     centred = raw - raw.mean()
@@ -131,8 +135,7 @@ class CaseLossMemory(nn.Module):
 
     def __init__(self, bound: float, cases: int, momentum: float = 0.9, warmup_visits: int = 3) -> None:
         super().__init__()
-        if not bound > 0:
-            raise UserError(f"the quality bound lambda must be positive, not {bound}")
+        _check_bound(bound)
         self.bound, self.momentum, self.warmup_visits = bound, momentum, warmup_visits
         self.register_buffer("mean_loss", torch.zeros(cases))
         self.register_buffer("visits", torch.zeros(cases, dtype=torch.long))
@@ -152,4 +155,3 @@ class CaseLossMemory(nn.Module):
             first = int(self.visits[case]) == 0
             self.mean_loss[case] = loss if first else self.momentum * self.mean_loss[case] + (1 - self.momentum) * loss
             self.visits[case] += 1
-

@@ -274,7 +274,8 @@ def accumulate_gradients(
     sizes = [len(images) for images, _ in micro_batches]
     count = sum(sizes)
     if quality is None:
-        return _segmentation_backward(model, micro_batches, torch.ones(count) if weights is None else weights), weights
+        given = torch.ones(count, device=micro_batches[0][0].device) if weights is None else weights
+        return _segmentation_backward(model, micro_batches, given), weights
     # The QAM scores every crop first, keeping no activations; its own gradient needs every crop's
     # loss, so it comes last: through the scores, then back into the QAM one micro-batch at a time.
     # A QAM that sees the prediction costs one more forward pass of the network, without gradient.
@@ -295,7 +296,7 @@ def _segmentation_backward(model: ResSEUNet3D, micro_batches: list[Batch], weigh
     losses = []
     for (images, masks), batch_weights in zip(micro_batches, weights.split([len(i) for i, _ in micro_batches]), strict=True):
         per_sample = recurrent_loss(model(images), masks)
-        ((batch_weights.to(per_sample.device) * per_sample).sum() / len(weights)).backward()
+        ((batch_weights * per_sample).sum() / len(weights)).backward()
         losses.append(per_sample.detach())
     return torch.cat(losses)
 
