@@ -5,6 +5,7 @@ the benchmarks start a node."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,26 @@ from node.config import BUNDLED_WEIGHTS
 LOOPBACK = "127.0.0.1"
 # For DCMTK peers (storescu, storescp, echoscu): without TCP_NODELAY they stall ~45 ms per message on Nagle's algorithm.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+# A log record starts with the timestamp of the format `rtnode` logs with (node/cli.py); other lines continue it.
+_RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", re.M)
+# An ERROR or CRITICAL record in rtnode's format or uvicorn's ("ERROR:    ..."), or a traceback anywhere.
+_PROBLEM = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) |^(ERROR|CRITICAL): |Traceback \(most recent call last\)", re.M)
+
+
+def log_problems(text: str, allowed: tuple[str, ...] = ()) -> list[str]:
+    """The records of a node's log that say something went wrong (an ERROR or CRITICAL line, or a traceback,
+    a background thread's included), less those matching one of the `allowed` regular expressions."""
+    starts = [m.start() for m in _RECORD_START.finditer(text)]
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    records = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+    return [
+        record.rstrip()
+        for record in records
+        if _PROBLEM.search(record) and not any(re.search(pattern, record) for pattern in allowed)
+    ]
 
 
 def free_port() -> int:
@@ -59,6 +80,8 @@ class NodeProcess:
     web_port: int | None = None
     web_config: str = ""  # more [web] keys
     database_url: str = ""  # default: SQLite in `root`
+    # Regular expressions of the log's ERROR records and tracebacks a test provokes on purpose (see log_problems).
+    allowed_log_problems: tuple[str, ...] = ()
     process: subprocess.Popen | None = None
     log_path: Path = field(init=False)
     config_path: Path = field(init=False)
@@ -135,6 +158,10 @@ device = "{self.device}"
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def log_problems(self) -> list[str]:
+        """What went wrong in this node's processes that nobody asked for (`allowed_log_problems`)."""
+        return log_problems(self.log(), self.allowed_log_problems)
 
     def rtnode(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Another rtnode command against this node's configuration."""

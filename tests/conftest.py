@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
@@ -39,6 +40,16 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_module(name: str):
+    """The Python package the test extras install; with RTNODE_REQUIRE_TOOLS=1 its absence fails the run."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        if REQUIRE_TOOLS:
+            pytest.fail(f"{name} cannot be imported ({error}); the test command installs it", pytrace=False)
+        pytest.skip(f"{name} is not installed")
+
+
 def shared_data(relative: str) -> Path:
     path = SHARED_DATA / relative
     if not path.exists():
@@ -65,6 +76,14 @@ def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)
 
 
+def assert_log_clean(node: NodeProcess) -> None:
+    """Fails on an ERROR record or a traceback in the node's log that the test did not provoke on purpose
+    (`allowed_log_problems`): a timer or sender thread that crashed must not pass unnoticed."""
+    problems = node.log_problems()
+    if problems:
+        pytest.fail(f"{node.log_path} holds what went wrong unasked:\n" + "\n".join(problems), pytrace=False)
+
+
 @pytest.fixture
 def node_factory(tmp_path):
     nodes: list[NodeProcess] = []
@@ -77,6 +96,8 @@ def node_factory(tmp_path):
     yield make
     for node in nodes:
         node.stop()
+    for node in nodes:
+        assert_log_clean(node)
 
 
 @pytest.fixture
@@ -86,13 +107,15 @@ def node(node_factory) -> NodeProcess:
 
 
 def _departed_worker() -> WorkerIdentity:
-    """A worker of this machine whose process has exited, as after a node restart or a kill."""
-    process = subprocess.Popen(["true"])
-    process.wait()
-    return WorkerIdentity(socket.gethostname(), process.pid, "cpu")
+    """A worker of this machine whose process is gone, as after a node restart or a kill: its pid is above
+    the kernel's `pid_max`, so no process or thread can ever have it (an exited child's pid can be reused)."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return WorkerIdentity(socket.gethostname(), pid_max + 1, "cpu")
 
 
 GONE_WORKER = _departed_worker()
+# A worker on another machine sharing the database: a restart of this node must leave its job to its lease.
+OTHER_MACHINE_WORKER = WorkerIdentity("other-host", 4242, "cuda:0")
 
 
 def _as_postgres(command: list[str]) -> list[str]:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from node.synth.ct_series import SeriesGeometry, ct_datasets, uniform_positions, write_series
-from tests.conftest import rtnode
+from tests.conftest import require_module, rtnode
 from tests.test_rtstruct import shapes_mask
 
-sitk = pytest.importorskip("SimpleITK")
+sitk = require_module("SimpleITK")
 
 
 

@@ -62,12 +62,12 @@ def tps(tmp_path):
 
 @pytest.fixture
 def loop_node(node_factory, tps):
-    def make(**completion) -> NodeProcess:
+    def make(allowed_log_problems: tuple[str, ...] = (), **completion) -> NodeProcess:
         settings = {"quiet_seconds": QUIET, "min_slices": 10, "release_grace_seconds": 1.0, **completion}
         sections = "[completion]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
         sections += "[delivery]\nfirst_retry_seconds = 1.0\nmax_retry_seconds = 2.0\n"
         sections += f'[[destinations]]\nname = "tps"\nae_title = "TPS"\nhost = "127.0.0.1"\nport = {tps.port}\n'
-        return node_factory(sections=sections)
+        return node_factory(sections=sections, allowed_log_problems=allowed_log_problems)
 
     return make
 
@@ -125,9 +125,9 @@ def wait_for(node: NodeProcess, predicate, timeout: float = 180.0, what: str = "
     )
 
 
-def node_running_a_job(loop_node, tps, tmp_path: Path, seed: int) -> NodeProcess:
+def node_running_a_job(loop_node, tps, tmp_path: Path, seed: int, allowed_log_problems: tuple[str, ...] = ()) -> NodeProcess:
     """A node (and the TPS) with a phantom series pushed, once its job has started."""
-    node = loop_node().start()
+    node = loop_node(allowed_log_problems).start()
     tps.start()
     phantom_series(tmp_path / "ct", seed=seed)
     push(node, tmp_path / "ct", "+sd")
@@ -210,8 +210,13 @@ def test_unchanged_resend_is_a_repeat_and_rerun_makes_version_two_that_supersede
     assert len(descriptions) == 2 and "v2, supersedes v1" in descriptions[-1]
 
 
+# What pynetdicom logs of each attempt to reach a planning system that is down.
+DESTINATION_DOWN = (r"pynetdicom.transport: Association request failed: unable to connect to remote",
+                    r"pynetdicom.transport: TCP Initialisation Error: \[Errno 111\] Connection refused")
+
+
 def test_receiver_down_then_up_delivers_exactly_once(loop_node, tps, tmp_path):
-    node = loop_node().start()
+    node = loop_node(DESTINATION_DOWN).start()
     phantom_series(tmp_path / "ct", seed=40004)
     push(node, tmp_path / "ct", "+sd")
     wait_for(node, lambda j: j and j[0]["deliveries"] and j[0]["deliveries"][0]["attempts"] >= 2, what="failed attempts")
@@ -294,7 +299,8 @@ def test_echo_stays_fast_while_a_job_runs(loop_node, tps, tmp_path):
         times.append(time.perf_counter() - start)
         assert result.returncode == 0
     assert jobs(node)[0]["status"] in ("running", "sending", "done")
-    assert max(times) < 0.2, times
+    # One pass of the model takes seconds on this CPU: an echo that waited for the job would take longer than this.
+    assert max(times) < 1.0, times
 
 
 def test_demo_runs_the_whole_loop(tmp_path):
@@ -358,7 +364,8 @@ def test_node_killed_three_times_while_a_job_runs_still_finishes_it(loop_node, t
 
 
 def test_a_worker_that_dies_under_a_job_three_times_fails_it(loop_node, tps, tmp_path):
-    node = node_running_a_job(loop_node, tps, tmp_path, seed=40011)
+    died = (r"node.service: worker process \S+ exited with status -9: starting a new one",)
+    node = node_running_a_job(loop_node, tps, tmp_path, seed=40011, allowed_log_problems=died)
     for attempt in range(1, 4):
         wait_for(node, lambda j, n=attempt: starts(node) == n and j[0]["status"] == "running", what=f"attempt {attempt}")
         os.kill(worker_pid(node), signal.SIGKILL)  # the node stays up
@@ -375,7 +382,9 @@ def test_unusable_weights_are_found_at_start_up_and_receiving_goes_on(node_facto
     damaged = bytearray(BUNDLED_WEIGHTS.read_bytes())
     damaged[-100] ^= 0xFF
     weights.write_bytes(bytes(damaged))
-    node = node_factory(weights=weights, sections="[completion]\nquiet_seconds = 1.0\nmin_slices = 10\n").start()
+    unusable = (r"the worker does not take jobs: the model cannot be used: weights \S+ do not match their model card",)
+    sections = "[completion]\nquiet_seconds = 1.0\nmin_slices = 10\n"
+    node = node_factory(weights=weights, sections=sections, allowed_log_problems=unusable).start()
     deadline = time.monotonic() + 60
     while "the worker does not take jobs" not in node.log() and time.monotonic() < deadline:
         time.sleep(0.2)

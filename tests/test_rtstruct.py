@@ -29,7 +29,7 @@ from node.rtstruct.contours import EmptyMaskError, contours_from_mask
 from node.rtstruct.reader import read_masks
 from node.rtstruct.seg import build_seg
 from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
-from tests.conftest import require_tool, shared_data
+from tests.conftest import require_module, require_tool, shared_data
 
 ALGORITHM = Algorithm(name="ctv-unet3d", version="0.1.0")
 
@@ -106,7 +106,7 @@ def test_round_trip_is_exact(written):
 
 def test_plastimatch_rasterises_the_same_mask(written, tmp_path):
     case, path = written
-    sitk = pytest.importorskip("SimpleITK")
+    sitk = require_module("SimpleITK")
     result = subprocess.run(
         [
             require_tool("plastimatch"), "convert", "--input", str(path), "--referenced-ct", str(case.directory),

@@ -29,7 +29,7 @@ from node.web.viewer import (
     ViewerRequestError,
     ViewerSourceError,
 )
-from tests.conftest import wait_until
+from tests.conftest import require_module, wait_until
 
 SLICES, ROWS, COLUMNS = 30, 80, 96
 SLICE_SPACING = 3.0
@@ -303,7 +303,7 @@ def viewer_failure(response) -> bool:
 def page(served_viewer):
     from tests.conftest import require_tool
 
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = require_module("playwright.sync_api")
     chromium = require_tool("chromium")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pydicom import dcmread
 from sqlalchemy import create_engine, text
 
-from node.harness import destination_toml, free_port
+from node.harness import destination_toml, free_port, log_problems
 from tests.conftest import new_postgres_database
 from tests.test_loop import QUIET, Receiver, jobs, phantom_series, push
 
@@ -80,3 +80,5 @@ def test_three_workers_share_nine_series_and_one_killed_mid_job_loses_nothing(no
             log.close()
         tps.stop()
         database.dispose()
+    for i in range(3):
+        assert log_problems((tmp_path / f"worker{i}.log").read_text()) == [], f"worker{i}.log"
