@@ -93,6 +93,9 @@ TRANSFER_SYNTAXES = [
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 
+# pynetdicom's states (PS3.8 9.2) in which an A-ABORT request is no valid event: idle, awaiting the A-ASSOCIATE-RQ,
+# awaiting the close of the connection.
+_NOT_ABORTABLE = ("Sta1", "Sta2", "Sta13")
 # How often the server closes connections past their negotiation deadline.
 _POLL_SECONDS = 0.2
 # On a shared listener, how long a receiving process lets the others take a connection first, per
@@ -476,8 +479,27 @@ class StorageSCP:
             time.sleep(0.05)
         for assoc in self._established():
             log.warning("aborting association from %s after %.0f s shutdown grace", assoc.requestor.ae_title, grace)
-        # Also drops connections that never completed negotiation: they carry no stores.
-        self._ae.shutdown()
+        self._drop_associations()
+
+    def _drop_associations(self) -> None:
+        """Aborts the associations left. Connections whose A-ASSOCIATE-RQ has not come (or that are closing already)
+        carry no stores and are hung up instead: pynetdicom's state machine has no A-ABORT in those states and raised
+        in the connection's thread (InvalidEventError, Evt15 in Sta2) when `AE.shutdown` aborted them."""
+        hung_up = []
+        for assoc in self._ae.active_associations:
+            if assoc.dul.state_machine.current_state not in _NOT_ABORTABLE:
+                assoc.abort()
+                continue
+            connection = assoc.dul.socket
+            if connection is not None and connection.socket is not None:
+                _hang_up(connection.socket)
+            hung_up.append(assoc)
+        deadline = time.monotonic() + _POLL_SECONDS * 5
+        for assoc in hung_up:  # the hang-up brings each to Sta1 (idle), where pynetdicom stops it without an A-ABORT
+            while assoc.dul.state_machine.current_state != "Sta1" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if assoc.dul.state_machine.current_state == "Sta1":
+                assoc.kill()
 
     def _established(self) -> list:
         return [assoc for assoc in self._ae.active_associations if assoc.is_established]

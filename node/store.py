@@ -238,6 +238,8 @@ def read_header(encoded: bytes, max_decoded_bytes: int) -> InstanceHeader:
     """Parse the identifying attributes of a Part 10 byte stream; raise StoreRefused if unusable."""
     try:
         transfer_syntax, offset = _split_part10(encoded)
+        if not transfer_syntax:  # without it pydicom would guess, and read garbage as a dataset that merely lacks UIDs
+            raise StoreRefused(Status.CANNOT_DECODE, "dataset cannot be decoded: its file meta names no Transfer Syntax UID")
         _check_decoded_size(encoded, transfer_syntax, offset, max_decoded_bytes)
         ds = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS + _IMAGE_TAGS)
         uids = {

@@ -141,6 +141,21 @@ def slice_ds(tmp_path):
     return ct_slice(tmp_path / "ct")
 
 
+def stored_as_received(store: StoreUnderTest, data: bytes, transfer_syntax: str) -> None:
+    """Save `data`, which must be accepted: the file holds exactly these bytes and its row describes it."""
+    saved = store.instances.save(data, transfer_syntax, SENDER)
+    assert not saved.duplicate
+    assert saved.path.read_bytes() == data
+    uid = saved.header.sop_instance_uid
+    assert saved.path.name == f"{uid}.dcm"
+    with store.sessions() as session:
+        row = session.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).one()
+        described = (row.path, row.size_bytes, row.transfer_syntax_uid, row.times_received)
+        assert described == (str(saved.path), len(data), transfer_syntax, 1)
+        assert (row.calling_ae_title, row.peer_address) == (SENDER.ae_title, SENDER.address)
+        assert row.series.series_instance_uid == saved.header.series_instance_uid
+
+
 def refused(store: StoreUnderTest, data: bytes) -> StoreRefused:
     """Save `data`, which must be refused with nothing stored (no file, no row); return the refusal."""
     with pytest.raises(StoreRefused) as info:
@@ -158,7 +173,7 @@ def test_deeply_nested_sequences_cannot_be_decoded(store, slice_ds):
 
 
 def test_shallow_nesting_is_accepted(store, slice_ds):
-    store.instances.save(part10(slice_ds, nested(slice_ds, 20)), ExplicitVRLittleEndian, SENDER)
+    stored_as_received(store, part10(slice_ds, nested(slice_ds, 20)), ExplicitVRLittleEndian)
 
 
 def test_deflated_instance_under_the_cap_is_stored_as_received(store, slice_ds):
@@ -207,14 +222,13 @@ def test_other_element_claiming_4_gb_hides_the_pixels_and_is_refused(store, slic
 
 
 def test_pixel_data_sizes_follow_frames_bits_and_padding(store, slice_ds):
-    instance_store = store.instances
     slice_ds.Rows, slice_ds.Columns, slice_ds.BitsAllocated, slice_ds.BitsStored, slice_ds.HighBit = 3, 3, 1, 1, 0
     slice_ds.NumberOfFrames = 2
     assert refused(store, native(slice_ds, 2, 2)).status == Status.INCOMPLETE_PIXEL_DATA  # 18 bits need 3 bytes
-    instance_store.save(native(slice_ds, 4, 4), ExplicitVRLittleEndian, SENDER)  # 3 bytes, padded to even
+    stored_as_received(store, native(slice_ds, 4, 4), ExplicitVRLittleEndian)  # 3 bytes, padded to even
     slice_ds.SOPInstanceUID = generate_uid()
     slice_ds.BitsAllocated, slice_ds.BitsStored, slice_ds.HighBit, slice_ds.NumberOfFrames = 8, 8, 7, 1
-    instance_store.save(native(slice_ds, 10, 10), ExplicitVRLittleEndian, SENDER)  # 9 bytes, padded
+    stored_as_received(store, native(slice_ds, 10, 10), ExplicitVRLittleEndian)  # 9 bytes, padded
 
 
 def test_image_without_pixel_data_is_refused(store, slice_ds):
@@ -238,7 +252,7 @@ def test_incomplete_encapsulated_pixel_data_is_refused(store, slice_ds, fragment
 
 
 def test_whole_encapsulated_fragments_are_accepted(store, slice_ds):
-    store.instances.save(encapsulated(slice_ds, [item(4, b"\x00" * 4)] * 3, frames=3), RLELossless, SENDER)
+    stored_as_received(store, encapsulated(slice_ds, [item(4, b"\x00" * 4)] * 3, frames=3), RLELossless)
 
 
 @pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
@@ -327,7 +341,16 @@ def peak_memory_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+def refusal_logged(detail: str) -> str:
+    """The log record of an instance refused on purpose, as a pattern for `allowed_log_problems`."""
+    return rf"node\.scp: refused instance [0-9.]+ from SCANNER@127\.0\.0\.1: {detail}"
+
+
 def test_crafted_instances_refused_each_with_one_log_line(node, tmp_path, monkeypatch):
+    node.allowed_log_problems = (
+        refusal_logged(r"dataset cannot be decoded: sequences nested too deeply \(status 0xC000\)"),
+        refusal_logged(r"pixel data claims (512|4294967280) bytes but the dataset ends after (256|512) \(status 0xC004\)"),
+    )
     ds = ct_slice(tmp_path / "ct")
     crafted = {
         "nested": part10(ds, nested(ds, 1000)),
@@ -346,7 +369,12 @@ def test_crafted_instances_refused_each_with_one_log_line(node, tmp_path, monkey
 
 
 def test_deflate_bomb_refused_with_bounded_memory(node_factory, tmp_path, monkeypatch):
-    node = node_factory(extra_config="max_instance_mb = 1").start()
+    node = node_factory(
+        extra_config="max_instance_mb = 1",
+        allowed_log_problems=(
+            refusal_logged(r"instance exceeds node\.max_instance_mb once decoded \(over 1048576 bytes\) \(status 0xC003\)"),
+        ),
+    ).start()
     warm_up = ct_slice(tmp_path / "warm")
     warm_up_file = write(tmp_path / "warm.dcm", part10(warm_up, dataset_bytes(warm_up)))
     assert send(node.port, [warm_up_file], ExplicitVRLittleEndian, monkeypatch) == [0]
@@ -360,6 +388,12 @@ def test_deflate_bomb_refused_with_bounded_memory(node_factory, tmp_path, monkey
 
 
 def test_reused_uid_answers_duplicate_and_shows_in_studies(node, tmp_path, monkeypatch):
+    node.allowed_log_problems = (
+        refusal_logged(
+            r"conflict: SOP Instance UID already held in (study [0-9.]+ series [0-9.]+|the same series with other content);"
+            r" this one claims study [0-9.]+ series [0-9.]+, kept aside at \S+/[12]\.dcm \(status 0x0111\)"
+        ),
+    )
     paths = write_cylinder_ct(tmp_path / "ct", slices=2, rows=16, columns=16)
     storescu = [require_tool("storescu"), "-aet", "SCANNER", "-aec", "RTNODE", "127.0.0.1", str(node.port)]
     assert run_tool(*storescu, *map(str, paths)).returncode == 0

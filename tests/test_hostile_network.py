@@ -12,11 +12,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from node.synth.ct_series import write_cylinder_ct
-from tests.conftest import require_tool, run_tool
+from tests.conftest import require_tool, run_tool, wait_until
 
 # An A-ASSOCIATE-RQ header promising 200 bytes, then only 4 of them: the node's reader waits for the rest.
 PARTIAL_RQ = bytes([0x01, 0x00, 0x00, 0x00, 0x00, 0xC8, 0x00, 0x01, 0x00, 0x00])
 HOSTILE = "127.0.0.2"  # loopback, but another peer address than the callers the node allows (127.0.0.1)
+# What pynetdicom logs when the node hangs up on a PARTIAL_RQ connection at its deadline (or at shutdown).
+PARTIAL_RQ_CUT = r"pynetdicom\.dul: The received PDU is shorter than expected \(10 of 206 bytes received\)"
 
 
 def echo(port: int) -> subprocess.CompletedProcess:
@@ -68,7 +70,7 @@ def peer_lines(log: str, peer: str) -> list[str]:
 
 def test_partial_requests_do_not_lock_out_callers(node_factory, tmp_path):
     write_cylinder_ct(tmp_path / "ct", slices=3, rows=32, columns=32)
-    node = node_factory(extra_config="negotiation_timeout_seconds = 5\n").start()
+    node = node_factory(allowed_log_problems=(PARTIAL_RQ_CUT,), extra_config="negotiation_timeout_seconds = 5\n").start()
     opened = time.monotonic()
     held = open_connections(node.port, 40, PARTIAL_RQ)
     try:
@@ -100,22 +102,29 @@ def test_silent_connections_dropped_at_negotiation_timeout(node_factory):
 
 
 def test_refusals_logged_with_peer_and_reason_a_few_lines(node_factory):
-    node = node_factory(extra_config="negotiation_timeout_seconds = 2\n").start()
+    node = node_factory(allowed_log_problems=(PARTIAL_RQ_CUT,), extra_config="negotiation_timeout_seconds = 2\n").start()
     held = open_connections(node.port, 40, PARTIAL_RQ)
     try:
         closed = close_times(held, until=time.monotonic() + 2 + 3)
         assert len(closed) == len(held)
     finally:
         close_all(held)
-    time.sleep(0.5)  # the log line of the last drop
+
+    def logged(reason: str) -> bool:
+        return any(reason in line for line in peer_lines(node.log(), HOSTILE))
+
+    wait_until(lambda: logged("negotiation_timeout_seconds"), timeout=5)
+    assert logged("max_associations"), node.log()  # more waiting than one peer may have: refused at once, logged first
     lines = peer_lines(node.log(), HOSTILE)
-    assert any("negotiation_timeout_seconds" in line for line in lines), node.log()
-    assert any("max_associations" in line for line in lines), node.log()  # more waiting than one peer may have
     assert len(lines) <= 6, "\n".join(lines)  # three reasons, a line each, for 40 connections
 
 
 def test_idle_association_dropped_at_network_timeout_not_negotiation_timeout(node_factory):
-    node = node_factory(extra_config="negotiation_timeout_seconds = 1\n", network_timeout_seconds=3).start()
+    node = node_factory(
+        extra_config="negotiation_timeout_seconds = 1\n",
+        network_timeout_seconds=3,
+        allowed_log_problems=(r"pynetdicom\.association: Network timeout reached",),
+    ).start()
     ae = AE(ae_title="IDLER")
     ae.network_timeout = None  # only the node may end it
     ae.add_requested_context(Verification)
@@ -135,7 +144,7 @@ def test_idle_association_dropped_at_network_timeout_not_negotiation_timeout(nod
 
 
 def test_shutdown_not_held_up_by_half_open_connections(node_factory):
-    node = node_factory(extra_config="negotiation_timeout_seconds = 60\n").start()
+    node = node_factory(allowed_log_problems=(PARTIAL_RQ_CUT,), extra_config="negotiation_timeout_seconds = 60\n").start()
     held = open_connections(node.port, 2, PARTIAL_RQ)
     try:
         time.sleep(0.5)  # both reach the reader that waits for the rest of the PDU
@@ -143,3 +152,20 @@ def test_shutdown_not_held_up_by_half_open_connections(node_factory):
         assert node.process.wait(timeout=10) == 0
     finally:
         close_all(held)
+
+
+def test_shutdown_hangs_up_connections_still_negotiating_without_an_error(node_factory):
+    """SIGTERM while connections wait for their A-ASSOCIATE-RQ: pynetdicom has no A-ABORT in that state, and aborting
+    them raised in their threads (InvalidEventError, Evt15 in Sta2; the log check at teardown fails on it). It was a
+    race with the hang-up of those connections, lost in about a quarter of the runs with these eight."""
+    node = node_factory(extra_config="negotiation_timeout_seconds = 60\n").start()
+    silent = [sock for k in range(1, 5) for sock in open_connections(node.port, 2, b"", source=f"127.0.0.{k}")]
+    try:
+        time.sleep(0.5)  # for them to reach pynetdicom's reader (nothing shows it from outside): the case under test
+        started = time.monotonic()
+        node.process.terminate()
+        assert node.process.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5
+        assert len(close_times(silent, until=time.monotonic() + 2)) == len(silent)
+    finally:
+        close_all(silent)

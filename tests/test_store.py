@@ -68,9 +68,15 @@ def test_uid_that_would_escape_the_data_folder_is_refused(store, slice_ds, tmp_p
 
 @pytest.mark.parametrize("payload", [b"", b"\x00" * 10, b"DICM" * 100, bytes(range(256)) * 8])
 def test_undecodable_bytes(store, payload):
+    """Bytes that are no dataset cannot be decoded (0xC000); 0xC001 is for a dataset that decodes but lacks a UID.
+    `b"DICM" * 100` has the DICM prefix where Part 10 wants it, and no file meta after it."""
+    instance_store, sessions = store
     with pytest.raises(StoreRefused) as info:
-        store[0].save(payload, EXPLICIT, SENDER)
-    assert info.value.status in (Status.CANNOT_DECODE, Status.MISSING_UID)
+        instance_store.save(payload, EXPLICIT, SENDER)
+    assert info.value.status == Status.CANNOT_DECODE
+    assert str(info.value).startswith("dataset cannot be decoded: ")
+    with sessions() as session:
+        assert session.scalars(select(Instance)).all() == []
 
 
 def test_database_error_answers_out_of_resources_and_leaves_no_file(store, slice_ds, tmp_path):

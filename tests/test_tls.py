@@ -2,15 +2,22 @@
 certificates and callers pinned to a certificate subject, and delivery to a TLS storescp.
 
 The certificates come from a throw-away CA made with the openssl command line; a second CA
-makes the "wrong" ones. Server certificates name IP:127.0.0.1, which the sender checks."""
+makes the "wrong" ones. Server certificates name IP:127.0.0.1 and DNS:localhost, which the sender
+checks; one from the trusted CA names other hosts. A Python TLS peer stuck at TLS 1.1 stands for
+an old system on either side."""
 
 from __future__ import annotations
 
 import re
 import socket
 import sqlite3
+import ssl
 import subprocess
+import threading
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +30,10 @@ from node.errors import UserError
 from node.harness import DCMTK_ENV, LOOPBACK, NodeProcess, free_port, wait_for_port
 from node.lifecycle import DeliveryOrder
 from node.scp import certificate_subject, server_context
-from node.sender import send
+from node.sender import client_context, send
 from node.synth.ct_series import write_cylinder_ct
 from node.vocabulary import OutputKind
-from tests.conftest import require_tool, run_tool
+from tests.conftest import require_tool, run_tool, wait_until
 
 # As `openssl x509 -noout -subject -nameopt RFC2253` prints the scanner's certificate: most specific first.
 SCANNER_SUBJECT = "CN=scanner1,O=Radiology\\, Inc."
@@ -45,20 +52,25 @@ class Pki:
     scanner: Identity  # a client certificate from the trusted CA
     other_scanner: Identity  # from the trusted CA, another subject
     rogue: Identity  # the scanner's subject and IP, from another CA
+    misnamed: Identity  # from the trusted CA, naming other hosts than the destination's
 
 
 def _openssl(*args: str | Path) -> None:
     subprocess.run([require_tool("openssl"), *map(str, args)], check=True, capture_output=True, timeout=30)
 
 
-def _issue(directory: Path, name: str, subject: str, ca: Identity | None) -> Identity:
-    """An EC P-256 certificate valid for a day: self-signed (a CA) when `ca` is None, else a leaf naming 127.0.0.1."""
+LOCAL_NAMES = f"IP:{LOOPBACK},DNS:localhost"
+
+
+def _issue(directory: Path, name: str, subject: str, ca: Identity | None, names: str = LOCAL_NAMES) -> Identity:
+    """An EC P-256 certificate valid for a day: self-signed (a CA) when `ca` is None, else a leaf naming `names`
+    (its subjectAltName)."""
     identity = Identity(directory / f"{name}.key", directory / f"{name}.pem")
     command = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"]
     command += ["-subj", subject, "-keyout", identity.key, "-out", identity.certificate]
     if ca is not None:
         command += ["-CA", ca.certificate, "-CAkey", ca.key]
-        command += ["-addext", "basicConstraints=CA:FALSE", "-addext", f"subjectAltName=IP:{LOOPBACK}"]
+        command += ["-addext", "basicConstraints=CA:FALSE", "-addext", f"subjectAltName={names}"]
     _openssl(*command)
     return identity
 
@@ -74,6 +86,7 @@ def pki(tmp_path_factory) -> Pki:
         scanner=_issue(directory, "scanner", "/O=Radiology, Inc./CN=scanner1", ca),
         other_scanner=_issue(directory, "other", "/O=Radiology, Inc./CN=scanner2", ca),
         rogue=_issue(directory, "rogue", "/O=Radiology, Inc./CN=scanner1", rogue_ca),
+        misnamed=_issue(directory, "misnamed", "/CN=127.0.0.1", ca, names="IP:127.0.0.2,DNS:tps.elsewhere.example"),
     )
 
 
@@ -201,11 +214,11 @@ def tls_storescp(tmp_path):
         process.wait(timeout=10)
 
 
-def _send(pki: Pki, port: int, path: Path):
+def _send(pki: Pki, port: int, path: Path, host: str = LOOPBACK):
     tls = TlsSection(certificate=pki.node.certificate, private_key=pki.node.key, ca_certificates=pki.ca)
-    destination = Destination(name="tps", ae_title="TPS", host=LOOPBACK, port=port, tls=True, acse_timeout_seconds=10)
+    destination = Destination(name="tps", ae_title="TPS", host=host, port=port, tls=True, acse_timeout_seconds=10)
     config = Config(tls=tls, destinations=[destination])
-    return send(config, DeliveryOrder(1, "tps", "TPS", LOOPBACK, port, OutputKind.RTSTRUCT, path))
+    return send(config, DeliveryOrder(1, "tps", "TPS", host, port, OutputKind.RTSTRUCT, path))
 
 
 @pytest.fixture
@@ -218,9 +231,10 @@ def rtstruct(tmp_path) -> Path:
     return path
 
 
-def test_delivery_to_a_tls_storescp(pki, tls_storescp, rtstruct):
+@pytest.mark.parametrize("host", [LOOPBACK, "localhost"])  # an IP address and a DNS name, each in subjectAltName
+def test_delivery_to_a_tls_storescp(pki, tls_storescp, rtstruct, host):
     port, received = tls_storescp(pki, pki.node)
-    outcome = _send(pki, port, rtstruct)
+    outcome = _send(pki, port, rtstruct, host)
     assert outcome.delivered, outcome
     assert len(list(received.iterdir())) == 1
 
@@ -231,3 +245,96 @@ def test_an_untrusted_destination_certificate_is_retried(pki, tls_storescp, rtst
     assert not outcome.delivered and outcome.retry, outcome
     assert f"TLS handshake with TPS@127.0.0.1:{port} failed: [SSL: CERTIFICATE_VERIFY_FAILED]" in outcome.detail
     assert list(received.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("host", "mismatch"),
+    [
+        (LOOPBACK, "IP address mismatch, certificate is not valid for '127.0.0.1'"),
+        ("localhost", "Hostname mismatch, certificate is not valid for 'localhost'"),
+    ],
+)
+def test_a_destination_certificate_naming_another_host_is_retried(pki, tls_storescp, rtstruct, host, mismatch):
+    """The certificate chains to the trusted CA (its subject's CN is even the address): only its subjectAltName,
+    which names other hosts, can refuse it."""
+    port, received = tls_storescp(pki, pki.misnamed)
+    outcome = _send(pki, port, rtstruct, host)
+    assert not outcome.delivered and outcome.retry, outcome
+    expected = f"TLS handshake with TPS@{host}:{port} failed: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+    assert expected + mismatch in outcome.detail, outcome.detail
+    assert list(received.iterdir()) == []
+
+
+def legacy_context(side: int, identity: Identity | None = None, ca: Path | None = None) -> ssl.SSLContext:
+    """TLS 1.0 to 1.1 only, at OpenSSL's security level 0, which TLS below 1.2 needs: an old system's peer."""
+    context = ssl.SSLContext(side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # ssl deprecates the TLS 1.0 and 1.1 versions it still speaks
+        context.minimum_version, context.maximum_version = ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    if identity is not None:
+        context.load_cert_chain(identity.certificate, identity.key)
+    if ca is not None:
+        context.load_verify_locations(ca)
+    return context
+
+
+@contextmanager
+def tls_1_1_server(identity: Identity) -> Iterator[tuple[int, list[str]]]:
+    """A TLS server that speaks at most TLS 1.1 on a free port; yields it and, per connection, the TLS version
+    negotiated or why the handshake failed."""
+    context = legacy_context(ssl.PROTOCOL_TLS_SERVER, identity)
+    handshakes: list[str] = []
+    listener = socket.create_server((LOOPBACK, 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connection.settimeout(10)
+            try:
+                with context.wrap_socket(connection, server_side=True) as secured:
+                    handshakes.append(secured.version())
+            except OSError as exc:  # ssl.SSLError included
+                handshakes.append(str(exc))
+                connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], handshakes
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        listener.close()
+
+
+def test_the_sender_refuses_a_destination_below_tls_1_2(pki, rtstruct):
+    assert client_context(TlsSection(ca_certificates=pki.ca)).minimum_version == ssl.TLSVersion.TLSv1_2
+    with tls_1_1_server(pki.node) as (port, handshakes):
+        # The server does speak TLS 1.1 to a client that accepts it, with the trusted certificate for 127.0.0.1.
+        client = legacy_context(ssl.PROTOCOL_TLS_CLIENT, ca=pki.ca)
+        with client.wrap_socket(socket.create_connection((LOOPBACK, port), timeout=10), server_hostname=LOOPBACK) as secured:
+            assert secured.version() == "TLSv1.1"
+        outcome = _send(pki, port, rtstruct)
+        wait_until(lambda: len(handshakes) == 2)
+    assert not outcome.delivered and outcome.retry, outcome
+    refused = f"TLS handshake with TPS@127.0.0.1:{port} failed: [SSL: TLSV1_ALERT_PROTOCOL_VERSION]"  # the sender's own alert
+    assert refused in outcome.detail, outcome.detail
+    assert handshakes[0] == "TLSv1.1"
+    assert "[SSL: UNSUPPORTED_PROTOCOL]" in handshakes[1], handshakes
+
+
+def test_the_node_refuses_a_caller_below_tls_1_2(node_factory, pki):
+    node, tls_port = tls_node(node_factory, pki)
+    client = legacy_context(ssl.PROTOCOL_TLS_CLIENT, ca=pki.ca)
+    with socket.create_connection((LOOPBACK, tls_port), timeout=10) as connection:
+        with pytest.raises(ssl.SSLError, match=r"\[SSL: TLSV1_ALERT_PROTOCOL_VERSION\]"):
+            client.wrap_socket(connection, server_hostname=LOOPBACK)
+    wait_until(lambda: "TLS handshake failed" in node.log())
+    assert "closed connection from 127.0.0.1: TLS handshake failed: [SSL: UNSUPPORTED_PROTOCOL]" in node.log()
+    assert echo(tls_port, *tls_options(pki, pki.scanner)).returncode == 0  # TLS 1.2 or later is still served
