@@ -252,7 +252,7 @@ class WebSection(_Section):
 
 class ModelSection(_Section):
     weights: Path = BUNDLED_WEIGHTS
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"  # cuda:N: one GPU of several
     roi_name: Annotated[str, Field(min_length=1, max_length=64)] = "CTV"
     # A series with more slices is refused with a sentence before loading, not by running out of memory.
     max_slices: Annotated[int, Field(ge=2)] = 2000

@@ -383,10 +383,11 @@ def job_inputs(engine: Engine, job_id: int, held_by: str | None = None) -> JobIn
         )
 
 
-def set_model(engine: Engine, job_id: int, name: str, version: str) -> None:
-    """The model a job ran, recorded as soon as it is known (failed jobs keep it too)."""
+def set_model(engine: Engine, job_id: int, name: str, version: str, held_by: str | None = None) -> None:
+    """The model a job ran, recorded as soon as it is known (failed jobs keep it too); fenced like the result."""
     with Session(engine) as session, session.begin():
         job = session.get(Job, job_id)
+        _held(job, held_by)
         job.model_name, job.model_version = name, version
 
 

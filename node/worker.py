@@ -96,6 +96,8 @@ class Worker:
         except JobFailed as exc:
             lifecycle.fail_job(self._engine, job_id, str(exc), timings, held_by=me)
             return
+        except lifecycle.LeaseLost:
+            raise
         except Exception as exc:  # a bug or an unexpected input must not stop the next job
             log.exception("job %s failed unexpectedly", job_id)
             lifecycle.fail_job(self._engine, job_id, f"internal error: {exc!r}", timings, held_by=me)
@@ -123,7 +125,7 @@ class Worker:
         prediction = segmenter.predict(volume)
         timings.update(prediction.timings)
         algorithm = Algorithm(segmenter.card.name, segmenter.card.version)
-        lifecycle.set_model(self._engine, job_id, algorithm.name, algorithm.version)
+        lifecycle.set_model(self._engine, job_id, algorithm.name, algorithm.version, held_by=self._identity.name)
 
         paths = OutputPaths.in_directory(folder, seg=self._config.delivery.send_seg)
         try:

@@ -3,6 +3,8 @@ classified, and each transition of `node.lifecycle` on a real SQLite database.""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
@@ -15,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+import node.worker
 from node.config import Destination, parse_config
 from node.db.models import Job, Worker, utcnow
 from node.errors import UserError
@@ -44,7 +47,7 @@ from node.synth.ct_series import ct_datasets, write_cylinder_ct, write_series
 from node.synth.phantom import make_phantom
 from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind
 from node.worker import Worker as JobWorker
-from tests.conftest import GONE_WORKER
+from tests.conftest import GONE_WORKER, OTHER_MACHINE_WORKER
 
 TPS = Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=11112)
 POLICY = RetryPolicy(first_retry_seconds=30, max_retry_seconds=300, max_age_seconds=3600)
@@ -281,6 +284,41 @@ def test_restart_requeues_running_jobs(engine, series):
     assert claim_next(engine, GONE_WORKER, 60) == job_id and job_row(engine, job_id).starts == 1
 
 
+def test_a_restart_requeues_only_jobs_of_this_machines_departed_workers(engine, tmp_path):
+    """Workers of other machines, and live workers of this one, keep their jobs across a restart: their
+    leases decide. Requeuing them would run a job twice at once."""
+    uids = []
+    for n in range(3):
+        files = write_cylinder_ct(tmp_path / f"ct{n}", slices=6, rows=16, columns=16)
+        store_files(engine, tmp_path, files)
+        uids.append(dcmread(files[0]).SeriesInstanceUID)
+    live_here = WorkerIdentity.this_process("cpu")  # this test's own process: alive
+    held = {}
+    for uid, worker in zip(uids, [GONE_WORKER, OTHER_MACHINE_WORKER, live_here], strict=True):
+        job = submit_series(engine, uid, lambda series, instances: Eligibility(True))
+        assert claim_next(engine, worker, 60) == job.id
+        held[worker.name] = job.id
+    assert recover_after_restart(engine) == 1
+    assert job_row(engine, held[GONE_WORKER.name]).status == JobStatus.QUEUED
+    for name in (OTHER_MACHINE_WORKER.name, live_here.name):
+        job = job_row(engine, held[name])
+        assert (job.status, job.worker, job.starts) == (JobStatus.RUNNING, name, 1)
+        assert events(job)[-1][0] == EventKind.STARTED
+    assert claim_next(engine, WORKER_B, 60) == held[GONE_WORKER.name]
+    assert claim_next(engine, WORKER_B, 60) is None  # the other two are still held
+
+
+def test_a_restart_leaves_a_send_of_another_machine_on_the_wire(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    contoured(engine, tmp_path, job_id)
+    (delivery_id,) = due_deliveries(engine)
+    assert take_delivery(engine, delivery_id, OTHER_MACHINE_WORKER, 60) is not None
+    recover_after_restart(engine)
+    (delivery,) = job_row(engine, job_id).deliveries
+    assert (delivery.attempts, delivery.worker) == (0, OTHER_MACHINE_WORKER.name) and delivery.attempt_started_at is not None
+    assert take_delivery(engine, delivery_id, WORKER_B, 60) is None  # still on the wire
+
+
 def test_a_send_cut_off_by_a_restart_counts_as_an_attempt(engine, series, tmp_path):
     job_id = running_job(engine, series[0])
     contoured(engine, tmp_path, job_id)
@@ -381,30 +419,109 @@ def test_a_worker_that_lost_its_lease_cannot_record_its_result(engine, series, t
     assert (job_row(engine, job.id).status, job_row(engine, job.id).error) == (JobStatus.FAILED, "a sentence")
 
 
-def test_each_attempt_writes_its_own_folder_and_a_fenced_worker_writes_nothing(engine, database_url, tmp_path):
-    """A killed worker's half-written attempt is removed by the one that finishes the job; the worker
-    whose lease ran out records nothing and leaves the finished attempt's files alone."""
+def test_each_attempt_writes_its_own_folder_and_a_killed_workers_leftovers_are_removed(engine, database_url, tmp_path):
+    """A killed worker's half-written attempt is removed by the worker that finishes the job."""
+    config, job_id = phantom_job(engine, database_url, tmp_path)
+    assert claim_next(engine, WORKER_A, 0.05) == job_id
+    left_by_a = config.jobs_dir / str(job_id) / "attempt-1"
+    left_by_a.mkdir(parents=True)
+    (left_by_a / "rtstruct.dcm").write_bytes(b"half written")
+    time.sleep(0.1)
+    expire_leases(engine)
+    assert claim_next(engine, WORKER_B, 60) == job_id
+
+    JobWorker(config, engine, WorkerIdentity("gpu-b", 202, "cpu")).run_job(job_id)
+    done = job_row(engine, job_id)
+    assert done.status == JobStatus.DONE, done.error
+    rtstruct = config.jobs_dir / str(job_id) / "attempt-2" / "rtstruct.dcm"
+    assert done.outputs[OutputKind.RTSTRUCT] == str(rtstruct) and rtstruct.is_file()
+    assert not left_by_a.exists()
+
+
+class Hold:
+    """Holds worker A's thread at one point of its job until the test lets it go on."""
+
+    THREAD = "worker-a"
+
+    def __init__(self) -> None:
+        self.reached, self.go_on = threading.Event(), threading.Event()
+
+    def here(self) -> None:
+        if threading.current_thread().name == self.THREAD:
+            self.reached.set()
+            if not self.go_on.wait(120):
+                raise TimeoutError("the test never let worker A go on")
+
+
+class HeldSegmenter:
+    """The real model, held at the start of `predict`: a worker still computing. Its card names another
+    version, so a late worker's model would show in the job's row."""
+
+    def __init__(self, segmenter, hold: Hold) -> None:
+        self.segmenter, self.hold = segmenter, hold
+        self.card = dataclasses.replace(segmenter.card, version="late")
+
+    def predict(self, volume):
+        self.hold.here()
+        return self.segmenter.predict(volume)
+
+
+@pytest.mark.parametrize("held_while", ["computing", "about to write"])
+def test_a_worker_fenced_mid_job_records_nothing_and_removes_its_own_folder(
+    engine, database_url, tmp_path, monkeypatch, held_while
+):
+    """Two real workers: A loses its lease while it computes (or once its model is recorded, before it
+    writes), B takes the job over and finishes it, then A goes on. A's late model, result and files are
+    refused or removed; B's outputs stay as they were."""
+    config, job_id = phantom_job(engine, database_url, tmp_path)
+    worker_a, worker_b = WorkerIdentity("gpu-a", 101, "cpu"), WorkerIdentity("gpu-b", 202, "cpu")
+    hold = Hold()
+    model = JobWorker(config, engine, worker_a).load_model()
+    if held_while == "computing":
+        model = HeldSegmenter(model, hold)
+    else:
+        write_outputs = node.worker.write_outputs
+
+        def held_write_outputs(*args, **kwargs):
+            hold.here()
+            return write_outputs(*args, **kwargs)
+
+        monkeypatch.setattr(node.worker, "write_outputs", held_write_outputs)
+
+    class WorkerA(JobWorker):
+        def load_model(self):
+            return model
+
+    assert claim_next(engine, worker_a, 0.05) == job_id
+    thread_a = threading.Thread(target=WorkerA(config, engine, worker_a).run_job, args=(job_id,), name=Hold.THREAD)
+    thread_a.start()
+    try:
+        assert hold.reached.wait(60), f"worker A never got to {held_while}"
+        time.sleep(0.1)  # A's lease (0.05 s) runs out without a heartbeat
+        assert expire_leases(engine) == 1
+        assert claim_next(engine, worker_b, 60) == job_id
+        JobWorker(config, engine, worker_b).run_job(job_id)
+        done = job_row(engine, job_id)
+        assert done.status == JobStatus.DONE, done.error
+        written_by_b = {path: path.read_bytes() for path in (config.jobs_dir / str(job_id)).rglob("*") if path.is_file()}
+        assert {path.parent.name for path in written_by_b} == {"attempt-2"}
+    finally:
+        hold.go_on.set()
+        thread_a.join(120)
+    assert not thread_a.is_alive()
+    after = job_row(engine, job_id)
+    assert (after.status, after.worker) == (JobStatus.DONE, worker_b.name)
+    assert (after.outputs, after.timings, events(after)) == (done.outputs, done.timings, events(done))
+    assert (after.model_name, after.model_version) == (done.model_name, done.model_version) == ("ctv-unet3d", "0.1.0")
+    now_there = {path: path.read_bytes() for path in (config.jobs_dir / str(job_id)).rglob("*") if path.is_file()}
+    assert now_there == written_by_b  # A's attempt-1, if it wrote one, is gone again
+
+
+def phantom_job(engine, database_url: str, tmp_path: Path):
+    """A stored phantom CT with a queued job, and a configuration whose jobs folder is under tmp_path."""
     phantom = make_phantom(seed=3)
     files = write_series(ct_datasets(phantom.hu, phantom.geometry, phantom.patient), tmp_path / "phantom")
     store_files(engine, tmp_path, files)
     uid = dcmread(files[0]).SeriesInstanceUID
     config = parse_config(f'[node]\ndata_dir = "{tmp_path / "data"}"\ndatabase_url = "{database_url}"\n')
-    job = submit_series(engine, uid, lambda series, instances: Eligibility(True))
-    assert claim_next(engine, WORKER_A, 0.05) == job.id
-    left_by_a = config.jobs_dir / str(job.id) / "attempt-1"
-    left_by_a.mkdir(parents=True)
-    (left_by_a / "rtstruct.dcm").write_bytes(b"half written")
-    time.sleep(0.1)
-    expire_leases(engine)
-    assert claim_next(engine, WORKER_B, 60) == job.id
-
-    JobWorker(config, engine, WorkerIdentity("gpu-b", 202, "cpu")).run_job(job.id)
-    done = job_row(engine, job.id)
-    assert done.status == JobStatus.DONE, done.error
-    rtstruct = config.jobs_dir / str(job.id) / "attempt-2" / "rtstruct.dcm"
-    assert done.outputs[OutputKind.RTSTRUCT] == str(rtstruct) and rtstruct.is_file()
-    assert not left_by_a.exists()
-
-    JobWorker(config, engine, WorkerIdentity("gpu-a", 101, "cpu")).run_job(job.id)  # too late: its lease ran out
-    assert [p.name for p in (config.jobs_dir / str(job.id)).iterdir()] == ["attempt-2"]
-    assert job_row(engine, job.id).outputs == done.outputs
+    return config, submit_series(engine, uid, lambda series, instances: Eligibility(True)).id

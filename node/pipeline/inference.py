@@ -29,12 +29,18 @@ class DeviceError(UserError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` (one GPU of several, as `rtnode worker --device cuda:1` asks)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("device 'cuda' was asked for but torch sees no CUDA GPU (is a CUDA build of torch installed?)")
-    if name not in ("cpu", "cuda"):
-        raise DeviceError(f"unknown device {name!r}: use auto, cpu or cuda")
+    if name == "cpu":
+        return torch.device(name)
+    kind, colon, index = name.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} was asked for but torch sees no CUDA GPU (is a CUDA build of torch installed?)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r} was asked for but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     return torch.device(name)
 
 
