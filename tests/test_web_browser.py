@@ -1,8 +1,9 @@
 """The web app as people use it: a real `rtnode serve` (SCP, worker, web process), DCMTK storescu as
 the scanner, DCMTK storescp as the planning system, and Debian's Chromium driven by Playwright.
 
-One node serves the whole module (its tests share the jobs they make); each test logs in afresh
-in its own browser context."""
+One node serves the whole module; each test logs in afresh in its own browser context and makes
+what it needs itself (the phantom pushed once is made by whichever test needs it first), so any
+one of them passes alone and in any order."""
 
 from __future__ import annotations
 
@@ -13,27 +14,48 @@ import subprocess
 import sys
 import time
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from pydicom import dcmread
 
 from node.harness import LOOPBACK, NodeProcess, free_port, wait_for_port
-from node.synth.ct_series import ct_datasets, write_series
+from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
 from node.synth.phantom import make_phantom
-from tests.conftest import require_tool
+from tests.conftest import assert_log_clean, require_module, require_tool
 from tests.test_loop import Receiver, push
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+playwright_api = require_module("playwright.sync_api")
 expect = playwright_api.expect
 
 PASSWORD = "correct-horse-1"
-USERS = {"ada": "admin", "dora": "dosimetrist", "vic": "viewer", "lou": "dosimetrist"}
-# DICOM text that would run if a page ever rendered it as HTML (each would open a dialog).
+# audrey and val act only in the audit trail's test, so what it finds there is its own.
+USERS = {"ada": "admin", "dora": "dosimetrist", "vic": "viewer", "lou": "dosimetrist", "audrey": "dosimetrist",
+         "val": "viewer"}
+# DICOM text and a user name that would run if a page ever rendered them as HTML.
 XSS_PATIENT = "<script>alert(1)</script>"
 XSS_SERIES = "<img src=x onerror=alert(2)>"
+XSS_USER = '"><svg onload=alert(3)>'
 SETTLED = ("done", "failed", "rejected")
+# The shared phantom with the XSS names, and the one the dashboard's test pushes when the shared one exists already.
+SHARED_SEED, DASHBOARD_SEED = 60_001, 60_004
+# What in a page could run script: a <script> without src, an on* attribute, a javascript: URL (the live DOM, so
+# whatever the page's own scripts added counts too).
+RUNNABLE_MARKUP = r"""() => {
+  const found = [];
+  for (const script of document.querySelectorAll("script:not([src])")) found.push("a <script> without src");
+  for (const element of document.querySelectorAll("*")) {
+    for (const attribute of element.attributes) {
+      if (attribute.name.startsWith("on") || /^\s*javascript:/i.test(attribute.value)) {
+        found.push(`<${element.localName} ${attribute.name}="${attribute.value}">`);
+      }
+    }
+  }
+  return found;
+}"""
 
 
 @dataclass
@@ -44,7 +66,6 @@ class Site:
     token: str
     root: Path
     pushed_job: int | None = None
-    dialogs: list[str] = field(default_factory=list)
 
     def api(self, path: str) -> httpx.Response:
         return httpx.get(self.url + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
@@ -91,6 +112,7 @@ def site(tmp_path_factory):
     yield Site(node, tps, f"http://{LOOPBACK}:{web_port}", token, root)
     node.stop()
     tps.stop()
+    assert_log_clean(node)
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +127,9 @@ def browser():
 
 
 def log_in(browser, site: Site, username: str, password: str = PASSWORD):
-    """A fresh browser context logged in as `username`; dialogs (an alert from injected script) are recorded."""
+    """A fresh browser context that has posted the login form as `username`."""
     context = browser.new_context(base_url=site.url, accept_downloads=True)
     page = context.new_page()
-    page.on("dialog", lambda dialog: (site.dialogs.append(dialog.message), dialog.dismiss()))
     page.goto("/")
     assert "/login" in page.url
     page.fill("input[name=username]", username)
@@ -132,14 +153,29 @@ def phantom_dir(directory: Path, seed: int, **patient) -> list[Path]:
     return write_series(ct_datasets(phantom.hu, phantom.geometry, replace(phantom.patient, **patient)), directory)
 
 
+def push_xss_phantom(site: Site, seed: int) -> int:
+    """Push a phantom whose patient name and series description are XSS_PATIENT and XSS_SERIES by storescu, as a
+    scanner would, into the folder `pushed-SEED`; returns its new job."""
+    before = {job["id"] for job in site.api("/api/jobs").json()}
+    phantom_dir(site.root / f"pushed-{seed}", seed, patient_name=XSS_PATIENT, series_description=XSS_SERIES)
+    push(site.node, site.root / f"pushed-{seed}", "+sd")
+    return wait_for_new_job(site, before)
+
+
 def pushed_job(site: Site) -> int:
-    """The job of the phantom (XSS names) pushed by storescu, pushed here if the dashboard test did not."""
+    """The job of the shared phantom (XSS names), pushed by whichever test needs it first."""
     if site.pushed_job is None:
-        before = {job["id"] for job in site.api("/api/jobs").json()}
-        phantom_dir(site.root / "pushed", 60_001, patient_name=XSS_PATIENT, series_description=XSS_SERIES)
-        push(site.node, site.root / "pushed", "+sd")
-        site.pushed_job = wait_for_new_job(site, before)
+        site.pushed_job = push_xss_phantom(site, SHARED_SEED)
     return site.pushed_job
+
+
+def runnable_markup(page) -> list[str]:
+    return page.evaluate(RUNNABLE_MARKUP)
+
+
+def page_text(page) -> str:
+    """What the page shows a person: its text, never its markup."""
+    return page.evaluate("document.body.textContent")
 
 
 def wait_for_new_job(site: Site, before: set[int], timeout: float = 60) -> int:
@@ -192,17 +228,17 @@ def test_cookie_flags(browser, site):
 def test_a_pushed_series_appears_without_reload_and_reaches_done(browser, site):
     page = logged_in(browser, site, "ada")
     page.evaluate("window.__sameDocument = true")
-    before = {job["id"] for job in site.api("/api/jobs").json()}
-    phantom_dir(site.root / "pushed", 60_001, patient_name=XSS_PATIENT, series_description=XSS_SERIES)
-    push(site.node, site.root / "pushed", "+sd")
-    site.pushed_job = job_id = wait_for_new_job(site, before)
+    if site.pushed_job is None:  # the shared phantom, pushed while the dashboard is open
+        job_id = pushed_job(site)
+    else:  # a test before pushed it already: a series of this test's own
+        job_id = push_xss_phantom(site, DASHBOARD_SEED)
     row = page.locator(f"#job-rows tr[data-job='{job_id}']")
     row.wait_for(timeout=30_000)
     page.wait_for_selector(f"#job-rows tr[data-job='{job_id}'] .status-done", timeout=300_000)
     assert page.evaluate("window.__sameDocument") is True  # updated in place, never reloaded
-    assert XSS_PATIENT in row.inner_text() and XSS_SERIES in row.inner_text()  # shown as text
+    assert XSS_PATIENT in row.inner_text() and XSS_SERIES in row.inner_text()  # shown as text, written by the script
+    assert runnable_markup(page) == []
     assert int(page.text_content("#job-counts td[data-status=done]")) >= 1
-    assert site.dialogs == []
     page.context.close()
 
 
@@ -220,7 +256,7 @@ def test_job_page_shows_timings_events_and_deliveries(browser, site):
     assert "tps" in deliveries and "done" in deliveries
     assert job["input_fingerprint"] in page.inner_text("body")
     assert "v1 (this job)" in page.inner_text("#versions")
-    assert site.dialogs == []
+    assert runnable_markup(page) == []
     page.context.close()
 
 
@@ -278,7 +314,7 @@ def test_viewer_pages_slices_by_keyboard_autoplay_and_presets(browser, site):
     assert shown() == stopped_at  # autoplay stopped
     page.keyboard.press("End")
     expect(image).to_have_attribute("data-index", str(int(page.text_content("#slice-count")) - 1))
-    assert site.dialogs == []
+    assert runnable_markup(page) == []
     page.context.close()
 
 
@@ -296,7 +332,7 @@ def test_downloaded_structure_set_is_byte_identical(browser, site):
 
 def test_resend_makes_a_delivery_the_planning_system_receives(browser, site):
     job_id = pushed_job(site)
-    site.wait_for_job(job_id)
+    delivered = len(site.wait_for_job(job_id)["deliveries"])  # the first delivery, and any resend of other tests
     received = len(site.tps.files())
     page = logged_in(browser, site, "dora")
     page.goto(f"/jobs/{job_id}")
@@ -307,7 +343,7 @@ def test_resend_makes_a_delivery_the_planning_system_receives(browser, site):
         time.sleep(0.3)
     assert len(site.tps.files()) == received + 1
     job = site.wait_for_job(job_id)
-    assert [d["status"] for d in job["deliveries"]] == ["done", "done"]
+    assert [d["status"] for d in job["deliveries"]] == ["done"] * (delivered + 1)
     page.context.close()
 
 
@@ -333,6 +369,7 @@ def test_a_zipped_phantom_uploaded_in_the_browser_becomes_a_done_job(browser, si
     link = page.locator("#upload-series a")
     job_id = int(link.inner_text().removeprefix("job #"))
     assert site.wait_for_job(job_id)["status"] == "done"
+    assert runnable_markup(page) == []
     link.click()
     assert page.text_content("#patient-id") == "UPLOAD-1"
     page.context.close()
@@ -349,6 +386,7 @@ def test_a_corrupt_zip_is_refused_with_its_message(browser, site):
     page.click("#upload-submit")
     message = page.text_content("#upload-error")
     assert "broken.zip is not a readable zip archive" in message and "nothing was stored" in message
+    assert runnable_markup(page) == []
     assert site.api("/api/studies").json() == studies_before
     page.context.close()
 
@@ -385,24 +423,45 @@ def test_dot_dot_in_a_download_path_is_refused(site):
         assert "root:" not in answer and "[node]" not in answer
 
 
-def test_dicom_text_never_runs_on_any_page(browser, site):
+def test_dicom_text_shows_as_text_and_no_page_holds_runnable_markup(browser, site):
     job_id = pushed_job(site)
     site.wait_for_job(job_id)
+    stranger = log_in(browser, site, XSS_USER, "whatever-1")  # a failed login: the name goes to the audit trail
+    assert "/login" in stranger.url and runnable_markup(stranger) == []  # the login page, the name in its form
+    stranger.goto("/login")
+    assert runnable_markup(stranger) == []
+    stranger.context.close()
     page = logged_in(browser, site, "ada")
-    for path in ("/", f"/jobs/{job_id}", "/studies", "/audit", f"/jobs/{job_id}/viewer", "/upload"):
+    # Every page the app serves (test_web_app.py checks that this is all of them), and the text each must show.
+    shown = {"/": (XSS_PATIENT, XSS_SERIES), f"/jobs/{job_id}": (XSS_PATIENT, XSS_SERIES), "/studies": (XSS_PATIENT, XSS_SERIES),
+             f"/jobs/{job_id}/viewer": (), "/audit": (XSS_USER,), "/upload": (), "/api/": (), "/jobs/999999": ()}
+    for path, texts in shown.items():
         page.goto(path)
         page.wait_for_load_state("networkidle")
-        assert page.locator("main img[src=x]").count() == 0, path
-    page.goto("/studies")
-    assert XSS_PATIENT in page.inner_text("main") and XSS_SERIES in page.inner_text("main")
-    assert site.dialogs == []
+        if path.endswith("/viewer"):
+            page.wait_for_selector("#viewer[data-ready=true]", timeout=60_000)
+        assert runnable_markup(page) == [], path
+        text = page_text(page)
+        for shown_text in texts:
+            assert shown_text in text, (path, shown_text)
     page.context.close()
 
 
 def test_api_tokens_health_and_metrics(site):
+    job_id = pushed_job(site)
+    site.wait_for_job(job_id)
+    files = sorted((site.root / f"pushed-{SHARED_SEED}").iterdir())
+    pushed = [dcmread(path, stop_before_pixels=True) for path in files]
     jobs = site.api("/api/jobs").json()
-    cli = site.node.rtnode("jobs", "--json")
-    assert jobs == json.loads(cli.stdout)
+    assert jobs == json.loads(site.node.rtnode("jobs", "--json").stdout)
+    (job,) = [job for job in jobs if job["id"] == job_id]
+    # The job holds what storescu pushed, and what the node made of it.
+    assert (job["series_instance_uid"], job["study_instance_uid"], job["patient_id"]) == (
+        pushed[0].SeriesInstanceUID, pushed[0].StudyInstanceUID, pushed[0].PatientID)
+    assert (job["version"], job["status"], job["error"], job["instances"]) == (1, "done", None, len(files))
+    assert Path(job["outputs"]["rtstruct"]).is_file() and job["model"]["name"]
+    assert [(d["destination"], d["kind"], d["status"]) for d in job["deliveries"][:1]] == [("tps", "rtstruct", "done")]
+    assert site.job(job_id) == json.loads(site.node.rtnode("job", str(job_id), "--json").stdout)
     assert httpx.get(site.url + "/api/jobs", timeout=10).status_code == 401
     health = httpx.get(site.url + "/healthz", timeout=10)
     body = health.json()
@@ -418,32 +477,61 @@ def test_api_tokens_health_and_metrics(site):
 
 
 def test_the_audit_trail_names_who_did_what(browser, site):
+    """What audrey and val (users of this test alone) and a stranger did appears, each with its target."""
     job_id = pushed_job(site)
+    site.wait_for_job(job_id)
+    stranger = log_in(browser, site, "mallory", "guessing-1")
+    stranger.context.close()
+    audrey = logged_in(browser, site, "audrey")
+    token = csrf_token(audrey)
+    assert audrey.request.get(f"/api/jobs/{job_id}/files/rtstruct").ok
+    assert audrey.request.post(f"/api/jobs/{job_id}/resend", headers={"X-CSRF-Token": token}).ok
+    notes = {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not DICOM"}
+    assert audrey.request.post("/api/upload", multipart={"files": notes}, headers={"X-CSRF-Token": token}).ok
+    assert audrey.locator("nav a:has-text('Audit')").count() == 0
+    assert audrey.request.get("/audit").status == 403
+    audrey.context.close()
+    val = logged_in(browser, site, "val")
+    val.goto(f"/jobs/{job_id}")
+    val.context.close()
+    site.wait_for_job(job_id)  # the resend delivered, so that no later test counts it
+
     page = logged_in(browser, site, "ada")
     page.goto("/audit")
-    trail = page.inner_text("#audit")
-    for line in ("login failed", "dora\tdownload", "dora\tresend", "dora\tupload", f"vic\tview\tjob {job_id}"):
-        assert line in trail, line
-    assert "127.0.0.1" in trail
+    rows = [row.split("\t")[1:] for row in page.inner_text("#audit tbody").splitlines()]
+    patient = site.job(job_id)["patient_id"]
+    for expected in (["mallory", "login failed", "", "", LOOPBACK, "wrong user name or password"],
+                     ["audrey", "login", "", "", LOOPBACK, ""],
+                     ["audrey", "download", f"job {job_id} rtstruct", patient, LOOPBACK, ""],
+                     ["audrey", "resend", f"job {job_id}", patient, LOOPBACK, "1 delivery(ies) queued to tps"],
+                     ["audrey", "upload", "1 file(s)", "", LOOPBACK, "0 stored, 0 repeated, 1 refused"],
+                     ["audrey", "refused", "GET /audit", "", LOOPBACK, "role dosimetrist may not do this (needs admin)"],
+                     ["val", "view", f"job {job_id}", patient, LOOPBACK, ""]):
+        assert expected in rows, expected
     page.context.close()
-    dosimetrist = logged_in(browser, site, "dora")
-    assert dosimetrist.locator("nav a:has-text('Audit')").count() == 0
-    assert dosimetrist.request.get("/audit").status == 403
-    dosimetrist.context.close()
+
+
+def small_series(directory: Path, slices: int) -> list[Path]:
+    """A few small CT slices of a series of their own (fewer than completion.min_slices: it is not contoured)."""
+    hu = np.full((slices, 16, 16), -1000, dtype=np.int16)
+    geometry = SeriesGeometry(pixel_spacing=(1.0, 1.0), slice_positions=uniform_positions(slices, 2.5))
+    return write_series(ct_datasets(hu, geometry, PatientStudy(patient_id="REPORT-1")), directory)
 
 
 def test_upload_report_lists_each_file(browser, site):
     """Stored, repeated and refused, each with its reason, for files dropped without a zip."""
-    paths = sorted((site.root / "upload" / "ct").iterdir())[:2]
-    page = logged_in(browser, site, "dora")
-    page.goto("/upload")
+    paths = small_series(site.root / "report", 2)
     notes = site.root / "notes.txt"
     notes.write_text("not DICOM")
-    page.set_input_files("#upload-files", [str(p) for p in paths] + [str(notes)])
-    page.click("#upload-submit")
-    page.wait_for_selector("#upload-report")
-    assert page.locator("#upload-files-report tr.outcome-repeated").count() == 2
-    refused = page.inner_text("#upload-files-report tr.outcome-refused")
-    assert "notes.txt" in refused and "not a DICOM file" in refused
+    page = logged_in(browser, site, "dora")
+    for expected in ({"stored": 2, "repeated": 0}, {"stored": 0, "repeated": 2}):  # the same files twice
+        page.goto("/upload")
+        page.set_input_files("#upload-files", [str(p) for p in paths] + [str(notes)])
+        page.click("#upload-submit")
+        page.wait_for_selector("#upload-report")
+        assert runnable_markup(page) == []
+        for outcome, count in expected.items():
+            assert page.locator(f"#upload-files-report tr.outcome-{outcome}").count() == count, outcome
+        refused = page.inner_text("#upload-files-report tr.outcome-refused")
+        assert "notes.txt" in refused and "not a DICOM file" in refused
     page.context.close()
-

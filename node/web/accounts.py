@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -29,6 +30,8 @@ _USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 MIN_PASSWORD_LENGTH = 8
 # A session's last_seen_at is written at most this often: the SCP shares the database and its writes come first.
 _TOUCH_INTERVAL = timedelta(seconds=30)
+# What the session and lockout rules read the time from: the web app's clock, which a test may replace.
+Clock = Callable[[], datetime]
 
 
 class Role(StrEnum):
@@ -143,14 +146,14 @@ def _verify(password_hash: str, password: str) -> bool:
         return False
 
 
-def log_in(engine: Engine, web: WebSection, username: str, password: str, address: str) -> LoginResult:
+def log_in(engine: Engine, web: WebSection, username: str, password: str, address: str, clock: Clock = utcnow) -> LoginResult:
     """Check a password under the slowdown and lockout rules; on success a new session."""
     with Session(engine) as session, session.begin():
         user = session.scalars(select(User).where(User.username == username)).one_or_none()
         if user is None:
             _verify(_UNKNOWN_USER_HASH, password)
             return LoginResult(None, None, 1.0, "wrong user name or password")
-        now = utcnow()
+        now = clock()
         if user.locked_until is not None and user.locked_until > now:
             return LoginResult(None, None, 1.0, f"too many failed logins: locked until {user.locked_until:%H:%M} UTC")
         if user.disabled or not _verify(user.password_hash, password):
@@ -171,10 +174,11 @@ def log_in(engine: Engine, web: WebSection, username: str, password: str, addres
         return LoginResult(_identity(user, csrf, row.id), token, 0.0, "")
 
 
-def session_identity(engine: Engine, token: str, web: WebSection, *, touch: bool = True) -> Identity | None:
+def session_identity(engine: Engine, token: str, web: WebSection, *, touch: bool = True,
+                     clock: Clock = utcnow) -> Identity | None:
     """The user of a live session cookie, or None (unknown, ended, idle too long, too old, user disabled).
     `touch` counts the request as activity (a page's own polling does not keep a session alive)."""
-    now = utcnow()
+    now = clock()
     with Session(engine) as session:
         row = session.scalars(select(WebSession).where(WebSession.token_sha256 == sha256(token))).one_or_none()
         if row is None or row.ended_at is not None or row.user.disabled:

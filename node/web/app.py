@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from node import __version__
 from node.config import Config
+from node.db.models import utcnow
 from node.errors import UserError
 from node.joblog import describe_job, list_jobs
 from node.lifecycle import job_inputs, resend
@@ -35,6 +36,7 @@ from node.web import viewer
 from node.web.accounts import (
     ACTING_ROLES,
     AuditAction,
+    Clock,
     Identity,
     Role,
     audit,
@@ -66,6 +68,7 @@ class WebState:
     config: Config
     engine: Engine
     templates: Jinja2Templates
+    clock: Clock  # the time sessions and lockouts are judged by
 
 
 def _templates() -> Jinja2Templates:
@@ -123,9 +126,10 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
-def create_app(config: Config, engine: Engine) -> FastAPI:
+def create_app(config: Config, engine: Engine, clock: Clock = utcnow) -> FastAPI:
+    """`clock` is what session ages and lockouts are measured by; tests give a fake one to step over the limits exactly."""
     app = FastAPI(title="rtnode", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
-    app.state.web = WebState(config, engine, _templates())
+    app.state.web = WebState(config, engine, _templates(), clock)
     app.add_middleware(SecurityHeaders, tls=config.web.tls)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     registry = CollectorRegistry()
@@ -185,7 +189,7 @@ def create_app(config: Config, engine: Engine) -> FastAPI:
         target = _safe_next(str(form.get("next", "/")))
         if not same_origin(request):
             raise Forbidden("a login posted from another site")
-        result = await run_in_threadpool(log_in, engine, config.web, username, password, client_address(request))
+        result = await run_in_threadpool(log_in, engine, config.web, username, password, client_address(request), clock)
         if result.identity is None:
             await asyncio.sleep(result.delay_seconds)  # the slowdown of repeated failures; other requests go on
             await run_in_threadpool(_audit, request, None, AuditAction.LOGIN_FAILED, "", "", result.message, username)

@@ -48,7 +48,7 @@ def identify(request: Request, *, touch: bool = True) -> Identity:
     if token is not None:
         identity = token_identity(state.engine, token)
     elif cookie := request.cookies.get(SESSION_COOKIE):
-        identity = session_identity(state.engine, cookie, state.config.web, touch=touch)
+        identity = session_identity(state.engine, cookie, state.config.web, touch=touch, clock=state.clock)
     if identity is None:
         raise LoginRequired()
     return identity
