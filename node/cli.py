@@ -57,8 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
-    from node.scp import Listeners
     from node.service import receive
+    from node.transport import Listeners
 
     return receive(_config(args), Listeners.inherited([int(fd) for fd in args.listeners.split(",")]))
 
@@ -104,7 +104,7 @@ def cmd_job(args: argparse.Namespace) -> int:
 def cmd_resend(args: argparse.Namespace) -> int:
     from pydicom import dcmread
 
-    from node.lifecycle import resend
+    from node.lifecycle.deliveries import resend
 
     config = _config(args)
     destinations = [d for d in config.destinations if args.destination in (None, d.name)]
@@ -121,7 +121,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from node.lifecycle import rerun
+    from node.lifecycle.jobs import rerun
 
     job = rerun(_database(args), args.job_id)
     print(f"queued job {job.id} (v{job.version}) with the instances of job {args.job_id}; the running node contours it")

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from node.config import Config
 from node.db.models import Instance, Series
-from node.lifecycle import Eligibility, submit_reviews, submit_series
+from node.lifecycle.jobs import Eligibility, settle_quiet_series
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,6 @@ class CompletionTracker:
             self.arm(series_uid, remaining)
             return
         try:
-            if submit_reviews(self._engine, series_uid) is None:
-                submit_series(self._engine, series_uid, lambda s, i: eligibility(s, i, self._config.completion.min_slices))
+            settle_quiet_series(self._engine, series_uid, lambda s, i: eligibility(s, i, self._config.completion.min_slices))
         except Exception:
             log.exception("could not create a job for series %s", series_uid)

@@ -186,7 +186,8 @@ class FeedbackSection(_Section):
 _LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine: traffic to it never crosses the network."""
     if host in _LOOPBACK_NAMES:
         return True
     try:
@@ -233,7 +234,7 @@ class WebSection(_Section):
 
     def refusal(self) -> str | None:
         """Why the web app must not start with these settings, in one line; None when it may."""
-        if self.tls or self.insecure_http or _is_loopback(self.host):
+        if self.tls or self.insecure_http or is_loopback(self.host):
             return None
         return (
             f"web.host = {self.host!r} is not a loopback address and [web] has no certificate: set web.certificate "
@@ -242,7 +243,7 @@ class WebSection(_Section):
 
     def warning(self) -> str | None:
         """The warning for plain HTTP beyond this machine, logged at every start."""
-        if self.tls or _is_loopback(self.host):
+        if self.tls or is_loopback(self.host):
             return None
         return (
             f"the web app serves plain HTTP on {self.host}:{self.port} (web.insecure_http = true): "

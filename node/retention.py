@@ -21,25 +21,25 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, Connection, Engine, exists, func, or_, select, type_coerce, update
+from sqlalchemy import ColumnElement, Engine, exists, func, or_, select, type_coerce, update
 from sqlalchemy.orm import Session, aliased
 
 from node.config import Config
-from node.db.models import Delivery, Instance, Job, Series, Study, UTCDateTime, utcnow
+from node.db.models import Instance, Job, Series, Study, UTCDateTime, utcnow
 from node.errors import UserError
-from node.vocabulary import DeliveryStatus, JobStatus
+from node.lifecycle.deliveries import delivery_pending
+from node.lifecycle.jobs import ACTIVE, mark_outputs_removed
 
 log = logging.getLogger(__name__)
 
 GB = 1_000_000_000  # max_storage_gb counts decimal gigabytes, as disks are sold
 TARGET = 0.9  # a ceiling that is reached is left 10% under, so removal does not run after every series
-ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SENDING)
 BATCH = 500  # files deleted per transaction: short enough not to hold up the store
 
 
 def _busy(series_id: int | ColumnElement[int]) -> ColumnElement[bool]:
     """Work in flight on the series: a job queued, running or sending, or a quiet timer running
-    (instances newer than its latest job's inputs, or no job yet; see lifecycle.series_needing_jobs)."""
+    (instances newer than its latest job's inputs, or no job yet; see lifecycle.jobs.series_needing_jobs)."""
     job, newer = aliased(Job), aliased(Instance)
     latest_inputs = select(func.max(job.inputs_at)).where(job.series_id == series_id).scalar_subquery()
     return or_(
@@ -51,10 +51,6 @@ def _busy(series_id: int | ColumnElement[int]) -> ColumnElement[bool]:
 
 def _protected(series_id: int) -> ColumnElement[bool]:
     return exists().where(Series.id == series_id, Study.id == Series.study_id, Study.protected)
-
-
-def _pending(job_id: int | ColumnElement[int]) -> ColumnElement[bool]:
-    return exists().where(Delivery.job_id == job_id, Delivery.status == DeliveryStatus.PENDING)
 
 
 @dataclass(frozen=True)
@@ -201,7 +197,7 @@ def _held_series(session: Session) -> list[_HeldSeries]:
 def _held_outputs(session: Session) -> list[_HeldOutputs]:
     rows = session.execute(
         select(
-            Job.id, Job.series_id, Series.series_instance_uid, Study.protected, Job.status, _pending(Job.id),
+            Job.id, Job.series_id, Series.series_instance_uid, Study.protected, Job.status, delivery_pending(Job.id),
             Job.finished_at, Job.outputs,
         )
         .join(Series, Series.id == Job.series_id)
@@ -299,32 +295,27 @@ def _plan(config: Config, series: list[_HeldSeries], outputs: list[_HeldOutputs]
     return replace(plan, held=held)
 
 
-def _mark(connection: Connection, plan: _Plan) -> tuple[list[SeriesRemoval], list[OutputsRemoval], list[int]]:
+def _mark(session: Session, plan: _Plan) -> tuple[list[SeriesRemoval], list[OutputsRemoval], list[int]]:
     """Mark what is still removable now (a series may have got new instances since the plan, a job a
-    resend): one guarded UPDATE each, in the caller's transaction. Returns what was marked."""
+    resend): one guarded UPDATE each, in the caller's transaction; a job's outputs through the lifecycle,
+    which tells it in the job's log. Returns what was marked."""
     now = utcnow()
     series, outputs, instance_ids = [], [], []
     for removal in plan.series:
         sid = removal.series_id
-        marked = connection.execute(
+        marked = session.execute(
             update(Instance)
             .where(Instance.series_id == sid, Instance.removed_at.is_(None), ~_busy(sid), ~_protected(sid))
             .values(removed_at=now)
             .returning(Instance.id, Instance.size_bytes)
+            .execution_options(synchronize_session=False)
         ).all()
         if marked:
             instance_ids += [instance_id for instance_id, _ in marked]
             series.append(replace(removal, instances=len(marked), bytes=sum(size for _, size in marked)))
     for removal in plan.outputs:
-        marked = connection.execute(
-            update(Job)
-            .where(
-                Job.id == removal.job_id, Job.outputs_removed_at.is_(None), Job.finished_at.is_not(None),
-                Job.status.not_in(ACTIVE), ~_pending(removal.job_id), ~_protected(removal.series_id),
-            )
-            .values(outputs_removed_at=now)
-        )
-        if marked.rowcount:
+        detail = f"{', '.join(removal.kinds)} (retention.{removal.reason})"
+        if mark_outputs_removed(session, removal.job_id, now, detail, allowed=~_protected(removal.series_id)):
             outputs.append(removal)
     return series, outputs, instance_ids
 
@@ -382,8 +373,8 @@ def purge(engine: Engine, config: Config, *, dry_run: bool = False) -> PurgeRepo
     if dry_run:
         freed = leftovers.bytes + sum(r.bytes for r in [*plan.series, *plan.outputs])
         return PurgeReport(True, plan.series, plan.outputs, leftover_files, freed, plan.held)
-    with engine.begin() as connection:
-        marked_series, marked_outputs, instance_ids = _mark(connection, plan)
+    with Session(engine) as session, session.begin():
+        marked_series, marked_outputs, instance_ids = _mark(session, plan)
     deleted = _Deleted(folders=set(leftovers.folders))
     _delete_instance_files(engine, leftovers.instance_ids + instance_ids, deleted)
     for path in [*leftovers.output_paths, *(p for removal in marked_outputs for p in removal.paths)]:

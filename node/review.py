@@ -8,7 +8,7 @@ the CT images it names: the newest job of that series made before it arrived, wh
 every referenced image. The auto-contour is read back from the job's rtstruct.dcm with the
 same reader as the review, so both masks lie on the job's CT by the same rules (mask -> RT
 Structure Set -> mask is exact). Runs in the worker process: the receiving side only records
-that a structure set came (`lifecycle.submit_reviews`).
+that a structure set came (`lifecycle.reviews.submit_reviews`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from pydicom.sequence import Sequence as DicomSequence
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from node import lifecycle
 from node.config import Config, FeedbackSection
 from node.db.models import Delivery, Job, Review, Series
 from node.imaging.metrics import dice, hd95, surface_dice
 from node.imaging.volume import SeriesError, load_volume, read_datasets
-from node.lifecycle import ReviewFigures, ReviewFinding
+from node.lifecycle.jobs import job_inputs
+from node.lifecycle.reviews import ReviewFigures, ReviewFinding, next_pending_review, record_review
 from node.rtstruct.reader import StructureSetError, read_masks, roi_names
 from node.vocabulary import OutputKind, ReviewKind
 
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 def measure_next(engine: Engine, config: Config) -> bool:
     """Classify and measure the oldest pending review; False when none is pending. Never raises:
     whatever goes wrong is recorded with the review, and the worker goes on."""
-    review_id = lifecycle.next_pending_review(engine)
+    review_id = next_pending_review(engine)
     if review_id is None:
         return False
     try:
@@ -50,7 +50,7 @@ def measure_next(engine: Engine, config: Config) -> bool:
     except Exception as exc:  # a bug or an input nobody foresaw must not stop the worker
         log.exception("review %s could not be examined", review_id)
         finding = ReviewFinding(ReviewKind.UNREADABLE, f"internal error while examining it: {exc!r}")
-    lifecycle.record_review(engine, review_id, finding)
+    record_review(engine, review_id, finding)
     return True
 
 
@@ -169,7 +169,7 @@ def _measure(engine: Engine, job_id: int, ds: Dataset, target: TargetRoi, tolera
     def unreadable(reason: str) -> ReviewFinding:
         return ReviewFinding(ReviewKind.UNREADABLE, reason, job_id, roi_name=target.name)
 
-    inputs = lifecycle.job_inputs(engine, job_id)
+    inputs = job_inputs(engine, job_id)
     if inputs.missing:
         return unreadable(f"{inputs.missing} CT instances of job {job_id} are no longer held: nothing to compare on")
     with Session(engine) as session:
@@ -232,7 +232,7 @@ def export_training(engine: Engine, out_dir: Path, *, approved_only: bool, since
             if _exportable(review.approval_status.upper(), approved_only)
         }
         for job_id, review in latest.items():
-            inputs = lifecycle.job_inputs(engine, job_id)
+            inputs = job_inputs(engine, job_id)
             if inputs.missing or review.instance.removed_at is not None:
                 cases.append(ExportedCase(job_id, None, "its CT or its reviewed structure set is no longer held"))
                 continue

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import base64
 import http.client
-import ipaddress
 import json
 import logging
 import secrets
-import ssl
 import threading
 import time
 from urllib.parse import urlsplit
@@ -29,9 +27,11 @@ from pynetdicom import AE
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from sqlalchemy import Engine
 
-from node import lifecycle
-from node.config import Config, Destination, TlsSection
-from node.lifecycle import DeliveryOrder, Outcome, RetryPolicy
+from node.config import Config, Destination, is_loopback
+from node.lifecycle import deliveries
+from node.lifecycle.deliveries import DeliveryOrder, RetryPolicy, SendOutcome
+from node.lifecycle.workers import WorkerIdentity
+from node.transport import client_context
 from node.vocabulary import OutputKind
 
 log = logging.getLogger(__name__)
@@ -45,18 +45,18 @@ _FAILED_SOP_SEQUENCE, _REFERENCED_SOP_INSTANCE_UID, _FAILURE_REASON = "00081198"
 _HTTP_TRANSIENT = (408, 429)  # request timeout, too many requests: waiting helps, as it does for 5xx
 
 
-def classify_store_status(code: int | None, destination: str) -> Outcome:
+def classify_store_status(code: int | None, destination: str) -> SendOutcome:
     """A C-STORE response status as an outcome, by pynetdicom's categories: Success and Warning
     are delivered; "Refused: Out of Resources" may pass and is retried; any other failure is not."""
     if code is None:
-        return Outcome(False, True, f"no C-STORE response from {destination}")
+        return SendOutcome(False, True, f"no C-STORE response from {destination}")
     category = code_to_category(code)
     if category in (STATUS_SUCCESS, STATUS_WARNING):
-        return Outcome(True, False, f"stored by {destination} (status 0x{code:04X})")
+        return SendOutcome(True, False, f"stored by {destination} (status 0x{code:04X})")
     meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, (category, ""))[1]
     transient = meaning == _OUT_OF_RESOURCES
     described = f" ({meaning})" if meaning else ""
-    return Outcome(False, transient, f"{destination} answered C-STORE failure status 0x{code:04X}{described}")
+    return SendOutcome(False, transient, f"{destination} answered C-STORE failure status 0x{code:04X}{described}")
 
 
 def _failed_sop(body: bytes, sop_instance_uid: str) -> tuple[bool, int | None]:
@@ -75,7 +75,7 @@ def _failed_sop(body: bytes, sop_instance_uid: str) -> tuple[bool, int | None]:
     return True, reason if isinstance(reason, int) else None
 
 
-def classify_stow_response(status: int, body: bytes, sop_instance_uid: str, destination: str) -> Outcome:
+def classify_stow_response(status: int, body: bytes, sop_instance_uid: str, destination: str) -> SendOutcome:
     """A STOW-RS answer (PS3.18 10.5.3) as an outcome. The instance failed when the Failed SOP Sequence lists it,
     whatever the status (some servers answer 200 so); a failure reason 0xA7xx (out of resources) may pass and is
     retried. Otherwise 200 and 202 (stored with warnings) are delivered; 5xx, 408 and 429 are retried; 401 and 403
@@ -84,48 +84,18 @@ def classify_stow_response(status: int, body: bytes, sop_instance_uid: str, dest
     if failed:
         why = f"failure reason 0x{reason:04X}" if reason is not None else "no failure reason"
         retry = reason is not None and reason >> 8 == 0xA7
-        return Outcome(False, retry, f"{destination} did not store the instance (HTTP {status}, {why})")
+        return SendOutcome(False, retry, f"{destination} did not store the instance (HTTP {status}, {why})")
     if status in (200, 202):
-        return Outcome(True, False, f"stored by {destination} (HTTP {status})")
+        return SendOutcome(True, False, f"stored by {destination} (HTTP {status})")
     if status in (401, 403):
         refused = f"{destination} refused the credentials (HTTP {status})"
-        return Outcome(False, False, f"{refused}: check the destination's token, or its username and password")
+        return SendOutcome(False, False, f"{refused}: check the destination's token, or its username and password")
     excerpt = " ".join(body[:200].decode(errors="replace").split())
     retry = status >= 500 or status in _HTTP_TRANSIENT
-    return Outcome(False, retry, f"{destination} answered STOW-RS with HTTP {status}" + (f": {excerpt}" if excerpt else ""))
+    return SendOutcome(False, retry, f"{destination} answered STOW-RS with HTTP {status}" + (f": {excerpt}" if excerpt else ""))
 
 
-class _TlsClientSocket(ssl.SSLSocket):
-    def do_handshake(self, block: bool = False) -> None:
-        try:
-            super().do_handshake(block)
-        except OSError as exc:  # ssl.SSLError included
-            self.context.handshake_error = exc
-            raise
-
-
-class _ClientContext(ssl.SSLContext):
-    """Keeps why the handshake failed: pynetdicom only logs it and reports an association not established."""
-
-    sslsocket_class = _TlsClientSocket
-    handshake_error: OSError | None = None
-
-
-def client_context(tls: TlsSection) -> _ClientContext:
-    """TLS 1.2 or later (BCP 195); the destination's certificate checked against `ca_certificates` (the system's
-    CAs without) and its host name; the node's certificate presented when it has one."""
-    context = _ClientContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.ca_certificates is not None:
-        context.load_verify_locations(tls.ca_certificates)
-    else:
-        context.load_default_certs()
-    if tls.certificate is not None:
-        context.load_cert_chain(tls.certificate, tls.private_key)
-    return context
-
-
-def c_store(config: Config, order: DeliveryOrder, destination: Destination) -> Outcome:
+def c_store(config: Config, order: DeliveryOrder, destination: Destination) -> SendOutcome:
     """One C-STORE to the address the delivery recorded, with the configured destination's timeouts and TLS."""
     peer = f"{order.ae_title}@{order.host}:{order.port}"
     ae = AE(ae_title=config.node.ae_title)
@@ -140,7 +110,7 @@ def c_store(config: Config, order: DeliveryOrder, destination: Destination) -> O
             context = client_context(config.tls)
         except OSError as exc:  # ssl.SSLError included
             files = f"ca_certificates {config.tls.ca_certificates}, certificate {config.tls.certificate}"
-            return Outcome(False, True, f"cannot send to {peer} over TLS: [tls] {files} cannot be used: {exc}")
+            return SendOutcome(False, True, f"cannot send to {peer} over TLS: [tls] {files} cannot be used: {exc}")
     tls_args = (context, order.host) if context else None  # the host name the certificate must name
     assoc = ae.associate(order.host, order.port, ae_title=order.ae_title, tls_args=tls_args)
     if not assoc.is_established:
@@ -148,14 +118,14 @@ def c_store(config: Config, order: DeliveryOrder, destination: Destination) -> O
             primitive = assoc.acceptor.primitive
             permanent = getattr(primitive, "result", None) == _REJECTED_PERMANENT
             reason = getattr(primitive, "reason_str", "") or "rejected"
-            return Outcome(False, not permanent, f"association rejected by {peer}: {reason}")
+            return SendOutcome(False, not permanent, f"association rejected by {peer}: {reason}")
         if context is not None and context.handshake_error is not None:
-            return Outcome(False, True, f"TLS handshake with {peer} failed: {context.handshake_error}")
-        return Outcome(False, True, f"cannot reach {peer}" + (" over TLS" if context else ""))
+            return SendOutcome(False, True, f"TLS handshake with {peer} failed: {context.handshake_error}")
+        return SendOutcome(False, True, f"cannot reach {peer}" + (" over TLS" if context else ""))
     try:
         status = assoc.send_c_store(str(order.path))
     except (OSError, ValueError) as exc:
-        return Outcome(False, True, f"C-STORE to {order.destination} failed: {exc}")
+        return SendOutcome(False, True, f"C-STORE to {order.destination} failed: {exc}")
     finally:
         assoc.release()
     return classify_store_status(getattr(status, "Status", None), order.destination)
@@ -170,7 +140,7 @@ def _authorization(destination: Destination) -> dict[str, str]:
     return {}
 
 
-def stow_rs(config: Config, order: DeliveryOrder, destination: Destination) -> Outcome:
+def stow_rs(config: Config, order: DeliveryOrder, destination: Destination) -> SendOutcome:
     """POST the Part 10 file to `{url}/studies` as one multipart/related part (PS3.18 10.5). Straight to the
     URL's host: no proxy from the environment, and no redirect followed (a redirected POST becomes a GET
     that would look delivered)."""
@@ -178,7 +148,7 @@ def stow_rs(config: Config, order: DeliveryOrder, destination: Destination) -> O
         data = order.path.read_bytes()
         sop_instance_uid = read_file_meta_info(order.path).MediaStorageSOPInstanceUID
     except (OSError, InvalidDicomError, AttributeError) as exc:
-        return Outcome(False, False, f"cannot read {order.path}: {exc}")
+        return SendOutcome(False, False, f"cannot read {order.path}: {exc}")
     boundary = secrets.token_hex(16)
     part = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
     body = part + data + f"\r\n--{boundary}--\r\n".encode()
@@ -194,7 +164,7 @@ def stow_rs(config: Config, order: DeliveryOrder, destination: Destination) -> O
             context = client_context(config.tls)
         except OSError as exc:  # ssl.SSLError included
             files = f"ca_certificates {config.tls.ca_certificates}, certificate {config.tls.certificate}"
-            return Outcome(False, True, f"cannot send to {destination.url}: [tls] {files} cannot be used: {exc}")
+            return SendOutcome(False, True, f"cannot send to {destination.url}: [tls] {files} cannot be used: {exc}")
         connection: http.client.HTTPConnection = http.client.HTTPSConnection(
             url.hostname, url.port, timeout=timeout, context=context
         )
@@ -205,31 +175,24 @@ def stow_rs(config: Config, order: DeliveryOrder, destination: Destination) -> O
         response = connection.getresponse()
         answer = response.read()
     except (OSError, http.client.HTTPException) as exc:  # refused, unreachable, timed out, TLS handshake failed
-        return Outcome(False, True, f"STOW-RS to {destination.url} failed: {type(exc).__name__}: {exc}")
+        return SendOutcome(False, True, f"STOW-RS to {destination.url} failed: {type(exc).__name__}: {exc}")
     finally:
         connection.close()
     return classify_stow_response(response.status, answer, sop_instance_uid, order.destination)
 
 
-def send(config: Config, order: DeliveryOrder) -> Outcome:
+def send(config: Config, order: DeliveryOrder) -> SendOutcome:
     """One attempt, by the transport of the destination configured under the delivery's name."""
     configured = next((d for d in config.destinations if d.name == order.destination), None)
     if configured is not None and configured.type == "stow-rs":
         return stow_rs(config, order, configured)
     if not order.ae_title:  # queued for a STOW-RS destination that is no longer configured so
-        return Outcome(False, False, f"{order.destination} is no longer a STOW-RS destination, and a delivery keeps no URL "
+        return SendOutcome(False, False, f"{order.destination} is no longer a STOW-RS destination, and a delivery keeps no URL "
                        "or credentials: `rtnode resend` queues it anew")
     if configured is None:  # sending as recorded could drop the TLS the destination had
-        return Outcome(False, False, f"{order.destination} is no longer a configured destination, so its TLS and timeouts "
+        return SendOutcome(False, False, f"{order.destination} is no longer a configured destination, so its TLS and timeouts "
                        "are unknown: not sent; `rtnode resend` queues it to the configured destinations")
     return c_store(config, order, configured)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def warn_of_plain_http(config: Config) -> None:
@@ -237,13 +200,13 @@ def warn_of_plain_http(config: Config) -> None:
     for destination in config.destinations:
         if destination.type == "stow-rs" and urlsplit(destination.url).scheme == "http":
             _, host, _ = destination.address
-            if not _is_loopback(host):
+            if not is_loopback(host):
                 log.warning("destination %s: %s is plain http: patient data and credentials cross the network unencrypted",
                             destination.name, destination.url)
 
 
 class Sender:
-    def __init__(self, config: Config, engine: Engine, identity: lifecycle.WorkerIdentity) -> None:
+    def __init__(self, config: Config, engine: Engine, identity: WorkerIdentity) -> None:
         self._config = config
         self._engine = engine
         self._identity = identity
@@ -257,12 +220,12 @@ class Sender:
 
     def send_due(self) -> int:
         """Attempt every delivery whose time has come; returns how many were due."""
-        due = lifecycle.due_deliveries(self._engine)
+        due = deliveries.due_deliveries(self._engine)
         for delivery_id in due:
-            order = lifecycle.take_delivery(self._engine, delivery_id, self._identity, self._config.node.worker_lease_seconds)
+            order = deliveries.take_delivery(self._engine, delivery_id, self._identity, self._config.node.worker_lease_seconds)
             if order is None:
                 continue
             start = time.perf_counter()
             outcome = send(self._config, order)
-            lifecycle.record_attempt(self._engine, delivery_id, outcome, time.perf_counter() - start, self._policy)
+            deliveries.record_attempt(self._engine, delivery_id, outcome, time.perf_counter() - start, self._policy)
         return len(due)

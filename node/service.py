@@ -29,18 +29,19 @@ from node.completion import CompletionTracker
 from node.config import Config
 from node.db.engine import open_database
 from node.errors import UserError
-from node.lifecycle import (
+from node.lifecycle.jobs import series_needing_jobs
+from node.lifecycle.workers import (
     WorkerIdentity,
     expire_leases,
     heartbeat,
     recover_after_restart,
     register_worker,
     requeue_after_worker_death,
-    series_needing_jobs,
 )
 from node.retention import purge_logged
-from node.scp import Listeners, StorageSCP
+from node.scp import StorageSCP
 from node.store import InstanceStore
+from node.transport import Listeners
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def serve(config: Config, config_path: Path) -> int:
         worker.start()
     store = _instance_store(config, engine)
     store.remove_orphans()  # before receiving: a write in flight is no orphan
-    listeners = Listeners.open(config) if config.node.receivers > 1 else None
+    listeners = Listeners.open(config.node, config.tls) if config.node.receivers > 1 else None
     scp = StorageSCP(config, store, tracker, listeners)
     scp.start()
     stop_timeout = config.node.shutdown_grace_seconds + 10

@@ -5,34 +5,26 @@ acknowledged survives a SIGKILL the next instant: the file was written under a
 temporary name, fsynced and renamed into place, and its row committed.
 
 Whatever `save` refuses, it refuses before answering, with a failure status the sender
-sees, and leaves nothing behind (no file, no row): an instance too large once decoded,
-one that cannot be decoded, UIDs missing or malformed, pixel data that cannot be whole.
-An instance whose SOP Instance UID is held with other content is kept aside as a conflict.
+sees, and leaves nothing behind (no file, no row): what `node.instance_check` finds unusable
+in the bytes, and what cannot be written. An instance whose SOP Instance UID is held with
+other content is kept aside as a conflict.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import struct
 import tempfile
 import threading
-import zlib
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.charset import decode_bytes
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_dataset, read_preamble
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom.status import Status
 from sqlalchemy import Connection, Engine, Row, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.db.models import AssociationRejection, Conflict, Instance, Series, Study, utcnow
+from node.db.models import Conflict, Instance, Series, Study, utcnow
+from node.instance_check import InstanceHeader, StoreRefused, read_header, split_part10
 
 log = logging.getLogger(__name__)
 
@@ -40,65 +32,6 @@ _instances = Instance.__table__
 _series = Series.__table__
 _studies = Study.__table__
 _conflicts = Conflict.__table__
-
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-# C-STORE failure statuses (PS3.4 B.2.3), named in pynetdicom's Status as its documentation
-# shows. The 0xC0xx codes are ours within "Cannot Understand", so a PACS log tells them apart.
-Status.add("OUT_OF_RESOURCES", 0xA700)
-Status.add("CANNOT_DECODE", 0xC000)
-Status.add("MISSING_UID", 0xC001)
-Status.add("INVALID_UID", 0xC002)
-Status.add("INSTANCE_TOO_LARGE", 0xC003)
-Status.add("INCOMPLETE_PIXEL_DATA", 0xC004)
-# A SOP Instance UID held with other content: 0111H "Duplicate SOP Instance" is the failure the
-# standard names for exactly this (PS3.7 C.4; pynetdicom lists it among the C-STORE statuses).
-# A failure, not a warning: the instance is kept aside but not received. Not 0xA7xx either:
-# a retry cannot succeed until the sender fixes its UIDs.
-Status.add("DUPLICATE_SOP_INSTANCE", 0x0111)
-
-# Inflating in steps of this many bytes, counted and dropped, bounds a deflate bomb's memory.
-_INFLATE_STEP = 1 << 20
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-
-_HEADER_TAGS = [
-    "SpecificCharacterSet",
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "FrameOfReferenceUID",
-    "Modality",
-    "PatientID",
-    "PatientName",
-    "StudyDate",
-    "StudyDescription",
-    "AccessionNumber",
-    "SeriesNumber",
-    "SeriesDescription",
-    "InstanceNumber",
-]
-_IMAGE_TAGS = ["Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames"]
-# What a decoder may raise on hostile bytes, deep nesting and corrupt deflate streams included.
-_UNDECODABLE = (
-    InvalidDicomError,
-    ValueError,
-    TypeError,
-    EOFError,
-    OSError,
-    KeyError,
-    NotImplementedError,
-    struct.error,
-    zlib.error,
-)
-
-
-class StoreRefused(Exception):
-    """The instance cannot be accepted; `status` is the DICOM failure status to answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -110,173 +43,10 @@ class CallingPeer:
 
 
 @dataclass(frozen=True)
-class InstanceHeader:
-    """The attributes the database keeps about one instance, read without its pixels."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    frame_of_reference_uid: str
-    modality: str
-    patient_id: str
-    patient_name: str
-    study_date: str
-    study_description: str
-    accession_number: str
-    series_number: int | None
-    series_description: str
-    instance_number: int | None
-
-
-@dataclass(frozen=True)
 class StoredInstance:
     header: InstanceHeader
     path: Path
     duplicate: bool
-
-
-def _text(ds, keyword: str, limit: int = 64) -> str:
-    """A stripped string cut to its column's length, so over-long values cannot fail a commit.
-
-    A value too long for its VR's 16-bit length arrives as UN, i.e. bytes: decoded first, so
-    `rtnode studies` shows text, not `b'...'`."""
-    value = ds.get(keyword)
-    if isinstance(value, bytes):
-        value = decode_bytes(value, ds.original_character_set, set())
-    return "" if value is None else str(value).strip()[:limit]
-
-
-def _int(ds, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    try:
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _split_part10(encoded: bytes) -> tuple[str, int]:
-    """The transfer syntax the file meta names, and where the dataset after the meta starts."""
-    stream = BytesIO(encoded)
-    read_preamble(stream, False)
-    meta = read_dataset(stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
-    return str(meta.get("TransferSyntaxUID", "")), stream.tell()
-
-
-def _inflated_size(deflated: memoryview, limit: int) -> int:
-    """Inflate step by step, counting the bytes and dropping them, until past `limit`:
-    a deflate bomb is measured without ever being held in memory."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    size = 0
-    for start in range(0, len(deflated), _INFLATE_STEP):
-        pending = deflated[start : start + _INFLATE_STEP]
-        while pending:
-            size += len(inflater.decompress(pending, _INFLATE_STEP))
-            if size > limit:
-                return size  # never flush() here: it would inflate all the input left, at once
-            pending = inflater.unconsumed_tail
-    return size + len(inflater.flush())  # all input taken: at most a few bytes are left
-
-
-def _check_decoded_size(encoded: bytes, transfer_syntax: str, offset: int, limit: int) -> None:
-    """Refuse an instance larger than `limit` bytes once decoded, before pydicom inflates it."""
-    size = len(encoded)
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        size = offset + _inflated_size(memoryview(encoded)[offset:], limit)
-    if size > limit:
-        raise StoreRefused(Status.INSTANCE_TOO_LARGE, f"instance exceeds node.max_instance_mb once decoded (over {limit} bytes)")
-
-
-def _complete_fragments(data: bytes) -> int:
-    """How many fragments follow the Basic Offset Table; refused unless every item is whole."""
-    offset = items = 0
-    while offset < len(data):
-        if len(data) - offset < 8:
-            raise StoreRefused(Status.INCOMPLETE_PIXEL_DATA, f"pixel data item at byte {offset} is cut short")
-        group, element, length = struct.unpack_from("<HHI", data, offset)
-        if (group, element) != (0xFFFE, 0xE000) or offset + 8 + length > len(data):
-            raise StoreRefused(Status.INCOMPLETE_PIXEL_DATA, f"pixel data item at byte {offset} is not whole")
-        offset += 8 + length
-        items += 1
-    return items - 1
-
-
-def _check_pixel_data(encoded: bytes, ds, encapsulated: bool) -> None:
-    """Refuse an image whose pixel data cannot be whole, read as stored and never decoded: the
-    sender hears it now, where a job failing later would tell it nothing. Read apart from the
-    header: pydicom drops every element of a dataset that ends inside an undefined length."""
-    element = dcmread(BytesIO(encoded), specific_tags=["PixelData"]).get_item(0x7FE00010)
-    if element is None:
-        raise StoreRefused(Status.INCOMPLETE_PIXEL_DATA, "the image's pixel data is missing or cut short")
-    data = element.value or b""
-    if element.length != _UNDEFINED_LENGTH and len(data) < element.length:
-        raise StoreRefused(
-            Status.INCOMPLETE_PIXEL_DATA,
-            f"pixel data claims {element.length} bytes but the dataset ends after {len(data)}",
-        )
-    frames = _int(ds, "NumberOfFrames") or 1
-    if encapsulated:
-        fragments = _complete_fragments(data)
-        if fragments < frames:
-            raise StoreRefused(
-                Status.INCOMPLETE_PIXEL_DATA, f"encapsulated pixel data has {fragments} fragment(s) for {frames} frame(s)"
-            )
-        return
-    shape = [_int(ds, keyword) for keyword in ("Rows", "Columns", "BitsAllocated")]
-    if None in shape:
-        raise StoreRefused(Status.INCOMPLETE_PIXEL_DATA, "pixel data without Rows, Columns or BitsAllocated")
-    rows, columns, bits = shape
-    needed = (rows * columns * (_int(ds, "SamplesPerPixel") or 1) * frames * bits + 7) // 8  # BitsAllocated 1: packed
-    if len(data) < needed:
-        raise StoreRefused(
-            Status.INCOMPLETE_PIXEL_DATA,
-            f"pixel data has {len(data)} bytes; Rows x Columns x SamplesPerPixel x frames x BitsAllocated needs {needed}",
-        )
-
-
-def read_header(encoded: bytes, max_decoded_bytes: int) -> InstanceHeader:
-    """Parse the identifying attributes of a Part 10 byte stream; raise StoreRefused if unusable."""
-    try:
-        transfer_syntax, offset = _split_part10(encoded)
-        if not transfer_syntax:  # without it pydicom would guess, and read garbage as a dataset that merely lacks UIDs
-            raise StoreRefused(Status.CANNOT_DECODE, "dataset cannot be decoded: its file meta names no Transfer Syntax UID")
-        _check_decoded_size(encoded, transfer_syntax, offset, max_decoded_bytes)
-        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS + _IMAGE_TAGS)
-        uids = {
-            keyword: _text(ds, keyword, 1024)
-            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        }
-        header_fields = {
-            "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
-            "modality": _text(ds, "Modality", 16),
-            "patient_id": _text(ds, "PatientID"),
-            "patient_name": _text(ds, "PatientName", 324),
-            "study_date": _text(ds, "StudyDate", 8),
-            "study_description": _text(ds, "StudyDescription"),
-            "accession_number": _text(ds, "AccessionNumber", 16),
-            "series_number": _int(ds, "SeriesNumber"),
-            "series_description": _text(ds, "SeriesDescription"),
-            "instance_number": _int(ds, "InstanceNumber"),
-        }
-        missing = [keyword for keyword, value in uids.items() if not value]
-        if missing:
-            raise StoreRefused(Status.MISSING_UID, f"dataset lacks {', '.join(missing)}")
-        invalid = [f"{keyword}={value!r}" for keyword, value in uids.items() if len(value) > 64 or not _UID.match(value)]
-        if invalid:
-            raise StoreRefused(Status.INVALID_UID, f"dataset has malformed UIDs: {', '.join(invalid)}")
-        if "Rows" in ds:  # an image
-            _check_pixel_data(encoded, ds, UID(transfer_syntax).is_encapsulated)
-    except RecursionError as exc:
-        raise StoreRefused(Status.CANNOT_DECODE, "dataset cannot be decoded: sequences nested too deeply") from exc
-    except _UNDECODABLE as exc:
-        raise StoreRefused(Status.CANNOT_DECODE, f"dataset cannot be decoded: {exc}") from exc
-    return InstanceHeader(
-        sop_class_uid=uids["SOPClassUID"],
-        sop_instance_uid=uids["SOPInstanceUID"],
-        study_instance_uid=uids["StudyInstanceUID"],
-        series_instance_uid=uids["SeriesInstanceUID"],
-        **header_fields,
-    )
 
 
 def _other_dataset(held_path: str, received: bytes) -> bool:
@@ -286,7 +56,7 @@ def _other_dataset(held_path: str, received: bytes) -> bool:
     if not path.is_file():
         return False
     held = path.read_bytes()
-    return memoryview(held)[_split_part10(held)[1] :] != memoryview(received)[_split_part10(received)[1] :]
+    return memoryview(held)[split_part10(held)[1] :] != memoryview(received)[split_part10(received)[1] :]
 
 
 def _fsync_directory(path: Path) -> None:
@@ -361,14 +131,10 @@ class InstanceStore:
         self._arrivals: list[_Arrival] = []
         self._committing = False
 
-    def record_rejection(self, calling_ae_title: str, address: str, reason: str) -> None:
-        """Keep an association refused by policy, for the admin and /metrics (nothing was stored)."""
-        row = {"at": utcnow(), "calling_ae_title": calling_ae_title[:16], "address": address[:64], "reason": reason}
-        try:
-            with self._db_lock, self._engine.begin() as connection:
-                connection.execute(insert(AssociationRejection), row)
-        except SQLAlchemyError:
-            log.exception("could not record the rejection of %s@%s", calling_ae_title, address)
+    @property
+    def engine(self) -> Engine:
+        """The database the instances are recorded in (the SCP records its rejections there too)."""
+        return self._engine
 
     def path_for(self, header: InstanceHeader) -> Path:
         return self._incoming_dir / header.study_instance_uid / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"

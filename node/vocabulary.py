@@ -40,6 +40,7 @@ class EventKind(StrEnum):
     DONE = "done"
     FAILED = "failed"
     REVIEW_RECEIVED = "review received"  # a structure set came back for this job (a review, or why not)
+    OUTPUTS_REMOVED = "outputs removed"  # retention marked the job's output files removed (then deleted them)
 
 
 class OutputKind(StrEnum):

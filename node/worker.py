@@ -17,9 +17,11 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from node import lifecycle, retention, review
+from node import retention, review
 from node.config import Config
 from node.imaging.volume import SeriesError, load_volume, read_datasets
+from node.lifecycle import jobs
+from node.lifecycle.workers import WorkerIdentity
 from node.outputs import OutputPaths, auto_contour_series, write_outputs
 from node.pipeline.inference import DeviceError, Segmenter
 from node.pipeline.weights import WeightsError
@@ -41,7 +43,7 @@ def _remove_other_attempts(folder: Path) -> None:
 
 
 class Worker:
-    def __init__(self, config: Config, engine: Engine, identity: lifecycle.WorkerIdentity) -> None:
+    def __init__(self, config: Config, engine: Engine, identity: WorkerIdentity) -> None:
         self._config = config
         self._engine = engine
         self._identity = identity
@@ -59,7 +61,7 @@ class Worker:
         Without a usable model (`take_jobs` false) jobs wait in the queue and reviews go on."""
         while not stop.is_set():
             lease = self._config.node.worker_lease_seconds
-            job_id = lifecycle.claim_next(self._engine, self._identity, lease) if take_jobs else None
+            job_id = jobs.claim_next(self._engine, self._identity, lease) if take_jobs else None
             if job_id is not None:
                 self.run_job(job_id)
             elif not review.measure_next(self._engine, self._config):
@@ -73,41 +75,41 @@ class Worker:
     def _contour(self, job_id: int) -> None:
         try:
             self._contour_held(job_id)
-        except lifecycle.LeaseLost as exc:
+        except jobs.LeaseLost as exc:
             log.error("%s: its result is dropped", exc)
 
     def _contour_held(self, job_id: int) -> None:
         """One attempt, in a folder of its own: a worker whose lease ran out while it still computed
         never writes over the files of the worker that took the job over, and removes its own."""
-        inputs = lifecycle.job_inputs(self._engine, job_id, held_by=self._identity.name)
+        inputs = jobs.job_inputs(self._engine, job_id, held_by=self._identity.name)
         folder = self._config.jobs_dir / str(job_id) / f"attempt-{inputs.attempt}"
         try:
             self._attempt(inputs, folder)
-        except lifecycle.LeaseLost:
+        except jobs.LeaseLost:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         _remove_other_attempts(folder)
 
-    def _attempt(self, inputs: lifecycle.JobInputs, folder: Path) -> None:
+    def _attempt(self, inputs: jobs.JobInputs, folder: Path) -> None:
         timings: dict[str, float] = {}  # filled stage by stage, kept for failed jobs too
         job_id, me = inputs.job_id, self._identity.name
         try:
             outputs = self._compute(inputs, folder, timings)
         except JobFailed as exc:
-            lifecycle.fail_job(self._engine, job_id, str(exc), timings, held_by=me)
+            jobs.fail_job(self._engine, job_id, str(exc), timings, held_by=me)
             return
-        except lifecycle.LeaseLost:
+        except jobs.LeaseLost:
             raise
         except Exception as exc:  # a bug or an unexpected input must not stop the next job
             log.exception("job %s failed unexpectedly", job_id)
-            lifecycle.fail_job(self._engine, job_id, f"internal error: {exc!r}", timings, held_by=me)
+            jobs.fail_job(self._engine, job_id, f"internal error: {exc!r}", timings, held_by=me)
             return
         timings.update(outputs.timings)
-        lifecycle.record_outputs(
+        jobs.record_outputs(
             self._engine, job_id, outputs.paths, outputs.sop_instance_uids, timings, self._config.destinations, held_by=me
         )
 
-    def _compute(self, inputs: lifecycle.JobInputs, folder: Path, timings: dict[str, float]):
+    def _compute(self, inputs: jobs.JobInputs, folder: Path, timings: dict[str, float]):
         job_id = inputs.job_id
         if inputs.missing:
             raise JobFailed(f"{inputs.missing} input instances are no longer held (removed by retention, or lost)")
@@ -125,7 +127,7 @@ class Worker:
         prediction = segmenter.predict(volume)
         timings.update(prediction.timings)
         algorithm = Algorithm(segmenter.card.name, segmenter.card.version)
-        lifecycle.set_model(self._engine, job_id, algorithm.name, algorithm.version, held_by=self._identity.name)
+        jobs.set_model(self._engine, job_id, algorithm.name, algorithm.version, held_by=self._identity.name)
 
         paths = OutputPaths.in_directory(folder, seg=self._config.delivery.send_seg)
         try:

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine
 from node.db.engine import open_database
 from node.harness import DCMTK_ENV, NodeProcess, free_port
 from node.imaging.volume import load_series_dir
-from node.lifecycle import WorkerIdentity
+from node.lifecycle.workers import WorkerIdentity
 from node.outputs import OutputPaths, write_outputs
 from node.rtstruct.builder import Algorithm
 from node.synth.ct_series import write_cylinder_ct

@@ -36,8 +36,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from node.db.models import Conflict, Instance
+from node.instance_check import StoreRefused
 from node.inventory import list_studies, study_lines
-from node.store import CallingPeer, InstanceStore, StoreRefused
+from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import write_cylinder_ct
 from tests.conftest import require_tool, run_tool
 

@@ -14,15 +14,8 @@ from sqlalchemy.orm import Session
 from node.completion import eligibility, looks_complete
 from node.db.models import Job
 from node.errors import UserError
-from node.lifecycle import (
-    claim_next,
-    fingerprint,
-    recover_after_restart,
-    requeue_after_worker_death,
-    rerun,
-    series_needing_jobs,
-    submit_series,
-)
+from node.lifecycle.jobs import claim_next, fingerprint, rerun, series_needing_jobs, submit_series
+from node.lifecycle.workers import recover_after_restart, requeue_after_worker_death
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import write_cylinder_ct
 from node.vocabulary import JobStatus

@@ -1,6 +1,7 @@
 """The package's shape, checked from its source: imports go one way (down the layers below),
 without cycles, and the receiving side never loads the model. Every `import` counts, at module
-level or inside a function, so a lazy import cannot hide a wrong dependency.
+level or inside a function, so a lazy import cannot hide a wrong dependency. Every change of state
+of a job, a delivery or a review is made in `node.lifecycle`, and every job event by its one writer.
 
 The checkers are plain functions over a scanned package; `test_checkers_catch_violations`
 runs them on a small package with one violation of each kind, so a passing check means
@@ -17,6 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import inspect
+
+from node.db import models
+
 ROOT = Path(__file__).resolve().parent.parent
 SKIPPED = ("node/db/migrations/",)  # run by alembic, never imported by the package
 
@@ -32,16 +37,28 @@ LAYERS: dict[str, int] = {
     "training": 5,
     # every job, delivery and review transition; what may be removed, and removing it; matching and measuring reviews
     **dict.fromkeys(["lifecycle", "retention", "review"], 6),
-    **dict.fromkeys(["store", "completion", "scp", "worker", "sender", "joblog", "inventory"], 7),
+    # instance_check: an incoming instance's bytes; transport: sockets and TLS, for the SCP and the sender
+    **dict.fromkeys(["instance_check", "store", "completion", "transport", "scp", "worker", "sender", "joblog", "inventory"], 7),
     **dict.fromkeys(["service", "harness", "demo"], 8),
     **dict.fromkeys(["cli", "web"], 9),  # web: the web app, run in its own process by `rtnode serve`
     "__main__": 10,
 }
 # Within layer 7: the receiving side takes DICOM in and hands over through the database only.
-RECEIVING = ("scp", "store", "completion")
+RECEIVING = ("scp", "transport", "instance_check", "store", "completion")
 MODEL_SIDE = ("worker", "sender")
 # What the receiving side must never load, even lazily: the model, training, the worker and sender.
 NOT_RECEIVING = ("node.pipeline", "node.training", "node.worker", "node.sender")
+
+# Rows whose state only the lifecycle changes, and the columns of theirs that are set once, when a row is made:
+# every other column is state, assigned only in node/lifecycle/.
+FIXED_COLUMNS = {
+    "Job": {"id", "series_id", "version", "created_at"},
+    "Delivery": {"id", "job_id", "destination", "ae_title", "host", "port", "kind", "path", "sop_instance_uid", "created_at"},
+    "Review": {"id", "instance_id", "sop_instance_uid", "calling_ae_title", "received_at"},
+}
+STATE_COLUMNS = frozenset(
+    a.key for model, fixed in FIXED_COLUMNS.items() for a in inspect(getattr(models, model)).column_attrs if a.key not in fixed
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,7 @@ class Package:
     name: str
     modules: dict[str, Path]  # dotted name -> file
     imports: list[Import]
+    root: Path  # what the file names in reports are relative to
 
     def outgoing(self, module: str) -> list[Import]:
         return [i for i in self.imports if i.source == module]
@@ -75,7 +93,7 @@ def scan(root: Path, name: str, skipped: tuple[str, ...] = ()) -> Package:
         for statement, module_level in _statements(ast.parse(path.read_text(), str(path))):
             for target in _targets(statement, module, path.name == "__init__.py", files):
                 imports.append(Import(module, target, f"{path.relative_to(root)}:{statement.lineno}", module_level))
-    return Package(name, files, imports)
+    return Package(name, files, imports, root)
 
 
 def _statements(tree: ast.AST, module_level: bool = True) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
@@ -236,6 +254,72 @@ def imports_of_tests(package: Package) -> list[str]:
     return [f"{i.where}: imports {i.target}" for i in package.imports if i.target.split(".")[0] in ("tests", "conftest")]
 
 
+def _name(expression: ast.expr) -> str | None:
+    """`Job` of `Job` and of `models.Job`."""
+    return expression.id if isinstance(expression, ast.Name) else getattr(expression, "attr", None)
+
+
+def _assigned(statement: ast.stmt) -> Iterator[ast.expr]:
+    """Each expression a statement assigns to, tuples unpacked."""
+    targets = statement.targets if isinstance(statement, ast.Assign) else [getattr(statement, "target", None)]
+    while targets:
+        target = targets.pop()
+        if isinstance(target, ast.Tuple | ast.List):
+            targets += target.elts
+        elif isinstance(target, ast.Starred):
+            targets.append(target.value)
+        elif target is not None:
+            yield target
+
+
+@dataclass(frozen=True)
+class Write:
+    """One write of a row's state found in a module's source."""
+
+    line: int
+    kind: str  # "event": an event row made; "row": a row made, inserted, updated or deleted; "column": a state column set
+    text: str
+
+
+def _writes(tree: ast.AST, rows: tuple[str, ...], event_row: str, columns: frozenset[str]) -> Iterator[Write]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            called = _name(node.func)
+            made = _name(node.args[0]) if node.args and called in ("insert", "update", "delete") else called
+            if made == event_row:
+                yield Write(node.lineno, "event", f"makes a {event_row} row")
+            elif made in rows:
+                yield Write(node.lineno, "row", f"makes a {made} row" if called == made else f"{called}({made})")
+            elif called == "setattr" and len(node.args) > 1 and getattr(node.args[1], "value", None) in columns:
+                yield Write(node.lineno, "column", f"sets {node.args[1].value}")
+        elif isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+            for target in _assigned(node):
+                if isinstance(target, ast.Attribute) and target.attr in columns and _name(target.value) not in ("self", "cls"):
+                    yield Write(node.lineno, "column", f"assigns {ast.unparse(target)}")
+
+
+def state_writes(
+    package: Package, owner: str, event_writer: str, rows=tuple(FIXED_COLUMNS), event_row="JobEvent", columns=STATE_COLUMNS
+) -> list[str]:
+    """Outside `owner`: a row of `rows` made (`Job(...)`), inserted, updated or deleted (`update(Job)`), or a state
+    column set (`job.status = ...`, `setattr(job, "status", ...)`) in a module that names one of `rows` (a module
+    gets hold of such a row only through its model, by a query or a relationship; an object's own `self.status`
+    is no row's). Outside `event_writer`: an event row made."""
+    problems = []
+    for module, path in package.modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        names = {_name(node) for node in ast.walk(tree) if isinstance(node, ast.Name | ast.Attribute)}
+        names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+        inside = module == owner or module.startswith(owner + ".")
+        where = path.relative_to(package.root).as_posix()
+        for write in _writes(tree, rows, event_row, columns):
+            if write.kind == "event" and module != event_writer:
+                problems.append((where, write.line, f"{write.text}: only {event_writer} writes the job's log"))
+            elif not inside and (write.kind == "row" or write.kind == "column" and not names.isdisjoint(rows)):
+                problems.append((where, write.line, f"{write.text} outside {owner}"))
+    return [f"{where}:{line}: {text}" for where, line, text in sorted(problems)]
+
+
 NODE = scan(ROOT, "node", SKIPPED)
 
 
@@ -278,6 +362,11 @@ def test_package_and_benchmarks_never_import_tests():
     assert not problems, "node/ and bench/ must not depend on tests/:\n" + "\n".join(problems)
 
 
+def test_only_the_lifecycle_changes_state_and_only_its_event_writer_writes_the_job_log():
+    problems = state_writes(NODE, "node.lifecycle", "node.lifecycle.events")
+    assert not problems, "state changed outside node/lifecycle/ (give the lifecycle a function for it):\n" + "\n".join(problems)
+
+
 def test_checkers_catch_violations(tmp_path):
     """Each checker on a small package holding one violation of each kind."""
     files = {
@@ -316,3 +405,39 @@ def test_checkers_catch_violations(tmp_path):
     assert "pkg.sub" in closure(package, ("pkg.scp",))  # a module's parent package runs first
 
     assert imports_of_tests(package) == ["pkg/worker.py:1: imports tests.conftest"]
+
+
+def test_state_checker_catches_writes_outside_the_lifecycle(tmp_path):
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/lifecycle/__init__.py": "",
+        "pkg/lifecycle/events.py": "def add(s, job):\n    s.add(JobEvent(job=job))\n",
+        "pkg/lifecycle/jobs.py": (
+            "def fail(s, job):\n    job.status, job.finished_at = 'failed', 1\n    s.add(models.JobEvent(job=job))\n"
+            "    s.execute(update(Job).values(status='queued'))\n"
+        ),
+        "pkg/web.py": (
+            "class Refused(Exception):\n    def __init__(self, status):\n        self.status = status\n\n\n"
+            "def act(s, job, delivery, review):\n    job.superseded_by, (delivery.attempts, _) = 2, (1, 0)\n"
+            "    delivery.attempts += 1\n    setattr(review, 'kind', 'review')\n    s.add(Delivery(job=job))\n"
+            "    s.execute(sa.update(Job).values(status='done'))\n    s.execute(insert(JobEvent))\n"
+            "    job.path = 'not a state column'\n    setattr(review, job.path, 1)\n"
+        ),
+        "pkg/store.py": "def wait(arrival):\n    arrival.error = None\n",  # names no row model: an error of its own
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+
+    problems = state_writes(scan(tmp_path, "pkg"), "pkg.lifecycle", "pkg.lifecycle.events")
+
+    assert problems == [
+        "pkg/lifecycle/jobs.py:3: makes a JobEvent row: only pkg.lifecycle.events writes the job's log",
+        "pkg/web.py:7: assigns delivery.attempts outside pkg.lifecycle",
+        "pkg/web.py:7: assigns job.superseded_by outside pkg.lifecycle",
+        "pkg/web.py:8: assigns delivery.attempts outside pkg.lifecycle",
+        "pkg/web.py:9: sets kind outside pkg.lifecycle",
+        "pkg/web.py:10: makes a Delivery row outside pkg.lifecycle",
+        "pkg/web.py:11: update(Job) outside pkg.lifecycle",
+        "pkg/web.py:12: makes a JobEvent row: only pkg.lifecycle.events writes the job's log",
+    ], problems

@@ -19,28 +19,11 @@ from sqlalchemy.orm import Session
 
 import node.worker
 from node.config import Destination, parse_config
-from node.db.models import Job, Worker, utcnow
+from node.db.models import Job, WorkerRecord, utcnow
 from node.errors import UserError
-from node.lifecycle import (
-    Eligibility,
-    LeaseLost,
-    Outcome,
-    RetryPolicy,
-    WorkerIdentity,
-    claim_next,
-    due_deliveries,
-    expire_leases,
-    fail_job,
-    heartbeat,
-    record_attempt,
-    record_outputs,
-    recover_after_restart,
-    register_worker,
-    rerun,
-    resend,
-    submit_series,
-    take_delivery,
-)
+from node.lifecycle.deliveries import RetryPolicy, SendOutcome, due_deliveries, record_attempt, resend, take_delivery
+from node.lifecycle.jobs import Eligibility, LeaseLost, claim_next, fail_job, record_outputs, rerun, submit_series
+from node.lifecycle.workers import WorkerIdentity, expire_leases, heartbeat, recover_after_restart, register_worker
 from node.sender import classify_store_status
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import ct_datasets, write_cylinder_ct, write_series
@@ -231,7 +214,7 @@ def test_a_retryable_failure_past_max_age_gives_up(engine, series, tmp_path):
     contoured(engine, tmp_path, job_id)
     (delivery_id,) = due_deliveries(engine)
     impatient = RetryPolicy(first_retry_seconds=30, max_retry_seconds=300, max_age_seconds=0)
-    record_attempt(engine, delivery_id, Outcome(False, True, "cannot reach TPS@127.0.0.1:11112"), 0.5, impatient)
+    record_attempt(engine, delivery_id, SendOutcome(False, True, "cannot reach TPS@127.0.0.1:11112"), 0.5, impatient)
     job = job_row(engine, job_id)
     assert job.deliveries[0].status == DeliveryStatus.FAILED and job.status == JobStatus.FAILED
     gave_up = "cannot reach TPS@127.0.0.1:11112; gave up: delivery.max_age_seconds reached"
@@ -331,7 +314,7 @@ def test_a_send_cut_off_by_a_restart_counts_as_an_attempt(engine, series, tmp_pa
     assert events(job_row(engine, job_id))[-1] == (EventKind.SEND_INTERRUPTED, "rtstruct to tps: attempt 1")
     assert due_deliveries(engine) == [delivery_id]  # tried again at once
     take_delivery(engine, delivery_id, GONE_WORKER, 60)
-    record_attempt(engine, delivery_id, Outcome(True, False, "stored"), 0.1, POLICY)
+    record_attempt(engine, delivery_id, SendOutcome(True, False, "stored"), 0.1, POLICY)
     (delivery,) = job_row(engine, job_id).deliveries
     assert (delivery.status, delivery.attempts) == (DeliveryStatus.DONE, 2)
     assert recover_after_restart(engine) == 0 and job_row(engine, job_id).deliveries[0].attempts == 2  # nothing to count
@@ -380,7 +363,7 @@ def test_a_heartbeat_keeps_the_lease_and_names_the_current_job(engine, series):
     time.sleep(0.1)
     assert expire_leases(engine) == 0
     with Session(engine) as session:
-        row = session.scalars(select(Worker).where(Worker.name == "gpu-a:101")).one()
+        row = session.scalars(select(WorkerRecord).where(WorkerRecord.name == "gpu-a:101")).one()
         assert (row.current_job_id, row.device, row.stopped_at) == (job.id, "cuda:0", None)
 
 

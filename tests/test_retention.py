@@ -27,17 +27,8 @@ import node.cli
 from node.config import Config, Destination, load_config
 from node.db.engine import open_database
 from node.db.models import Instance, Job, Series, Study, utcnow
-from node.lifecycle import (
-    Eligibility,
-    Outcome,
-    RetryPolicy,
-    claim_next,
-    due_deliveries,
-    record_attempt,
-    record_outputs,
-    rerun,
-    submit_series,
-)
+from node.lifecycle.deliveries import RetryPolicy, SendOutcome, due_deliveries, record_attempt
+from node.lifecycle.jobs import Eligibility, claim_next, record_outputs, rerun, submit_series
 from node.retention import _Deleted, purge, set_protected
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import PatientStudy, write_cylinder_ct
@@ -158,6 +149,32 @@ def test_old_finished_series_and_outputs_go_young_ones_stay(make_node):
     assert purge(node.engine, node.config).series == []  # nothing twice
 
 
+def job_log(node: Node, job_id: int) -> list[tuple[str, str]]:
+    with Session(node.engine) as session:
+        return [(event.event, event.detail) for event in session.get(Job, job_id).events]
+
+
+def test_removed_outputs_are_told_once_in_their_jobs_log(make_node, caplog):
+    node = make_node()
+    _, old_series, _ = node.receive()
+    _, young_series, _ = node.receive()
+    old_job, young_job = node.job(old_series), node.job(young_series)
+    node.age(old_job, 31)
+    node.age(young_job, 29)
+    before = job_log(node, old_job)
+
+    with caplog.at_level(logging.INFO, logger="node.lifecycle"):
+        purge(node.engine, node.config, dry_run=True)
+        assert job_log(node, old_job) == before  # a dry run changes nothing
+        purge(node.engine, node.config)
+        purge(node.engine, node.config)  # nothing twice
+
+    assert job_log(node, old_job) == [*before, ("outputs removed", "rtstruct, qa (retention.outputs_days)")]
+    assert "outputs removed" not in [event for event, _ in job_log(node, young_job)]
+    logged = [r.getMessage() for r in caplog.records if "outputs removed" in r.getMessage()]
+    assert logged == [f"job {old_job} (series {old_series} v1): outputs removed rtstruct, qa (retention.outputs_days)"]
+
+
 def test_outputs_stay_while_a_delivery_is_pending(make_node):
     node = make_node()
     _, series, files = node.receive()
@@ -167,7 +184,7 @@ def test_outputs_stay_while_a_delivery_is_pending(make_node):
     assert not removed(node, series, files)  # the series' job is not finished either
 
     (delivery,) = due_deliveries(node.engine)
-    record_attempt(node.engine, delivery, Outcome(True, False, "stored"), 0.1, POLICY)
+    record_attempt(node.engine, delivery, SendOutcome(True, False, "stored"), 0.1, POLICY)
     node.age(job_id, 100)
     report = purge(node.engine, node.config)
     assert [o.job_id for o in report.outputs] == [job_id] and removed(node, series, files)

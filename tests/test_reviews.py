@@ -29,7 +29,8 @@ from node.db.models import Instance
 from node.imaging.metrics import dice, hd95, surface_dice
 from node.imaging.volume import Volume, load_series_dir, load_volume
 from node.joblog import describe_job, list_reviews, review_lines
-from node.lifecycle import claim_next, record_outputs, series_needing_jobs, set_model, submit_reviews, submit_series
+from node.lifecycle.jobs import claim_next, record_outputs, series_needing_jobs, set_model, submit_series
+from node.lifecycle.reviews import submit_reviews
 from node.outputs import OutputPaths, auto_contour_series, write_outputs
 from node.review import export_training, measure_next
 from node.rtstruct.builder import Algorithm, Roi, SeriesInfo, build_rtstruct, format_ds

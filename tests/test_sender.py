@@ -12,7 +12,7 @@ from pynetdicom.status import Status
 
 from node.config import Config, Destination
 from node.harness import LOOPBACK, free_port
-from node.lifecycle import DeliveryOrder
+from node.lifecycle.deliveries import DeliveryOrder
 from node.sender import send
 from node.vocabulary import OutputKind
 

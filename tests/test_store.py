@@ -14,7 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from node.db.models import Instance
-from node.store import CallingPeer, InstanceStore, StoreRefused
+from node.instance_check import StoreRefused
+from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import write_cylinder_ct
 
 SENDER = CallingPeer("SCANNER", "127.0.0.1")

@@ -19,7 +19,7 @@ from pydicom import dcmread
 
 from node.config import Config, ConfigError, Destination, TlsSection, parse_config
 from node.harness import LOOPBACK
-from node.lifecycle import DeliveryOrder
+from node.lifecycle.deliveries import DeliveryOrder
 from node.sender import classify_stow_response, send, stow_rs, warn_of_plain_http
 from node.vocabulary import OutputKind
 from tests import test_tls

@@ -28,10 +28,10 @@ from pydicom.uid import RTStructureSetStorage
 from node.config import Config, Destination, TlsSection
 from node.errors import UserError
 from node.harness import DCMTK_ENV, LOOPBACK, NodeProcess, free_port, wait_for_port
-from node.lifecycle import DeliveryOrder
-from node.scp import certificate_subject, server_context
-from node.sender import client_context, send
+from node.lifecycle.deliveries import DeliveryOrder
+from node.sender import send
 from node.synth.ct_series import write_cylinder_ct
+from node.transport import certificate_subject, client_context, server_context
 from node.vocabulary import OutputKind
 from tests.conftest import require_tool, run_tool, wait_until
 

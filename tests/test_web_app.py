@@ -32,9 +32,9 @@ from sqlalchemy.orm import Session
 
 from node.config import parse_config
 from node.db.engine import open_database
-from node.db.models import AuditEvent, Delivery, Instance, Job, JobEvent, Series, Study, User, Worker, utcnow
+from node.db.models import AuditEvent, Delivery, Instance, Job, JobEvent, Series, Study, User, WorkerRecord, utcnow
 from node.harness import LOOPBACK, free_port, wait_for_port
-from node.lifecycle import WorkerIdentity, heartbeat, register_worker
+from node.lifecycle.workers import WorkerIdentity, heartbeat, register_worker
 from node.scp import StorageSCP
 from node.service import WebProcess
 from node.store import InstanceStore
@@ -347,7 +347,7 @@ def test_healthz_is_503_when_the_scp_does_not_listen(monitored):
 
 def test_healthz_is_503_when_the_workers_heartbeat_is_stale(monitored):
     with Session(monitored.engine) as session, session.begin():  # the worker last beat ten minutes ago
-        session.execute(update(Worker).values(heartbeat_at=utcnow() - timedelta(minutes=10)))
+        session.execute(update(WorkerRecord).values(heartbeat_at=utcnow() - timedelta(minutes=10)))
     status_code, body = monitored.healthz()
     assert failing_checks(status_code, body) == {"worker"}
     assert re.fullmatch(r"last heartbeat 60\d s ago \(limit 60 s\)", body["checks"]["worker"]["detail"])

@@ -178,7 +178,7 @@ class Delivery(Base):
     job: Mapped[Job] = relationship(back_populates="deliveries")
 
 
-class Worker(Base):
+class WorkerRecord(Base):
     """A worker process on some machine: its heartbeat renews the leases of what it holds."""
 
     __tablename__ = "workers"

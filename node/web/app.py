@@ -30,7 +30,8 @@ from node.config import Config
 from node.db.models import utcnow
 from node.errors import UserError
 from node.joblog import describe_job, list_jobs
-from node.lifecycle import job_inputs, resend
+from node.lifecycle.deliveries import resend
+from node.lifecycle.jobs import job_inputs
 from node.vocabulary import JobStatus, OutputKind
 from node.web import viewer
 from node.web.accounts import (

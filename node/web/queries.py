@@ -13,7 +13,7 @@ from sqlalchemy import Engine, func, or_, select
 from sqlalchemy.orm import Session
 
 from node.config import Config
-from node.db.models import Delivery, Job, Series, Study, Worker
+from node.db.models import Delivery, Job, Series, Study, WorkerRecord
 from node.errors import UserError
 from node.inventory import StudySummary, list_studies
 from node.joblog import describe_job
@@ -146,7 +146,9 @@ def live_workers(session: Session) -> list[WorkerState]:
     now = datetime.now(UTC)
     return [
         WorkerState(w.name, w.device, w.current_job_id, w.heartbeat_at.isoformat(), (now - w.heartbeat_at).total_seconds())
-        for w in session.scalars(select(Worker).where(Worker.stopped_at.is_(None)).order_by(Worker.heartbeat_at.desc()))
+        for w in session.scalars(
+            select(WorkerRecord).where(WorkerRecord.stopped_at.is_(None)).order_by(WorkerRecord.heartbeat_at.desc())
+        )
     ]
 
 

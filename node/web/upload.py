@@ -22,8 +22,9 @@ from sqlalchemy import Engine
 from node.completion import eligibility
 from node.config import Config
 from node.errors import UserError
-from node.lifecycle import submit_reviews, submit_series
-from node.store import CallingPeer, InstanceStore, StoreRefused
+from node.instance_check import StoreRefused
+from node.lifecycle.jobs import settle_quiet_series
+from node.store import CallingPeer, InstanceStore
 
 # The calling AE title recorded for uploaded instances (instances.calling_ae_title).
 UPLOAD_AE_TITLE = "WEB-UPLOAD"
@@ -154,9 +155,9 @@ def store_upload(engine: Engine, config: Config, uploads: list[UploadedFile], ad
 
 def _submit(engine: Engine, config: Config, series_instance_uid: str) -> SeriesSubmitted:
     """What the completion timer does when a series falls quiet: reviews for structure sets sent back, else a job."""
-    if submit_reviews(engine, series_instance_uid) is not None:
+    settled = settle_quiet_series(engine, series_instance_uid, lambda s, i: eligibility(s, i, config.completion.min_slices))
+    if settled.reviews is not None:
         return SeriesSubmitted(series_instance_uid, None, "structure sets: reviews pending")
-    job = submit_series(engine, series_instance_uid, lambda s, i: eligibility(s, i, config.completion.min_slices))
-    if job is None:
+    if settled.job is None:
         return SeriesSubmitted(series_instance_uid, None, "nothing new: no new job")
-    return SeriesSubmitted(series_instance_uid, job.id, job.status)
+    return SeriesSubmitted(series_instance_uid, settled.job.id, settled.job.status)

@@ -1,0 +1,192 @@
+"""Deliveries: the durable send queue of a job's outputs, each attempt's outcome with backoff, and
+the sending job that ends when its last live delivery does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import ColumnElement, Engine, exists, select, update
+from sqlalchemy.orm import Session
+
+from node.config import DeliverySection, Destination
+from node.db.models import Delivery, Job, utcnow
+from node.errors import UserError
+from node.lifecycle.events import add_event, finish_job
+from node.lifecycle.workers import WorkerIdentity
+from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind
+
+DELIVERABLE = (OutputKind.RTSTRUCT, OutputKind.SEG)  # the outputs that go to destinations
+
+
+def new_delivery(job: Job, destination: Destination, kind: OutputKind, path: str, sop_instance_uid: str) -> Delivery:
+    """A pending delivery of one output of `job` to one configured destination, due now."""
+    now = utcnow()
+    ae_title, host, port = destination.address
+    return Delivery(
+        job=job,
+        destination=destination.name,
+        ae_title=ae_title,
+        host=host,
+        port=port,
+        kind=kind.value,
+        path=path,
+        sop_instance_uid=sop_instance_uid,
+        status=DeliveryStatus.PENDING,
+        attempts=0,
+        last_error="",
+        next_attempt_at=now,
+        created_at=now,
+    )
+
+
+def delivery_pending(job_id: int | ColumnElement[int]) -> ColumnElement[bool]:
+    """SQL: a delivery of the job still waits to be sent (its outputs are still needed)."""
+    return exists().where(Delivery.job_id == job_id, Delivery.status == DeliveryStatus.PENDING)
+
+
+def settle_sending_job(session: Session, job: Job) -> None:
+    """A sending job is done when every live delivery is done, failed when one failed for good."""
+    if job.status != JobStatus.SENDING:
+        return
+    live = [d for d in job.deliveries if d.status != DeliveryStatus.SUPERSEDED]
+    if any(d.status == DeliveryStatus.PENDING for d in live):
+        return
+    failed = [d for d in live if d.status == DeliveryStatus.FAILED]
+    if failed:
+        detail = "; ".join(f"delivery to {d.destination} failed: {d.last_error}" for d in failed)
+        finish_job(session, job, JobStatus.FAILED, detail)
+    elif live:
+        finish_job(session, job, JobStatus.DONE, f"delivered to {', '.join(sorted({d.destination for d in live}))}")
+    else:
+        finish_job(session, job, JobStatus.DONE, "superseded by a newer version before delivery")
+
+
+def resend(engine: Engine, job_id: int, destinations: Sequence[Destination], sop_instance_uid_of: Callable[[str], str]) -> int:
+    """Queue new deliveries of a job's outputs by hand; returns how many.
+
+    `sop_instance_uid_of(path)` reads an output file's SOP Instance UID.
+    """
+    with Session(engine) as session, session.begin():
+        job = session.get(Job, job_id)
+        if job is None:
+            raise UserError(f"no job {job_id}")
+        if OutputKind.RTSTRUCT not in job.outputs:
+            raise UserError(f"job {job_id} has no RT Structure Set to send (status {job.status})")
+        if job.outputs_removed_at is not None:
+            removed = f"removed on {job.outputs_removed_at:%Y-%m-%d} by retention"
+            raise UserError(f"job {job_id}'s outputs were {removed}: nothing to send")
+        kinds = [kind for kind in DELIVERABLE if kind in job.outputs]
+        for destination in destinations:
+            for kind in kinds:
+                path = job.outputs[kind]
+                session.add(new_delivery(job, destination, kind, path, sop_instance_uid_of(path)))
+        job.status, job.finished_at = JobStatus.SENDING, None
+        add_event(session, job, EventKind.RESEND, f"queued by hand to {', '.join(d.name for d in destinations)}")
+        return len(kinds) * len(destinations)
+
+
+@dataclass(frozen=True)
+class DeliveryOrder:
+    """One pending delivery as the sender needs it: what to send where."""
+
+    id: int
+    destination: str
+    ae_title: str
+    host: str
+    port: int
+    kind: OutputKind
+    path: Path
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """How one send attempt ended."""
+
+    delivered: bool
+    retry: bool  # only meaningful when not delivered: would waiting help?
+    detail: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff of failed sends: first retry, doubling, capped; given up after max_age."""
+
+    first_retry_seconds: float
+    max_retry_seconds: float
+    max_age_seconds: float
+
+    @classmethod
+    def from_config(cls, delivery: DeliverySection) -> RetryPolicy:
+        return cls(delivery.first_retry_seconds, delivery.max_retry_seconds, delivery.max_age_seconds)
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before the next attempt after `attempts` failed ones."""
+        return min(self.first_retry_seconds * 2 ** (attempts - 1), self.max_retry_seconds)
+
+    def next_attempt(self, attempts: int, created_at: datetime, now: datetime) -> datetime | None:
+        """When to try again, or None when the delivery has been failing for max_age already."""
+        if (now - created_at).total_seconds() >= self.max_age_seconds:
+            return None
+        return now + timedelta(seconds=self.backoff(attempts))
+
+
+def due_deliveries(engine: Engine) -> list[int]:
+    with Session(engine) as session:
+        return list(
+            session.scalars(
+                select(Delivery.id)
+                .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= utcnow())
+                .order_by(Delivery.id)
+            ).all()
+        )
+
+
+def take_delivery(engine: Engine, delivery_id: int, worker: WorkerIdentity, lease_seconds: float) -> DeliveryOrder | None:
+    """The delivery, if it is still pending (a newer version may have superseded it meanwhile) and
+    no other worker has it on the wire, marked as on the wire by this worker until `record_attempt`."""
+    now = utcnow()
+    with Session(engine) as session, session.begin():
+        taken = session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.PENDING, Delivery.attempt_started_at.is_(None))
+            .values(attempt_started_at=now, worker=worker.name, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        )
+        if taken.rowcount != 1:
+            return None
+        d = session.get(Delivery, delivery_id)
+        return DeliveryOrder(d.id, d.destination, d.ae_title, d.host, d.port, OutputKind(d.kind), Path(d.path))
+
+
+def record_attempt(engine: Engine, delivery_id: int, outcome: SendOutcome, seconds: float, policy: RetryPolicy) -> None:
+    """Count the attempt: delivered, retried later with backoff, or failed for good; then settle the job."""
+    with Session(engine) as session, session.begin():
+        delivery = session.get(Delivery, delivery_id)
+        job = delivery.job
+        delivery.attempts += 1
+        delivery.attempt_started_at = None
+        now = utcnow()
+        if outcome.delivered:
+            delivery.status, delivery.delivered_at, delivery.last_error = DeliveryStatus.DONE, now, ""
+            job.timings = {**job.timings, "send": round(job.timings.get("send", 0) + seconds, 3)}
+            add_event(
+                session, job, EventKind.DELIVERED, f"{delivery.kind} to {delivery.destination} (attempt {delivery.attempts})"
+            )
+        else:
+            delivery.last_error = outcome.detail
+            retry_at = policy.next_attempt(delivery.attempts, delivery.created_at, now) if outcome.retry else None
+            if retry_at is not None:
+                delivery.next_attempt_at = retry_at
+                wait = (retry_at - now).total_seconds()
+                add_event(session, job, EventKind.SEND_FAILED, f"{outcome.detail}; retry {delivery.attempts + 1} in {wait:.0f} s")
+            else:
+                delivery.status = DeliveryStatus.FAILED
+                why = (
+                    "gave up: delivery.max_age_seconds reached"
+                    if outcome.retry
+                    else "not retried: this will not improve by waiting"
+                )
+                add_event(session, job, EventKind.SEND_FAILED, f"{outcome.detail}; {why}")
+        settle_sending_job(session, job)

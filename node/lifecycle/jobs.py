@@ -1,0 +1,334 @@
+"""Jobs: a quiet series made into a job version (or reviews), claimed by one worker at a time under a
+lease, ended with its outputs and their deliveries or with why it failed, superseded by a newer
+version, re-run by hand, and its outputs marked removed by retention."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import ColumnElement, Engine, func, select, type_coerce, update
+from sqlalchemy.orm import Session
+
+from node.config import Destination
+from node.db.models import Instance, Job, Review, Series, UTCDateTime, utcnow
+from node.errors import UserError
+from node.lifecycle.deliveries import delivery_pending, new_delivery, settle_sending_job
+from node.lifecycle.events import add_event, finish_job
+from node.lifecycle.reviews import submit_reviews
+from node.lifecycle.workers import MAX_STARTS, WorkerIdentity
+from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind
+
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SENDING)  # work in flight: its inputs and outputs are needed
+
+
+def fingerprint(sop_instance_uids: Sequence[str]) -> str:
+    ordered = sorted(sop_instance_uids)
+    return hashlib.sha256(f"{len(ordered)}\n{chr(10).join(ordered)}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    eligible: bool
+    reason: str = ""
+
+
+EligibilityRule = Callable[[Series, Sequence[Instance]], Eligibility]
+
+
+def submit_series(engine: Engine, series_instance_uid: str, eligibility_of: EligibilityRule) -> Job | None:
+    """Queue (or reject) a new job version for a quiet series, if anything arrived since its last job.
+
+    Slices that arrive while the latest job is still queued join it instead.
+    """
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        series = session.scalars(select(Series).where(Series.series_instance_uid == series_instance_uid)).one_or_none()
+        if series is None:
+            return None
+        held = select(Instance).where(Instance.series_id == series.id, Instance.removed_at.is_(None))
+        instances = session.scalars(held).all()  # instances removed by retention are no input any more
+        if not instances:
+            return None
+        latest = session.scalars(select(Job).where(Job.series_id == series.id).order_by(Job.version.desc()).limit(1)).first()
+        newest_arrival = max(i.last_received_at for i in instances)
+        uids = sorted(i.sop_instance_uid for i in instances)
+        if latest is not None and latest.status == JobStatus.QUEUED:
+            if latest.input_fingerprint != fingerprint(uids):
+                latest.input_uids, latest.input_fingerprint, latest.inputs_at = uids, fingerprint(uids), utcnow()
+                add_event(session, latest, EventKind.INPUTS_UPDATED, f"{len(uids)} instances before the job started")
+            return latest
+        if latest is not None and newest_arrival <= latest.inputs_at:
+            return None
+        if latest is not None and latest.input_fingerprint == fingerprint(uids):
+            latest.inputs_at = utcnow()
+            repeat = f"the same {len(uids)} instances again: no new version (rtnode rerun makes one)"
+            add_event(session, latest, EventKind.REPEAT, repeat)
+            return None
+        verdict = eligibility_of(series, instances)
+        job = Job(
+            series=series,
+            version=(latest.version + 1) if latest else 1,
+            status=JobStatus.QUEUED if verdict.eligible else JobStatus.REJECTED,
+            error="" if verdict.eligible else verdict.reason,
+            input_uids=uids,
+            input_fingerprint=fingerprint(uids),
+            inputs_at=utcnow(),
+            created_at=utcnow(),
+            finished_at=None if verdict.eligible else utcnow(),
+        )
+        session.add(job)
+        session.flush()
+        if verdict.eligible:
+            add_event(session, job, EventKind.QUEUED, f"{len(uids)} instances of series {series_instance_uid}")
+        else:
+            add_event(session, job, EventKind.REJECTED, verdict.reason)
+        return job
+
+
+@dataclass(frozen=True)
+class SettledSeries:
+    """What a quiet series became: pending reviews of the structure sets it holds, or else a job."""
+
+    reviews: int | None = None  # structure sets that became pending reviews; None: not a series of structure sets
+    job: Job | None = None  # queued, rejected, or the queued one its new instances joined; None: nothing new
+
+
+def settle_quiet_series(engine: Engine, series_instance_uid: str, eligibility_of: EligibilityRule) -> SettledSeries:
+    """The one decision on a series that stopped arriving, for the completion timer and an upload alike:
+    a series of structure sets sent back becomes pending reviews, any other series a job."""
+    reviews = submit_reviews(engine, series_instance_uid)
+    if reviews is not None:
+        return SettledSeries(reviews=reviews)
+    return SettledSeries(job=submit_series(engine, series_instance_uid, eligibility_of))
+
+
+def claim_next(engine: Engine, worker: WorkerIdentity, lease_seconds: float) -> int | None:
+    """Take the oldest queued job whose series has none running, under a lease. Rows another
+    worker is claiming are skipped (FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite has one writer),
+    and the conditional update makes a lost race a miss, never a double run. Returns its id."""
+    with Session(engine) as session, session.begin():
+        running_series = select(Job.series_id).where(Job.status == JobStatus.RUNNING)
+        candidates = session.scalars(
+            select(Job)
+            .where(Job.status == JobStatus.QUEUED, Job.series_id.not_in(running_series))
+            .order_by(Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job in candidates:
+            now = utcnow()
+            claimed = session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+                .values(
+                    status=JobStatus.RUNNING,
+                    started_at=now,
+                    starts=Job.starts + 1,
+                    worker=worker.name,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                )
+            )
+            if claimed.rowcount != 1:
+                continue
+            session.refresh(job)
+            if job.starts > MAX_STARTS:
+                finish_job(
+                    session, job, JobStatus.FAILED, f"the worker stopped {MAX_STARTS} times while running this job: not retried"
+                )
+                continue
+            add_event(session, job, EventKind.STARTED, f"attempt {job.starts} on {worker.name} ({worker.device})")
+            return job.id
+    return None
+
+
+def rerun(engine: Engine, job_id: int) -> Job:
+    """A new version of a job's series from the same instances, on purpose (a fixed model, a lost
+    structure set); the usual supersede rules apply when it is contoured."""
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        job = session.get(Job, job_id)
+        if job is None:
+            raise UserError(f"no job {job_id}")
+        if job.status == JobStatus.REJECTED:
+            raise UserError(f"job {job_id} was rejected ({job.error}); a rerun would be rejected again")
+        busy = session.scalars(
+            select(Job).where(Job.series_id == job.series_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        ).first()
+        if busy is not None:
+            raise UserError(f"job {busy.id} of the same series is {busy.status}: wait for it to finish")
+        inputs = Instance.sop_instance_uid.in_(job.input_uids)
+        removed_at = session.scalars(select(func.max(Instance.removed_at)).where(inputs)).one()
+        if removed_at is not None:
+            removed = f"removed on {removed_at:%Y-%m-%d} by retention"
+            raise UserError(f"job {job_id}'s input instances were {removed}: it cannot be re-run")
+        held = session.scalars(select(func.count(Instance.id)).where(inputs)).one()
+        if held != len(job.input_uids):
+            missing = len(job.input_uids) - held
+            raise UserError(f"{missing} of job {job_id}'s input instances are no longer held: it cannot be re-run")
+        latest = session.scalars(select(func.max(Job.version)).where(Job.series_id == job.series_id)).one()
+        now = utcnow()
+        new = Job(
+            series=job.series,
+            version=latest + 1,
+            status=JobStatus.QUEUED,
+            error="",
+            input_uids=list(job.input_uids),
+            input_fingerprint=job.input_fingerprint,
+            inputs_at=now,
+            created_at=now,
+        )
+        session.add(new)
+        session.flush()
+        detail = f"asked for by hand: the {len(job.input_uids)} instances of job {job_id} (v{job.version})"
+        add_event(session, new, EventKind.RERUN, detail)
+        return new
+
+
+def series_needing_jobs(engine: Engine) -> list[str]:
+    """Series with instances newer than their latest job (or no job): their timers died with the process.
+    A series of structure sets whose every instance has its review needs nothing."""
+    with Session(engine) as session:
+        unreviewed = select(Instance.series_id).outerjoin(Review, Review.instance_id == Instance.id).where(Review.id.is_(None))
+        latest_job = select(Job.series_id, func.max(Job.inputs_at).label("created")).group_by(Job.series_id).subquery()
+        newest = (
+            select(Instance.series_id, func.max(Instance.last_received_at).label("arrived"))
+            .group_by(Instance.series_id)
+            .subquery()
+        )
+        rows = session.execute(
+            select(
+                Series.series_instance_uid,
+                type_coerce(newest.c.arrived, UTCDateTime()),
+                type_coerce(latest_job.c.created, UTCDateTime()),
+            )
+            .join(newest, newest.c.series_id == Series.id)
+            .outerjoin(latest_job, latest_job.c.series_id == Series.id)
+            .where(Series.id.in_(unreviewed))
+        ).all()
+    return [uid for uid, arrived, created in rows if created is None or arrived > created]
+
+
+class LeaseLost(Exception):
+    """This worker's lease ran out and another worker took the job: what this one made is not recorded."""
+
+
+def _require_holder(job: Job, held_by: str | None) -> None:
+    """Fencing: only the worker that holds a running job records its end (None: a run without leases)."""
+    if held_by is not None and (job.status != JobStatus.RUNNING or job.worker != held_by):
+        raise LeaseLost(f"job {job.id} is no longer held by {held_by} (now {job.status} on {job.worker})")
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What a claimed job computes from."""
+
+    job_id: int
+    series_instance_uid: str
+    version: int
+    attempt: int  # how many times a worker has taken the job up, this time included
+    paths: list[Path]
+    missing: int  # input instances no longer in the database, or removed by retention
+
+
+def job_inputs(engine: Engine, job_id: int, held_by: str | None = None) -> JobInputs:
+    """Raises LeaseLost when `held_by` no longer holds the job (another worker took it over)."""
+    with Session(engine) as session:
+        job = session.get(Job, job_id)
+        _require_holder(job, held_by)
+        paths = session.scalars(
+            select(Instance.path).where(Instance.sop_instance_uid.in_(job.input_uids), Instance.removed_at.is_(None))
+        ).all()
+        return JobInputs(
+            job.id,
+            job.series.series_instance_uid,
+            job.version,
+            job.starts,
+            [Path(p) for p in paths],
+            len(job.input_uids) - len(paths),
+        )
+
+
+def set_model(engine: Engine, job_id: int, name: str, version: str, held_by: str | None = None) -> None:
+    """The model a job ran, recorded as soon as it is known (failed jobs keep it too); fenced like the result."""
+    with Session(engine) as session, session.begin():
+        job = session.get(Job, job_id)
+        _require_holder(job, held_by)
+        job.model_name, job.model_version = name, version
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {stage: round(seconds, 3) for stage, seconds in timings.items()}
+
+
+def fail_job(engine: Engine, job_id: int, error: str, timings: dict[str, float], held_by: str | None = None) -> None:
+    """The job ends `failed` with `error`, a sentence for the job log; its timings so far are kept."""
+    with Session(engine) as session, session.begin():
+        job = session.get(Job, job_id)
+        _require_holder(job, held_by)
+        job.timings = _rounded(timings)
+        finish_job(session, job, JobStatus.FAILED, error)
+
+
+def record_outputs(
+    engine: Engine,
+    job_id: int,
+    outputs: dict[OutputKind, Path],
+    sop_instance_uids: dict[OutputKind, str],
+    timings: dict[str, float],
+    destinations: Sequence[Destination],
+    held_by: str | None = None,
+) -> None:
+    """A contoured job: its files, one delivery per deliverable output and destination, and older
+    versions of its series superseded (their pending sends cancelled)."""
+    with Session(engine) as session, session.begin():
+        job = session.get(Job, job_id)
+        _require_holder(job, held_by)
+        job.outputs = {kind.value: str(path) for kind, path in outputs.items()}
+        job.timings = _rounded(timings)
+        add_event(session, job, EventKind.CONTOURED, ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+        for destination in destinations:
+            for kind, sop_instance_uid in sop_instance_uids.items():
+                session.add(new_delivery(job, destination, kind, str(outputs[kind]), sop_instance_uid))
+        _supersede_older(session, job)
+        if destinations:
+            job.status = JobStatus.SENDING
+            add_event(session, job, EventKind.SENDING, ", ".join(d.name for d in destinations))
+        else:
+            finish_job(session, job, JobStatus.DONE, "no destinations configured")
+
+
+def _supersede_older(session: Session, job: Job) -> None:
+    older = session.scalars(
+        select(Job).where(Job.series_id == job.series_id, Job.version < job.version, Job.superseded_by.is_(None))
+    ).all()
+    for previous in older:
+        if not previous.outputs:
+            continue
+        previous.superseded_by = job.id
+        add_event(session, previous, EventKind.SUPERSEDED, f"by job {job.id} (v{job.version})")
+        for delivery in previous.deliveries:
+            if delivery.status == DeliveryStatus.PENDING:
+                delivery.status = DeliveryStatus.SUPERSEDED
+        settle_sending_job(session, previous)
+
+
+def mark_outputs_removed(session: Session, job_id: int, at: datetime, detail: str, allowed: ColumnElement[bool]) -> bool:
+    """Retention is about to delete a finished job's outputs: they are marked removed (in the caller's
+    transaction, before the files go) and that goes in the job's log. One guarded UPDATE, so runs that
+    overlap mark a job once: False when it is marked already, not finished, has a delivery pending, or
+    `allowed` (the caller's own condition, checked in the same statement) no longer holds."""
+    marked = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id, Job.outputs_removed_at.is_(None), Job.finished_at.is_not(None),
+            Job.status.not_in(ACTIVE), ~delivery_pending(job_id), allowed,
+        )
+        .values(outputs_removed_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    if not marked.rowcount:
+        return False
+    add_event(session, session.get(Job, job_id), EventKind.OUTPUTS_REMOVED, detail)
+    return True
