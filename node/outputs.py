@@ -42,6 +42,7 @@ class Outputs:
     paths: dict[OutputKind, Path]
     sop_instance_uids: dict[OutputKind, str]  # of the DICOM outputs
     timings: dict[str, float] = field(default_factory=dict)  # "rtstruct", and "outputs" for the rest
+    simplified: tuple[str, ...] = ()  # each contour written with fewer points than traced, and within what
 
 
 def auto_contour_series(version: int, algorithm: Algorithm) -> SeriesInfo:
@@ -63,7 +64,8 @@ def write_outputs(
 ) -> Outputs:
     """Raises EmptyMaskError (nothing is written) when the mask holds no voxel."""
     start = time.perf_counter()
-    rtstruct = build_rtstruct(volume, [Roi(roi_name, contours_from_mask(volume, mask))], algorithm, series)
+    contours = contours_from_mask(volume, mask)
+    rtstruct = build_rtstruct(volume, [Roi(roi_name, contours)], algorithm, series)
     save_dataset(rtstruct, paths.rtstruct)
     written = {OutputKind.RTSTRUCT: paths.rtstruct}
     uids = {OutputKind.RTSTRUCT: str(rtstruct.SOPInstanceUID)}
@@ -83,4 +85,5 @@ def write_outputs(
         written[OutputKind.QA] = paths.qa
     if len(written) > 1:
         timings["outputs"] = time.perf_counter() - start
-    return Outputs(written, uids, timings)
+    simplified = tuple(f"{roi_name}: {reduction.sentence()}" for reduction in contours.reductions)
+    return Outputs(written, uids, timings, simplified)

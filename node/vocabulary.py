@@ -31,6 +31,7 @@ class EventKind(StrEnum):
     STARTED = "started"
     REQUEUED = "requeued"
     CONTOURED = "contoured"
+    CONTOUR_SIMPLIFIED = "contour simplified"  # too long for one element: fewer points, within a stated tolerance
     SENDING = "sending"
     DELIVERED = "delivered"
     SEND_FAILED = "send failed"

@@ -106,7 +106,14 @@ class Worker:
             return
         timings.update(outputs.timings)
         jobs.record_outputs(
-            self._engine, job_id, outputs.paths, outputs.sop_instance_uids, timings, self._config.destinations, held_by=me
+            self._engine,
+            job_id,
+            outputs.paths,
+            outputs.sop_instance_uids,
+            timings,
+            self._config.destinations,
+            held_by=me,
+            simplified=outputs.simplified,
         )
 
     def _compute(self, inputs: jobs.JobInputs, folder: Path, timings: dict[str, float]):

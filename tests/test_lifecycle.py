@@ -153,6 +153,14 @@ def test_contoured_job_with_a_destination_is_sending_with_one_pending_delivery(e
     assert (order.destination, order.ae_title, order.port, order.kind) == ("tps", "TPS", 11112, OutputKind.RTSTRUCT)
 
 
+def test_each_simplified_contour_is_an_event_of_the_job(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    outputs = {OutputKind.RTSTRUCT: tmp_path / "rtstruct.dcm"}
+    simplified = ("BODY: slice 2: 2978 -> 1210 points within 0.24 mm",)
+    record_outputs(engine, job_id, outputs, {OutputKind.RTSTRUCT: "2.25.1"}, {}, [TPS], simplified=simplified)
+    assert (EventKind.CONTOUR_SIMPLIFIED, simplified[0]) in events(job_row(engine, job_id))
+
+
 def test_contoured_job_without_destinations_is_done(engine, series, tmp_path):
     job_id = running_job(engine, series[0])
     contoured(engine, tmp_path, job_id, destinations=())

@@ -33,7 +33,8 @@ from node.lifecycle.jobs import claim_next, record_outputs, series_needing_jobs,
 from node.lifecycle.reviews import submit_reviews
 from node.outputs import OutputPaths, auto_contour_series, write_outputs
 from node.review import export_training, measure_next
-from node.rtstruct.builder import Algorithm, Roi, SeriesInfo, build_rtstruct, format_ds
+from node.rtstruct.builder import Algorithm, Roi, SeriesInfo, build_rtstruct
+from node.rtstruct.contour_data import format_ds
 from node.rtstruct.contours import contours_from_mask
 from node.rtstruct.reader import read_mask
 from node.store import CallingPeer, InstanceStore

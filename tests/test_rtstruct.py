@@ -14,10 +14,12 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
+from scipy.ndimage import binary_dilation, binary_erosion
 
 from node.imaging.dicomfile import save_dataset, strict_writing
 from node.imaging.metrics import dice
 from node.imaging.volume import Volume, load_series_dir
+from node.outputs import OutputPaths, write_outputs
 from node.rtstruct.builder import (
     COPIED_FROM_CT,
     Algorithm,
@@ -230,6 +232,45 @@ def test_contour_too_large_for_one_element(tmp_path):
     comb[2, 1:6, ::2] = True  # 1500 teeth on one base: one polygon of about 6000 points
     with pytest.raises(ContourTooLargeError, match="limit 65534"):
         build_rtstruct(case.volume, [Roi("CTV", contours_from_mask(case.volume, comb))], ALGORITHM)
+
+
+def ragged_outline(shape: tuple[int, int, int]) -> np.ndarray:
+    """A body-sized outline with a ragged edge on slice 2: one traced contour of several thousand points."""
+    mask = np.zeros(shape, dtype=bool)
+    rows, columns = np.mgrid[: shape[1], : shape[2]]
+    angle = np.arctan2(rows - shape[1] / 2, columns - shape[2] / 2)
+    radius = 0.4 * shape[1] + 6 * np.sin(40 * angle) + 3 * np.sin(173 * angle) + 2 * np.sin(419 * angle)
+    mask[2] = np.hypot(rows - shape[1] / 2, columns - shape[2] / 2) < radius
+    return mask
+
+
+def test_a_contour_too_long_for_one_element_is_simplified_within_a_pixel_and_reported(tmp_path):
+    case = make_case(tmp_path, "HFS", 512, 512, (0.9765625, 0.9765625))
+    mask = ragged_outline(case.volume.shape)
+    contours = contours_from_mask(case.volume, mask)
+    ((reduction,),) = [contours.reductions]
+    assert reduction.slice_index == 2 and reduction.points_after < reduction.points_before
+    assert reduction.tolerance_mm <= 0.9765625
+    assert reduction.sentence().startswith(f"slice 2: {reduction.points_before} -> {reduction.points_after} points within")
+    rtstruct = build_rtstruct(case.volume, [Roi("BODY", contours, interpreted_type="EXTERNAL")], ALGORITHM)
+    save_dataset(rtstruct, tmp_path / "rs.dcm")
+    (roi,) = read_masks(dcmread(tmp_path / "rs.dcm"), case.volume)
+    assert dice(roi.mask, mask) > 0.995
+    differs = roi.mask[2] ^ mask[2]
+    boundary = mask[2] ^ binary_erosion(mask[2]) | (binary_dilation(mask[2]) ^ mask[2])
+    assert not (differs & ~binary_dilation(boundary)).any()  # only voxels at the edge change, within a pixel
+
+
+def test_the_outputs_name_each_simplified_contour_for_the_job_log(tmp_path):
+    case = make_case(tmp_path, "HFS", 512, 512, (0.9765625, 0.9765625))
+    outputs = write_outputs(case.volume, ragged_outline(case.volume.shape), OutputPaths(tmp_path / "rs.dcm"), ALGORITHM, "BODY")
+    (sentence,) = outputs.simplified
+    assert re.fullmatch(r"BODY: slice 2: \d+ -> \d+ points within 0\.\d\d mm", sentence), sentence
+
+
+def test_a_contour_that_fits_is_written_losslessly(written):
+    case, _ = written
+    assert contours_from_mask(case.volume, case.mask).reductions == ()
 
 
 def test_eclipse_structure_volumes_match_eclipse_dvh():

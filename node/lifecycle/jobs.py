@@ -279,15 +279,19 @@ def record_outputs(
     timings: dict[str, float],
     destinations: Sequence[Destination],
     held_by: str | None = None,
+    simplified: Sequence[str] = (),
 ) -> None:
     """A contoured job: its files, one delivery per deliverable output and destination, and older
-    versions of its series superseded (their pending sends cancelled)."""
+    versions of its series superseded (their pending sends cancelled). `simplified` names each contour
+    written with fewer points than traced, for the reviewer."""
     with Session(engine) as session, session.begin():
         job = session.get(Job, job_id)
         _require_holder(job, held_by)
         job.outputs = {kind.value: str(path) for kind, path in outputs.items()}
         job.timings = _rounded(timings)
         add_event(session, job, EventKind.CONTOURED, ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+        for sentence in simplified:
+            add_event(session, job, EventKind.CONTOUR_SIMPLIFIED, sentence)
         for destination in destinations:
             for kind, sop_instance_uid in sop_instance_uids.items():
                 session.add(new_delivery(job, destination, kind, str(outputs[kind]), sop_instance_uid))

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import highdicom as hd
-import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
@@ -25,11 +24,11 @@ from node import __version__
 from node.errors import UserError
 from node.imaging.dicomfile import file_meta
 from node.imaging.volume import Volume
-from node.rtstruct.contours import ContourSet
+from node.rtstruct.contour_data import MAX_CONTOUR_DATA_BYTES, contour_data_bytes, format_ds
+from node.rtstruct.contours import REDUCTION_TOLERANCES_PX, ContourSet
 
 # The SOP class PS3.3 wants in RTReferencedStudySequence: retired, so neither pydicom nor pynetdicom names it.
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
-MAX_CONTOUR_DATA_BYTES = 65_534  # longer values need a 32-bit length, which readers then see as absent
 
 # Attributes copied from the CT so the planning system files the RTSTRUCT with its images.
 COPIED_FROM_CT = (
@@ -67,7 +66,7 @@ class StructureSetInputError(UserError):
 
 
 class ContourTooLargeError(StructureSetInputError):
-    """One contour has more points than a DICOM element can carry."""
+    """One contour has more points than a DICOM element can carry, even simplified within a pixel."""
 
 
 @dataclass(frozen=True)
@@ -109,15 +108,6 @@ class SeriesInfo:
             raise StructureSetInputError(f"StructureSetLabel {self.structure_set_label!r} must be 1-16 characters")
 
 
-def format_ds(values: np.ndarray) -> list[str]:
-    """DS strings of at most 16 characters: 0.1 micrometre resolution, trailing zeros dropped."""
-    if not np.all(np.isfinite(values)):
-        raise StructureSetInputError("contour coordinates contain NaN or infinity")
-    if np.abs(values).max(initial=0) >= 1e10:
-        raise StructureSetInputError("contour coordinates beyond 1e10 mm")
-    return [text.rstrip("0").rstrip(".") if "." in text else text for text in np.char.mod("%.4f", values).tolist()]
-
-
 def _copy_from_ct(target: Dataset, ct: Dataset) -> None:
     for keyword in COPIED_FROM_CT:
         if keyword in ct:
@@ -155,11 +145,12 @@ def _contour_items(volume: Volume, roi: Roi) -> list[Dataset]:
         if len(contour.points) < 3:
             continue  # degenerate: cannot enclose an area
         data = format_ds(contour.points.reshape(-1))
-        size = sum(len(v) for v in data) + len(data) - 1
+        size = contour_data_bytes(data)
         if size > MAX_CONTOUR_DATA_BYTES:
             raise ContourTooLargeError(
-                f"ROI {roi.name!r}: a contour on slice {contour.slice_index} has {len(contour.points)} points "
-                f"({size} bytes of ContourData, limit {MAX_CONTOUR_DATA_BYTES})"
+                f"ROI {roi.name!r}: a contour on slice {contour.slice_index} has {len(contour.points)} points even"
+                f" simplified within {REDUCTION_TOLERANCES_PX[-1]:g} pixel ({size} bytes of ContourData,"
+                f" limit {MAX_CONTOUR_DATA_BYTES})"
             )
         ref = volume.slices[contour.slice_index]
         item = Dataset()

@@ -4,7 +4,10 @@ Contours follow the boundaries between voxels (pixel index +- 0.5), not voxel ce
 so mask -> contours -> mask is exact. Each closed boundary is its own polygon: holes
 and islands are separate contours read with the even-odd (XOR) rule, and voxels that
 touch only at a corner are split. Outer boundaries wind counter-clockwise about the
-slice normal, holes clockwise. Only collinear points are removed (lossless).
+slice normal, holes clockwise. Only collinear points are removed (lossless), except in a
+contour too long for one ContourData element (a large, ragged structure): that one is
+simplified, within a stated tolerance of at most a pixel, until it fits, and the reduction is
+reported with the contours.
 """
 
 from __future__ import annotations
@@ -12,13 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import shapely
 
 from node.errors import UserError
 from node.imaging.volume import Volume
+from node.rtstruct.contour_data import fits_one_element
 
 # Edge directions in (row, column) vertex steps, numbered so that code + 1 is a left turn
 # (counter-clockwise about the slice normal, as columns run along the row direction).
 _STEPS = np.array([(0, 1), (1, 0), (0, -1), (-1, 0)])
+# Tolerances, in pixels, tried in turn on a contour too long for one element; beyond the last it is refused.
+REDUCTION_TOLERANCES_PX = (0.25, 0.5, 1.0)
 
 
 class EmptyMaskError(UserError):
@@ -31,9 +38,27 @@ class Contour:
     points: np.ndarray  # (n, 3) patient mm, implicitly closed: the first point is not repeated
 
 
+@dataclass(frozen=True)
+class ContourReduction:
+    """A contour simplified to fit one ContourData element: every written point lies within
+    `tolerance_mm` of the traced voxel boundary."""
+
+    slice_index: int
+    points_before: int
+    points_after: int
+    tolerance_mm: float
+
+    def sentence(self) -> str:
+        return (
+            f"slice {self.slice_index}: {self.points_before} -> {self.points_after} points"
+            f" within {self.tolerance_mm:.2f} mm"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class ContourSet:
     contours: tuple[Contour, ...]
+    reductions: tuple[ContourReduction, ...] = ()
 
     @property
     def slice_indices(self) -> list[int]:
@@ -121,17 +146,42 @@ def contours_from_mask(volume: Volume, mask: np.ndarray) -> ContourSet:
         raise ValueError(f"mask shape {mask.shape} differs from the CT volume's {volume.shape}")
     if not mask.any():
         raise EmptyMaskError("the mask is empty: no structure to contour")
-    contours = []
+    contours, reductions = [], []
     for k in np.flatnonzero(mask.any(axis=(1, 2))):
         plane = mask[k]
         r_any, c_any = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
         r0, c0 = r_any[0], c_any[0]
         crop = plane[r0 : r_any[-1] + 1, c0 : c_any[-1] + 1]
         for polygon in trace_slice(crop):
-            rows = polygon[:, 0] + (r0 - 0.5)
-            columns = polygon[:, 1] + (c0 - 0.5)
-            contours.append(Contour(int(k), volume.to_patient(int(k), rows, columns)))
-    return ContourSet(tuple(contours))
+            def on_slice(vertices: np.ndarray, k: int = int(k), r0: int = r0, c0: int = c0) -> np.ndarray:
+                return volume.to_patient(k, vertices[:, 0] + (r0 - 0.5), vertices[:, 1] + (c0 - 0.5))
+
+            points = on_slice(polygon)
+            if not fits_one_element(points):
+                points, reduction = _reduced_to_fit(polygon, on_slice, int(k), max(volume.pixel_spacing))
+                reductions.append(reduction)
+            contours.append(Contour(int(k), points))
+    return ContourSet(tuple(contours), tuple(reductions))
+
+
+def _reduced_to_fit(polygon: np.ndarray, on_slice, slice_index: int, pixel_mm: float) -> tuple[np.ndarray, ContourReduction]:
+    """The polygon simplified (shapely's topology-preserving Douglas-Peucker, so it stays simple) with the
+    smallest tolerance that fits one element, its winding kept. The last try is returned as it is when even
+    that does not fit: the builder then refuses it with its size."""
+    for tolerance in REDUCTION_TOLERANCES_PX:
+        simplified = shapely.Polygon(polygon).simplify(tolerance, preserve_topology=True)
+        vertices = np.asarray(simplified.exterior.coords)[:-1]
+        if _signed_area(vertices) * _signed_area(polygon) < 0:
+            vertices = vertices[::-1]
+        points = on_slice(vertices)
+        if fits_one_element(points):
+            break
+    return points, ContourReduction(slice_index, len(polygon), len(vertices), tolerance * pixel_mm)
+
+
+def _signed_area(vertices: np.ndarray) -> float:
+    rows, columns = vertices[:, 0], vertices[:, 1]
+    return 0.5 * float(np.dot(rows, np.roll(columns, -1)) - np.dot(columns, np.roll(rows, -1)))
 
 
 def fill_polygons(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
