@@ -6,7 +6,9 @@ system, a generated phantom CT pushed by C-STORE, and the RT Structure Set comin
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetStorage
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.status import Status
 
@@ -55,6 +57,23 @@ class Receiver:
 
     def stop(self) -> None:
         self._ae.shutdown()
+
+
+def _wait_for_structure_set(receiver: Receiver, engine, timeout: float) -> str | None:
+    """Waits until the planning system has the structure set; returns why not instead, as soon as the
+    job has ended without one (failed, rejected) or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not receiver.received.wait(0.5):
+        jobs = list_jobs(engine, limit=1)
+        if jobs and jobs[0]["status"] in (JobStatus.FAILED, JobStatus.REJECTED):
+            return f"job {jobs[0]['id']} {jobs[0]['status']}: {jobs[0]['error']}"
+        if time.monotonic() > deadline:
+            return f"no RT Structure Set arrived within {timeout:.0f} s"
+    return None
+
+
+def _folder_size_mb(root: Path) -> float:
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file()) / 1e6
 
 
 def _settled_job(engine, timeout: float = 30.0) -> dict:
@@ -105,10 +124,14 @@ def run_demo(workdir: Path | None, weights: Path, timeout: float = 600.0) -> int
         account = _throwaway_account(node)
         node.start(timeout=60)
         print(f"node listening as RTNODE on {LOOPBACK}:{node.port}; stand-in planning system TPS on port {receiver.port}")
-        print(f"web app: http://{LOOPBACK}:{node.web_port}/ (throw-away account {account.username!r}, password "
+        print(f"web app, while the demo runs: http://{LOOPBACK}:{node.web_port}/ (throw-away account {account.username!r}, password "
               f"{account.password!r}, role admin; it goes with the demo folder)")
         phantom = make_phantom(DEMO_SEED)
-        datasets = ct_datasets(phantom.hu, phantom.geometry, phantom.patient)
+        # A study and series of their own each run: a second demo in the same folder is a new series, not
+        # the same one again with other slices.
+        patient = dataclasses.replace(phantom.patient, study_instance_uid=generate_uid(), series_instance_uid=generate_uid())
+        datasets = ct_datasets(phantom.hu, phantom.geometry, patient)
+        shutil.rmtree(root / "ct", ignore_errors=True)
         write_series(datasets, root / "ct")
         print(f"generated phantom CT: {len(datasets)} slices {phantom.hu.shape[1]}x{phantom.hu.shape[2]} in {root / 'ct'}")
 
@@ -124,11 +147,13 @@ def run_demo(workdir: Path | None, weights: Path, timeout: float = 600.0) -> int
             raise RuntimeError(f"C-STORE answered {sorted(statuses)}")
         print(f"sent {len(datasets)} slices by C-STORE; waiting for the RT Structure Set ...")
 
-        if not receiver.received.wait(timeout):
-            print(f"rtnode demo: no RT Structure Set arrived within {timeout:.0f} s; see {node.log_path}", file=sys.stderr)
+        engine = make_engine(node.database_url)
+        why_not = _wait_for_structure_set(receiver, engine, timeout)
+        if why_not is not None:
+            print(f"rtnode demo: {why_not}; see {node.log_path}", file=sys.stderr)
             return 1
         latency = time.perf_counter() - sent_at
-        job = _settled_job(make_engine(node.database_url))
+        job = _settled_job(engine)
         received = sorted(receiver.directory.iterdir())[-1]
         print(f"RT Structure Set received {latency:.1f} s after the last slice was acknowledged")
         print(summary_line(job))
@@ -145,3 +170,5 @@ def run_demo(workdir: Path | None, weights: Path, timeout: float = 600.0) -> int
     finally:
         node.stop()
         receiver.stop()
+        print(f"the node and its web app have stopped; {root} holds {_folder_size_mb(root):.0f} MB"
+              " (received CT, outputs, database): remove it when done")

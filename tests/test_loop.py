@@ -324,6 +324,18 @@ def test_demo_runs_the_whole_loop(tmp_path):
     assert rs.ApprovalStatus == "UNAPPROVED"
     qa = Path(json.loads(outputs)["qa"])
     assert qa == workdir / "data" / "jobs" / "1" / "attempt-1" / "qa.png" and qa.is_file()
+    assert re.search(rf"the node and its web app have stopped; {re.escape(str(workdir))} holds \d+ MB", result.stdout)
+
+    again = subprocess.run(  # a second demo in the same folder is a new series with a job of its own
+        [sys.executable, "-m", "node", "demo", "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    with sqlite3.connect(workdir / "rtnode.sqlite3") as connection:
+        assert connection.execute("select id, version, status from jobs order by id").fetchall() == [
+            (1, 1, JobStatus.DONE), (2, 1, JobStatus.DONE)
+        ]
+    assert len(list((workdir / "tps").iterdir())) == 2
 
 
 # --- restarts and crashes: a node killed while a job runs is not the job's fault; a worker that
