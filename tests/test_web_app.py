@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.responses import HTMLResponse
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from pydicom import dcmread
 from sqlalchemy import create_engine, func, select, update
@@ -448,9 +448,10 @@ class PageParts(HTMLParser):
 
 
 def html_page_routes(app) -> set[str]:
-    """The path of every page the app serves as HTML."""
-    return {route.path for route in app.routes
-            if isinstance(route, APIRoute) and "GET" in route.methods and route.response_class is HTMLResponse}
+    """The path of every page the app serves as HTML (its included routers walked as FastAPI flattens them)."""
+    return {context.path for context in iter_route_contexts(app.routes)
+            if isinstance(route := context.original_route, APIRoute) and "GET" in route.methods
+            and route.response_class is HTMLResponse}
 
 
 def test_every_page_shows_dicom_text_as_text_and_holds_no_inline_script(tmp_path):

@@ -35,7 +35,9 @@ class ArchiveRefused(UserError):
     """The upload as a whole is refused (a corrupt archive, too many files, too large): nothing was stored."""
 
 
-class Outcome(StrEnum):
+class FileOutcome(StrEnum):
+    """What became of one uploaded file."""
+
     STORED = "stored"
     REPEATED = "repeated"  # the same instance is held already: counted, not stored twice
     REFUSED = "refused"
@@ -44,7 +46,7 @@ class Outcome(StrEnum):
 @dataclass(frozen=True)
 class FileResult:
     name: str
-    outcome: Outcome
+    outcome: FileOutcome
     reason: str = ""
     series_instance_uid: str = ""
 
@@ -61,7 +63,7 @@ class UploadReport:
     files: list[FileResult] = field(default_factory=list)
     series: list[SeriesSubmitted] = field(default_factory=list)
 
-    def count(self, outcome: Outcome) -> int:
+    def count(self, outcome: FileOutcome) -> int:
         return sum(f.outcome == outcome for f in self.files)
 
 
@@ -139,13 +141,13 @@ def store_upload(engine: Engine, config: Config, uploads: list[UploadedFile], ad
         try:
             stored = store.save(data, _transfer_syntax(data), peer)
         except ValueError as exc:
-            report.files.append(FileResult(name, Outcome.REFUSED, str(exc)))
+            report.files.append(FileResult(name, FileOutcome.REFUSED, str(exc)))
             continue
         except StoreRefused as exc:
-            report.files.append(FileResult(name, Outcome.REFUSED, f"{exc} (status 0x{exc.status:04X})"))
+            report.files.append(FileResult(name, FileOutcome.REFUSED, f"{exc} (status 0x{exc.status:04X})"))
             continue
         uid = stored.header.series_instance_uid
-        report.files.append(FileResult(name, Outcome.REPEATED if stored.duplicate else Outcome.STORED, "", uid))
+        report.files.append(FileResult(name, FileOutcome.REPEATED if stored.duplicate else FileOutcome.STORED, "", uid))
         if uid not in touched:
             touched.append(uid)
     for uid in touched:

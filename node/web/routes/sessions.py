@@ -1,0 +1,57 @@
+"""Login and logout: the session cookie, the slowdown of failed logins, and no login posted from another site."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from node.web.accounts import AuditAction, end_session, log_in
+from node.web.dependencies import User, Web, audit_request, render
+from node.web.security import SESSION_COOKIE, Forbidden, client_address, require_csrf, same_origin
+
+router = APIRouter()
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a path on this site: never //host or a scheme (an open redirect)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, next: str = "/") -> HTMLResponse:
+    return render(request, "login.html", None, next=_safe_next(next), message="")
+
+
+@router.post("/login", response_class=HTMLResponse)
+async def login(request: Request, web: Web) -> Response:
+    form = await request.form()
+    username, password = str(form.get("username", "")), str(form.get("password", ""))
+    target = _safe_next(str(form.get("next", "/")))
+    if not same_origin(request):
+        raise Forbidden("a login posted from another site")
+    result = await run_in_threadpool(log_in, web.engine, web.config.web, username, password, client_address(request), web.clock)
+    if result.identity is None:
+        await asyncio.sleep(result.delay_seconds)  # the slowdown of repeated failures; other requests go on
+        await run_in_threadpool(audit_request, request, None, AuditAction.LOGIN_FAILED, "", "", result.message, username)
+        return render(request, "login.html", None, 401, next=target, message=result.message, username=username)
+    await run_in_threadpool(audit_request, request, result.identity, AuditAction.LOGIN)
+    response = RedirectResponse(target, 303)
+    response.set_cookie(SESSION_COOKIE, result.session_token, httponly=True, samesite="strict", secure=web.config.web.tls,
+                        path="/")
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request, web: Web, identity: User) -> Response:
+    await require_csrf(request, identity)
+    if identity.session_id is not None:
+        await run_in_threadpool(end_session, web.engine, identity.session_id)
+    await run_in_threadpool(audit_request, request, identity, AuditAction.LOGOUT)
+    response = RedirectResponse("/login", 303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=web.config.web.tls)
+    return response
