@@ -151,8 +151,8 @@ def log_in(engine: Engine, web: WebSection, username: str, password: str, addres
     with Session(engine) as session, session.begin():
         user = session.scalars(select(User).where(User.username == username)).one_or_none()
         if user is None:
-            _verify(_UNKNOWN_USER_HASH, password)
-            return LoginResult(None, None, 1.0, "wrong user name or password")
+            _verify(_UNKNOWN_USER_HASH, password)  # the same argon2 work and wait as a known name's first failures
+            return LoginResult(None, None, 0.0, "wrong user name or password")
         now = clock()
         if user.locked_until is not None and user.locked_until > now:
             return LoginResult(None, None, 1.0, f"too many failed logins: locked until {user.locked_until:%H:%M} UTC")
@@ -161,7 +161,7 @@ def log_in(engine: Engine, web: WebSection, username: str, password: str, addres
             if user.failed_logins >= web.login_lockout_after:
                 user.locked_until = now + timedelta(minutes=web.login_lockout_minutes)
                 return LoginResult(None, None, 1.0, f"too many failed logins: locked until {user.locked_until:%H:%M} UTC")
-            delay = float(max(0, user.failed_logins - web.login_slowdown_after + 1))
+            delay = float(max(0, user.failed_logins - web.login_slowdown_after))  # beyond login_slowdown_after
             return LoginResult(None, None, delay, "wrong user name or password")
         user.failed_logins, user.locked_until = 0, None
         if _HASHER.check_needs_rehash(user.password_hash):
