@@ -36,6 +36,7 @@ from node.lifecycle.workers import (
     heartbeat,
     recover_after_restart,
     register_worker,
+    report_unusable_model,
     requeue_after_worker_death,
 )
 from node.retention import purge_logged
@@ -276,6 +277,7 @@ def run_worker(config: Config, device: str | None = None) -> int:
     except UserError as exc:
         # Found now, not by the first job: queued jobs wait for a fixed model; reviews and deliveries go on.
         log.error("the worker does not take jobs: the model cannot be used: %s", exc)
+        report_unusable_model(engine, identity, f"the model cannot be used: {exc}")
         usable = False
     worker.run_forever(stop, take_jobs=usable)
     sender.join(timeout=60)

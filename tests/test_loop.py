@@ -402,6 +402,9 @@ def test_unusable_weights_are_found_at_start_up_and_receiving_goes_on(node_facto
         time.sleep(0.2)
     assert "the worker does not take jobs: the model cannot be used: weights" in node.log()
     assert "do not match their model card" in node.log()
+    with sqlite3.connect(node.database) as connection:  # what /healthz and the dashboard report
+        (problem,) = connection.execute("select model_problem from workers where stopped_at is null").fetchone()
+    assert problem.startswith("the model cannot be used: weights ") and "do not match their model card" in problem
     assert run_tool(require_tool("echoscu"), "-aec", "RTNODE", "127.0.0.1", str(node.port)).returncode == 0
     phantom_series(tmp_path / "ct", seed=40012)
     push(node, tmp_path / "ct", "+sd")

@@ -34,7 +34,7 @@ from node.config import parse_config
 from node.db.engine import open_database
 from node.db.models import AuditEvent, Delivery, Instance, Job, JobEvent, Series, Study, User, WorkerRecord, utcnow
 from node.harness import LOOPBACK, free_port, wait_for_port
-from node.lifecycle.workers import WorkerIdentity, heartbeat, register_worker
+from node.lifecycle.workers import WorkerIdentity, heartbeat, register_worker, report_unusable_model
 from node.scp import StorageSCP
 from node.service import WebProcess
 from node.store import InstanceStore
@@ -360,6 +360,14 @@ def test_healthz_is_503_when_no_worker_beats(monitored):
     status_code, body = monitored.healthz()
     assert failing_checks(status_code, body) == {"worker"}
     assert body["checks"]["worker"]["detail"] == "no worker has reported a heartbeat"
+
+
+def test_healthz_is_503_when_no_worker_can_use_its_model(monitored):
+    report_unusable_model(monitored.engine, monitored.worker, "the model cannot be used: weights do not match their card")
+    status_code, body = monitored.healthz()
+    assert failing_checks(status_code, body) == {"worker"}
+    detail = f"no worker takes jobs: {monitored.worker.name}: the model cannot be used: weights do not match their card"
+    assert body["checks"]["worker"]["detail"] == detail
 
 
 def test_healthz_is_503_when_the_database_is_unreachable(monitored):

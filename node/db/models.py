@@ -192,6 +192,8 @@ class WorkerRecord(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     current_job_id: Mapped[int | None] = mapped_column(Integer)
+    # Why this worker takes no jobs: its model cannot be used ("" when it can). Jobs then wait in the queue.
+    model_problem: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class AssociationRejection(Base):

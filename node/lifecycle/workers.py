@@ -51,6 +51,14 @@ def register_worker(engine: Engine, worker: WorkerIdentity) -> None:
             row = WorkerRecord(name=worker.name, host=worker.host, pid=worker.pid)
             session.add(row)
         row.device, row.started_at, row.heartbeat_at, row.stopped_at, row.current_job_id = worker.device, now, now, None, None
+        row.model_problem = ""
+
+
+def report_unusable_model(engine: Engine, worker: WorkerIdentity, problem: str) -> None:
+    """This worker takes no jobs until restarted with a usable model: /healthz and the dashboard say why."""
+    with Session(engine) as session, session.begin():
+        row = session.scalars(select(WorkerRecord).where(WorkerRecord.name == worker.name)).one()
+        row.model_problem = problem
 
 
 def heartbeat(engine: Engine, worker: WorkerIdentity, lease_seconds: float, stopped: bool = False) -> None:

@@ -59,10 +59,13 @@ def _database_and_worker_checks(engine: Engine, config: Config) -> list[Check]:
         return [Check("database", False, f"unreachable: {type(exc).__name__}"), Check("worker", False, "unknown: no database")]
     limit = config.web.max_heartbeat_age_seconds
     fresh = [w for w in workers if w.heartbeat_age_seconds <= limit]
-    if fresh:
+    if fresh and all(w.model_problem for w in fresh):
+        worker = Check("worker", False, "no worker takes jobs: " + "; ".join(f"{w.name}: {w.model_problem}" for w in fresh))
+    elif fresh:
         worker = Check("worker", True, "; ".join(
             f"{w.name} on {w.device}, heartbeat {w.heartbeat_age_seconds:.0f} s ago"
-            + (f", running job {w.current_job_id}" if w.current_job_id else ", idle") for w in fresh))
+            + (f", running job {w.current_job_id}" if w.current_job_id else ", idle")
+            + (f", takes no jobs: {w.model_problem}" if w.model_problem else "") for w in fresh))
     elif workers:
         age = min(w.heartbeat_age_seconds for w in workers)
         worker = Check("worker", False, f"last heartbeat {age:.0f} s ago (limit {limit:g} s)")

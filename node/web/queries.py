@@ -116,6 +116,7 @@ class WorkerState:
     current_job_id: int | None
     heartbeat_at: str
     heartbeat_age_seconds: float
+    model_problem: str  # why it takes no jobs, "" when it takes them
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,10 @@ def free_disk_gb(path: Path) -> float:
 def live_workers(session: Session) -> list[WorkerState]:
     now = datetime.now(UTC)
     return [
-        WorkerState(w.name, w.device, w.current_job_id, w.heartbeat_at.isoformat(), (now - w.heartbeat_at).total_seconds())
+        WorkerState(
+            w.name, w.device, w.current_job_id, w.heartbeat_at.isoformat(), (now - w.heartbeat_at).total_seconds(),
+            w.model_problem,
+        )
         for w in session.scalars(
             select(WorkerRecord).where(WorkerRecord.stopped_at.is_(None)).order_by(WorkerRecord.heartbeat_at.desc())
         )

@@ -61,7 +61,8 @@ function draw(data) {
   document.getElementById("queue-depth").textContent = String(overview.queue_depth);
   document.getElementById("free-disk").textContent = String(overview.free_disk_gb);
   listItems("workers", overview.workers.map((w) =>
-    `${w.name} on ${w.device}: ${w.current_job_id ? "job " + w.current_job_id : "idle"}, heartbeat ${Math.round(w.heartbeat_age_seconds)} s ago`),
+    `${w.name} on ${w.device}: ${w.current_job_id ? "job " + w.current_job_id : "idle"}, heartbeat ${Math.round(w.heartbeat_age_seconds)} s ago` +
+    (w.model_problem ? `; takes no jobs: ${w.model_problem}` : "")),
     "no worker has reported a heartbeat");
   listItems("destinations", overview.destinations.map((d) => `${d.name} (${d.address}): ${d.pending} pending, ${d.failed} failed`),
     "none configured");
