@@ -124,8 +124,8 @@ def run_demo(workdir: Path | None, weights: Path, timeout: float = 600.0) -> int
         account = _throwaway_account(node)
         node.start(timeout=60)
         print(f"node listening as RTNODE on {LOOPBACK}:{node.port}; stand-in planning system TPS on port {receiver.port}")
-        print(f"web app, while the demo runs: http://{LOOPBACK}:{node.web_port}/ (throw-away account {account.username!r}, password "
-              f"{account.password!r}, role admin; it goes with the demo folder)")
+        print(f"web app, while the demo runs: http://{LOOPBACK}:{node.web_port}/ (throw-away account "
+              f"{account.username!r}, password {account.password!r}, role admin; it goes with the demo folder)")
         phantom = make_phantom(DEMO_SEED)
         # A study and series of their own each run: a second demo in the same folder is a new series, not
         # the same one again with other slices.
