@@ -12,12 +12,13 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy.engine import make_url
 
+from node.addresses import AETitle, Port, is_loopback
+from node.destinations import Destination
 from node.errors import UserError
 
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
@@ -25,27 +26,15 @@ DEFAULT_CONFIG_PATH = Path("config/node.toml")
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "ctv-unet3d.safetensors"
 CONFIG_ENV_VAR = "RTNODE_CONFIG"
 
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: no backslash, no control chars
-
 
 class ConfigError(UserError):
     """The configuration file is missing, unreadable or invalid."""
-
-
-def _ae_title(value: str) -> str:
-    if not _AE_TITLE.match(value) or not value.strip():
-        raise ValueError("an AE title is 1 to 16 printable characters, not all spaces, no backslash")
-    return value.strip()
 
 
 def _ip_address(value: str | None) -> str | None:
     if value is None:
         return None
     return str(ipaddress.ip_address(value))
-
-
-AETitle = Annotated[str, AfterValidator(_ae_title)]
-Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class _Section(BaseModel):
@@ -183,19 +172,6 @@ class FeedbackSection(_Section):
     minor_edit_surface_dice: Annotated[float, Field(gt=0, le=1)] = 0.95
 
 
-_LOOPBACK_NAMES = ("localhost", "ip6-localhost")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (a name or an address) is this machine: traffic to it never crosses the network."""
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class WebSection(_Section):
     """The web app `rtnode serve` runs in its own process: loopback by default; any other address needs
     TLS (certificate and private_key) or an explicit `insecure_http = true`."""
@@ -259,76 +235,6 @@ class ModelSection(_Section):
     max_slices: Annotated[int, Field(ge=2)] = 2000
 
 
-def _http_url(value: str | None) -> str | None:
-    if value is None:
-        return None
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port == 0 or parts.username is not None:
-        raise ValueError("a STOW-RS url is http(s)://host[:port]/path, its credentials in token or username and password")
-    if parts.query or parts.fragment:
-        raise ValueError("a STOW-RS url has no query or fragment")
-    return value.rstrip("/")
-
-
-# The keys of one type of destination only: set on the other type they would be silently ignored.
-_C_STORE_KEYS = ("ae_title", "host", "port", "acse_timeout_seconds", "dimse_timeout_seconds", "tls")
-_STOW_RS_KEYS = ("url", "token", "username", "password")
-
-
-class Destination(_Section):
-    """Where outputs are sent: by C-STORE to `ae_title`@`host`:`port` (`type = "c-store"`, the default: planning
-    systems import so), or by DICOMweb STOW-RS to `url` (`type = "stow-rs"`: PACS and archives increasingly take it)."""
-
-    name: Annotated[str, Field(min_length=1)]
-    type: Literal["c-store", "stow-rs"] = "c-store"
-    # C-STORE: required, so a destination without `type` is validated as it always was; None for STOW-RS.
-    ae_title: AETitle | None
-    host: str | None
-    port: Port | None
-    # Planning systems can take minutes to import a structure set before they answer the C-STORE.
-    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0  # association negotiation
-    dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0  # waiting for the C-STORE response
-    network_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0  # silence on the connection (STOW-RS: the HTTP timeout)
-    tls: bool = False  # send over TLS, checking the destination against [tls] ca_certificates
-    # STOW-RS: the DICOMweb service's base URL (https://pacs.example.org/dicom-web; http is sent unencrypted) and
-    # optional credentials, a bearer token or HTTP basic auth. Kept here only, never in the database.
-    url: Annotated[str | None, AfterValidator(_http_url)] = None
-    token: Annotated[str | None, Field(repr=False)] = None
-    username: str | None = None
-    password: Annotated[str | None, Field(repr=False)] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _keys_of_its_type(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or data.get("type", "c-store") not in ("c-store", "stow-rs"):
-            return data  # the type itself is reported
-        stow_rs = data.get("type") == "stow-rs"
-        misplaced = [key for key in (_C_STORE_KEYS if stow_rs else _STOW_RS_KEYS) if key in data]
-        if misplaced:
-            raise ValueError(f"{', '.join(misplaced)}: not a key of a {data.get('type', 'c-store')} destination")
-        return {**data, "ae_title": None, "host": None, "port": None} if stow_rs else data
-
-    @model_validator(mode="after")
-    def _complete(self) -> Destination:
-        if self.type == "c-store" and None in (self.ae_title, self.host, self.port):
-            raise ValueError("a c-store destination needs ae_title, host and port")
-        if self.type == "stow-rs" and self.url is None:
-            raise ValueError("a stow-rs destination needs a url")
-        if self.token is not None and self.username is not None:
-            raise ValueError("a bearer token or a username and password, not both")
-        if (self.username is None) != (self.password is None):
-            raise ValueError("username and password go together")
-        return self
-
-    @property
-    def address(self) -> tuple[str, str, int]:
-        """AE title, host and port as a delivery records where it went: for STOW-RS, no AE title and the URL's."""
-        if self.url is None:
-            return self.ae_title, self.host, self.port
-        parts = urlsplit(self.url)
-        return "", parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-
-
 class Config(_Section):
     node: NodeSection = NodeSection()
     security: SecuritySection = SecuritySection()
@@ -339,7 +245,7 @@ class Config(_Section):
     retention: RetentionSection = RetentionSection()
     feedback: FeedbackSection = FeedbackSection()
     web: WebSection = WebSection()
-    destinations: list[Destination] = []
+    destinations: list[Destination] = []  # each table validated as the type it names (node.destinations)
 
     @model_validator(mode="after")
     def _pinned_callers_need_client_certificates(self) -> Config:

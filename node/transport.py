@@ -2,8 +2,9 @@
 still negotiating an association (the SCP's), the TLS contexts of the listener and of a client (the
 sender's), and certificate subjects as OpenSSL prints them.
 
-Nothing here touches the database or the lifecycle: its functions take plain values and the
-`[node]` and `[tls]` sections, so any sender of DICOM (C-STORE, STOW-RS) may use the client context.
+Nothing here touches the configuration, the database or the lifecycle: its functions take plain values and
+what they need of the `[node]` and `[tls]` sections, named by the protocols below (`node.config`'s sections have
+it), so the destination types and the configuration above them may all use it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from pynetdicom import AE, evt
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.config import NodeSection, TlsSection
 from node.errors import UserError
 
 # How often the server closes connections past their negotiation deadline.
@@ -29,6 +31,36 @@ POLL_SECONDS = 0.2
 _YIELD_SECONDS = 0.02
 # Closed connections: the first per peer and reason is logged, then a count per this long.
 _LOG_INTERVAL_SECONDS = 60.0
+
+
+class ListenerSettings(Protocol):
+    """What listening needs of the `[node]` section: where, and the limits on connections still negotiating."""
+
+    host: str
+    port: int
+    max_associations: int
+    negotiation_timeout_seconds: float
+    max_unnegotiated_connections: int
+    max_unnegotiated_per_peer: int
+
+
+class TlsFiles(Protocol):
+    """The node's TLS identity and trust, from the `[tls]` section: its certificate (chain) and key, and the CAs
+    it trusts (PEM files; None: none)."""
+
+    certificate: Path | None
+    private_key: Path | None
+    ca_certificates: Path | None
+
+
+class ServerTls(TlsFiles, Protocol):
+    """What the TLS listener needs of the `[tls]` section besides the files."""
+
+    port: int
+    require_client_certificate: bool
+
+    @property
+    def enabled(self) -> bool: ...
 
 
 class _RateLimitedLog:
@@ -89,7 +121,7 @@ class _NegotiationGuardServer(ThreadedAssociationServer):
     """
 
     def __init__(
-        self, *args, node: NodeSection, closed_log: logging.Logger, listener: socket.socket | None = None, **kwargs
+        self, *args, node: ListenerSettings, closed_log: logging.Logger, listener: socket.socket | None = None, **kwargs
     ) -> None:
         # The listen backlog (socketserver's default 5): a burst beyond it waits a SYN retry (1 s, 3 s, ...).
         self.request_queue_size = node.max_associations
@@ -214,7 +246,7 @@ class _NegotiationGuardServer(ThreadedAssociationServer):
 
 def start_server(
     ae: AE,
-    node: NodeSection,
+    node: ListenerSettings,
     port: int,
     handlers: list[EventHandlerType],
     *,
@@ -248,7 +280,7 @@ class Listeners:
     tls: socket.socket | None = None
 
     @classmethod
-    def open(cls, node: NodeSection, tls: TlsSection) -> Listeners:
+    def open(cls, node: ListenerSettings, tls: ServerTls) -> Listeners:
         tls_listener = _listening_socket(node.host, tls.port, node.max_associations) if tls.enabled else None
         return cls(_listening_socket(node.host, node.port, node.max_associations), tls_listener)
 
@@ -269,7 +301,7 @@ def _listening_socket(host: str, port: int, backlog: int) -> socket.socket:
     return listener
 
 
-def server_context(tls: TlsSection) -> ssl.SSLContext:
+def server_context(tls: ServerTls) -> ssl.SSLContext:
     """The TLS listener's context: TLS 1.2 or later (BCP 195), the node's certificate, and client certificates
     checked against `ca_certificates` (required, or only checked when presented)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -326,8 +358,6 @@ def certificate_subject(subject: tuple) -> str:
     )
 
 
-
-
 class _TlsClientSocket(ssl.SSLSocket):
     def do_handshake(self, block: bool = False) -> None:
         try:
@@ -344,7 +374,7 @@ class _ClientContext(ssl.SSLContext):
     handshake_error: OSError | None = None
 
 
-def client_context(tls: TlsSection) -> _ClientContext:
+def client_context(tls: TlsFiles) -> _ClientContext:
     """TLS 1.2 or later (BCP 195); the destination's certificate checked against `ca_certificates` (the system's
     CAs without) and its host name; the node's certificate presented when it has one."""
     context = _ClientContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -29,21 +29,24 @@ SKIPPED = ("node/db/migrations/",)  # run by alembic, never imported by the pack
 # a unit may import units of its own layer or lower ones, never higher.
 LAYERS: dict[str, int] = {
     "node": -1,  # node/__init__.py, only __version__: anyone may import it; it imports nothing
-    **dict.fromkeys(["errors", "vocabulary", "config"], 0),
-    **dict.fromkeys(["imaging", "db"], 1),  # Volume, NIfTI, file meta, metrics, QA picture; models, engine
-    **dict.fromkeys(["rtstruct", "pipeline"], 2),  # pipeline: the model (network, preprocess, weights, inference)
+    **dict.fromkeys(["errors", "vocabulary", "addresses"], 0),  # addresses: AE title, port, loopback, as settings name them
+    # Volume, NIfTI, file meta, metrics, QA picture; models, engine; transport: sockets and TLS, for the SCP and the sender
+    **dict.fromkeys(["imaging", "db", "transport"], 1),
+    # pipeline: the model (network, preprocess, weights, inference); destinations: one module per type, its settings and
+    # its send; config: the validated TOML, over the destination types it lists (a cycle, were they to import it)
+    **dict.fromkeys(["rtstruct", "pipeline", "destinations", "config"], 2),
     "outputs": 3,  # the one writer of a job's outputs
     "synth": 4,  # phantoms
     "training": 5,
     # every job, delivery and review transition; what may be removed, and removing it; matching and measuring reviews
     **dict.fromkeys(["lifecycle", "retention", "review"], 6),
-    # instance_check: an incoming instance's bytes; transport: sockets and TLS, for the SCP and the sender
-    **dict.fromkeys(["instance_check", "store", "completion", "transport", "scp", "worker", "sender", "joblog", "inventory"], 7),
+    # instance_check: an incoming instance's bytes
+    **dict.fromkeys(["instance_check", "store", "completion", "scp", "worker", "sender", "joblog", "inventory"], 7),
     **dict.fromkeys(["service", "harness", "demo"], 8),
     **dict.fromkeys(["cli", "web"], 9),  # web: the web app, run in its own process by `rtnode serve`
     "__main__": 10,
 }
-# Within layer 7: the receiving side takes DICOM in and hands over through the database only.
+# The receiving side takes DICOM in and hands over through the database only.
 RECEIVING = ("scp", "transport", "instance_check", "store", "completion")
 MODEL_SIDE = ("worker", "sender")
 # What the receiving side must never load, even lazily: the model, training, the worker and sender.
@@ -355,6 +358,15 @@ def test_receiving_side_runs_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False", "importing the receiving side and the service loaded torch"
+
+
+def test_transport_and_destinations_reach_neither_the_configuration_the_database_nor_the_lifecycle():
+    """Sockets, TLS and the destination types take plain values and settings: the configuration lists the
+    destinations, so they must not import it; what a send did is recorded by the sender, through the lifecycle.
+    Nor do they load torch."""
+    above = ("node.config", "node.db", "node.lifecycle")
+    problems = reaches_model(NODE, ("node.transport", "node.destinations"), forbidden=above)
+    assert not problems, "node.transport or node.destinations reaches what is above them:\n" + "\n".join(problems)
 
 
 def test_package_and_benchmarks_never_import_tests():

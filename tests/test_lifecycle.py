@@ -18,13 +18,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 import node.worker
-from node.config import Destination, parse_config
+from node.config import parse_config
 from node.db.models import Job, WorkerRecord, utcnow
+from node.destinations import Destination, SendOutcome
+from node.destinations.cstore import classify_store_status
 from node.errors import UserError
-from node.lifecycle.deliveries import RetryPolicy, SendOutcome, due_deliveries, record_attempt, resend, take_delivery
+from node.lifecycle.deliveries import RetryPolicy, due_deliveries, record_attempt, resend, take_delivery
 from node.lifecycle.jobs import Eligibility, LeaseLost, claim_next, fail_job, record_outputs, rerun, submit_series
 from node.lifecycle.workers import WorkerIdentity, expire_leases, heartbeat, recover_after_restart, register_worker
-from node.sender import classify_store_status
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import ct_datasets, write_cylinder_ct, write_series
 from node.synth.phantom import make_phantom

@@ -24,10 +24,11 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 import node.cli
-from node.config import Config, Destination, load_config
+from node.config import Config, load_config
 from node.db.engine import open_database
 from node.db.models import Instance, Job, Series, Study, utcnow
-from node.lifecycle.deliveries import RetryPolicy, SendOutcome, due_deliveries, record_attempt
+from node.destinations import Destination, SendOutcome
+from node.lifecycle.deliveries import RetryPolicy, due_deliveries, record_attempt
 from node.lifecycle.jobs import Eligibility, claim_next, record_outputs, rerun, submit_series
 from node.retention import _Deleted, purge, set_protected
 from node.store import CallingPeer, InstanceStore

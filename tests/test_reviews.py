@@ -24,8 +24,9 @@ from scipy import ndimage
 from sqlalchemy.orm import Session
 
 from node.completion import eligibility
-from node.config import Config, Destination
+from node.config import Config
 from node.db.models import Instance
+from node.destinations import Destination
 from node.imaging.metrics import dice, hd95, surface_dice
 from node.imaging.volume import Volume, load_series_dir, load_volume
 from node.joblog import describe_job, list_reviews, review_lines

@@ -10,9 +10,9 @@ from pydicom.uid import RTStructureSetStorage
 from pynetdicom import AE, evt
 from pynetdicom.status import Status
 
-from node.config import Config, Destination
+from node.config import Config
+from node.destinations import DeliveryOrder, Destination
 from node.harness import LOOPBACK, free_port
-from node.lifecycle.deliveries import DeliveryOrder
 from node.sender import send
 from node.vocabulary import OutputKind
 

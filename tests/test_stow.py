@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from node.config import Config, ConfigError, Destination, TlsSection, parse_config
+from node.config import Config, ConfigError, TlsSection, parse_config
+from node.destinations import DeliveryOrder, Destination
+from node.destinations.stowrs import classify_stow_response, stow_rs
 from node.harness import LOOPBACK
-from node.lifecycle.deliveries import DeliveryOrder
-from node.sender import classify_stow_response, send, stow_rs, warn_of_plain_http
+from node.sender import log_destination_warnings as warn_of_plain_http
+from node.sender import send
 from node.vocabulary import OutputKind
 from tests import test_tls
 from tests.conftest import REQUIRE_TOOLS

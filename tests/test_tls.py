@@ -25,10 +25,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import RTStructureSetStorage
 
-from node.config import Config, Destination, TlsSection
+from node.config import Config, TlsSection
+from node.destinations import DeliveryOrder, Destination
 from node.errors import UserError
 from node.harness import DCMTK_ENV, LOOPBACK, NodeProcess, free_port, wait_for_port
-from node.lifecycle.deliveries import DeliveryOrder
 from node.sender import send
 from node.synth.ct_series import write_cylinder_ct
 from node.transport import certificate_subject, client_context, server_context

@@ -11,8 +11,9 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, Engine, exists, select, update
 from sqlalchemy.orm import Session
 
-from node.config import DeliverySection, Destination
+from node.config import DeliverySection
 from node.db.models import Delivery, Job, utcnow
+from node.destinations import DeliveryOrder, Destination, SendOutcome
 from node.errors import UserError
 from node.lifecycle.events import add_event, finish_job
 from node.lifecycle.workers import WorkerIdentity
@@ -86,28 +87,6 @@ def resend(engine: Engine, job_id: int, destinations: Sequence[Destination], sop
         job.status, job.finished_at = JobStatus.SENDING, None
         add_event(session, job, EventKind.RESEND, f"queued by hand to {', '.join(d.name for d in destinations)}")
         return len(kinds) * len(destinations)
-
-
-@dataclass(frozen=True)
-class DeliveryOrder:
-    """One pending delivery as the sender needs it: what to send where."""
-
-    id: int
-    destination: str
-    ae_title: str
-    host: str
-    port: int
-    kind: OutputKind
-    path: Path
-
-
-@dataclass(frozen=True)
-class SendOutcome:
-    """How one send attempt ended."""
-
-    delivered: bool
-    retry: bool  # only meaningful when not delivered: would waiting help?
-    detail: str
 
 
 @dataclass(frozen=True)

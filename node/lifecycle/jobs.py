@@ -13,8 +13,8 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, Engine, func, select, type_coerce, update
 from sqlalchemy.orm import Session
 
-from node.config import Destination
 from node.db.models import Instance, Job, Review, Series, UTCDateTime, utcnow
+from node.destinations import Destination
 from node.errors import UserError
 from node.lifecycle.deliveries import delivery_pending, new_delivery, settle_sending_job
 from node.lifecycle.events import add_event, finish_job

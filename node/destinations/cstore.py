@@ -1,0 +1,111 @@
+"""C-STORE destinations (`type = "c-store"`, the default): planning systems import so. Sent by pynetdicom to
+the AE title, host and port the delivery recorded, with the configured destination's timeouts and TLS; the
+answer's status classified by pynetdicom's categories."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, SegmentationStorage
+from pynetdicom import AE
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
+
+from node.addresses import AETitle, Port
+from node.destinations.base import DeliveryOrder, Destination, SenderConfig, SendOutcome
+from node.transport import client_context
+from node.vocabulary import OutputKind
+
+SOP_CLASSES = {OutputKind.RTSTRUCT: RTStructureSetStorage, OutputKind.SEG: SegmentationStorage}
+_OUT_OF_RESOURCES = "Refused: Out of Resources"
+# A-ASSOCIATE-RJ result "rejected-permanent" (PS3.8 9.3.4); "rejected-transient" is 0x02.
+_REJECTED_PERMANENT = 0x01
+
+
+class CStoreDestination(Destination):
+    """By C-STORE to `ae_title`@`host`:`port`."""
+
+    type: Literal["c-store"] = "c-store"
+    ae_title: AETitle
+    host: str
+    port: Port
+    # Planning systems can take minutes to import a structure set before they answer the C-STORE.
+    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0  # association negotiation (and the TLS handshake)
+    dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0  # waiting for the C-STORE response
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0  # silence on the connection
+    tls: bool = False  # send over TLS, checking the destination against [tls] ca_certificates
+
+    @property
+    def address(self) -> tuple[str, str, int]:
+        return self.ae_title, self.host, self.port
+
+    @property
+    def url(self) -> None:
+        """None: reached by DICOM networking at `address`, not at a URL as a DICOMweb destination is."""
+        return None
+
+    def send(self, config: SenderConfig, order: DeliveryOrder) -> SendOutcome:
+        return c_store(config, order, self)
+
+    def takes(self, order: DeliveryOrder) -> bool:
+        """It sends to the address the delivery recorded: one recorded without an AE title (for STOW-RS) it cannot."""
+        return bool(order.ae_title)
+
+    @classmethod
+    def orphan_detail(cls, order: DeliveryOrder) -> str | None:
+        if not order.ae_title:
+            return None
+        return (
+            f"{order.destination} is no longer a configured destination, so its TLS and timeouts are unknown: not sent; "
+            "`rtnode resend` queues it to the configured destinations"
+        )
+
+
+def classify_store_status(code: int | None, destination: str) -> SendOutcome:
+    """A C-STORE response status as an outcome, by pynetdicom's categories: Success and Warning
+    are delivered; "Refused: Out of Resources" may pass and is retried; any other failure is not."""
+    if code is None:
+        return SendOutcome(False, True, f"no C-STORE response from {destination}")
+    category = code_to_category(code)
+    if category in (STATUS_SUCCESS, STATUS_WARNING):
+        return SendOutcome(True, False, f"stored by {destination} (status 0x{code:04X})")
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, (category, ""))[1]
+    transient = meaning == _OUT_OF_RESOURCES
+    described = f" ({meaning})" if meaning else ""
+    return SendOutcome(False, transient, f"{destination} answered C-STORE failure status 0x{code:04X}{described}")
+
+
+def c_store(config: SenderConfig, order: DeliveryOrder, destination: CStoreDestination) -> SendOutcome:
+    """One C-STORE to the address the delivery recorded, with the configured destination's timeouts and TLS."""
+    peer = f"{order.ae_title}@{order.host}:{order.port}"
+    ae = AE(ae_title=config.node.ae_title)
+    ae.connection_timeout = destination.acse_timeout_seconds  # also bounds the TLS handshake
+    ae.acse_timeout = destination.acse_timeout_seconds
+    ae.dimse_timeout = destination.dimse_timeout_seconds
+    ae.network_timeout = destination.network_timeout_seconds
+    ae.add_requested_context(SOP_CLASSES[order.kind], ExplicitVRLittleEndian)
+    context = None
+    if destination.tls:
+        try:
+            context = client_context(config.tls)
+        except OSError as exc:  # ssl.SSLError included
+            files = f"ca_certificates {config.tls.ca_certificates}, certificate {config.tls.certificate}"
+            return SendOutcome(False, True, f"cannot send to {peer} over TLS: [tls] {files} cannot be used: {exc}")
+    tls_args = (context, order.host) if context else None  # the host name the certificate must name
+    assoc = ae.associate(order.host, order.port, ae_title=order.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            primitive = assoc.acceptor.primitive
+            permanent = getattr(primitive, "result", None) == _REJECTED_PERMANENT
+            reason = getattr(primitive, "reason_str", "") or "rejected"
+            return SendOutcome(False, not permanent, f"association rejected by {peer}: {reason}")
+        if context is not None and context.handshake_error is not None:
+            return SendOutcome(False, True, f"TLS handshake with {peer} failed: {context.handshake_error}")
+        return SendOutcome(False, True, f"cannot reach {peer}" + (" over TLS" if context else ""))
+    try:
+        status = assoc.send_c_store(str(order.path))
+    except (OSError, ValueError) as exc:
+        return SendOutcome(False, True, f"C-STORE to {order.destination} failed: {exc}")
+    finally:
+        assoc.release()
+    return classify_store_status(getattr(status, "Status", None), order.destination)
