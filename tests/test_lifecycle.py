@@ -231,6 +231,38 @@ def test_a_retryable_failure_past_max_age_gives_up(engine, series, tmp_path):
     assert "delivery to tps failed: cannot reach TPS@127.0.0.1:11112" in job.error
 
 
+OTHER = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=11114)
+
+
+def test_a_failed_extra_resend_leaves_a_delivered_job_done(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    contoured(engine, tmp_path, job_id)
+    (first,) = due_deliveries(engine)
+    record_attempt(engine, first, classify_store_status(0x0000, "tps"), 0.1, POLICY)
+    assert resend(engine, job_id, [OTHER], lambda path: "2.25.1") == 1
+    (extra,) = due_deliveries(engine)
+    record_attempt(engine, extra, classify_store_status(0xA900, "pacs"), 0.1, POLICY)
+    job = job_row(engine, job_id)
+    assert [(d.destination, d.status) for d in job.deliveries] == [("tps", DeliveryStatus.DONE), ("pacs", DeliveryStatus.FAILED)]
+    assert (job.status, job.error) == (JobStatus.DONE, "")
+    (kind, detail) = events(job)[-1]
+    assert kind == EventKind.DONE
+    assert detail.startswith("delivered to tps before; the resend did not reach all: delivery to pacs failed: pacs answered")
+
+
+def test_a_resend_that_reaches_the_destination_ends_a_failed_job_done(engine, series, tmp_path):
+    job_id = running_job(engine, series[0])
+    contoured(engine, tmp_path, job_id)
+    (first,) = due_deliveries(engine)
+    record_attempt(engine, first, classify_store_status(0xA900, "tps"), 0.1, POLICY)
+    assert job_row(engine, job_id).status == JobStatus.FAILED
+    resend(engine, job_id, [TPS], lambda path: "2.25.1")
+    (again,) = due_deliveries(engine)
+    record_attempt(engine, again, classify_store_status(0x0000, "tps"), 0.1, POLICY)
+    job = job_row(engine, job_id)
+    assert (job.status, job.error) == (JobStatus.DONE, "") and events(job)[-1] == (EventKind.DONE, "delivered to tps")
+
+
 def test_a_second_version_supersedes_the_first(engine, series, tmp_path):
     uid, files = series
     first = running_job(engine, uid)

@@ -210,13 +210,9 @@ def test_unchanged_resend_is_a_repeat_and_rerun_makes_version_two_that_supersede
     assert len(descriptions) == 2 and "v2, supersedes v1" in descriptions[-1]
 
 
-# What pynetdicom logs of each attempt to reach a planning system that is down.
-DESTINATION_DOWN = (r"pynetdicom.transport: Association request failed: unable to connect to remote",
-                    r"pynetdicom.transport: TCP Initialisation Error: \[Errno 111\] Connection refused")
-
-
 def test_receiver_down_then_up_delivers_exactly_once(loop_node, tps, tmp_path):
-    node = loop_node(DESTINATION_DOWN).start()
+    """The attempts while the planning system is down are WARNINGs of the delivery, no ERROR (the log check)."""
+    node = loop_node().start()
     phantom_series(tmp_path / "ct", seed=40004)
     push(node, tmp_path / "ct", "+sd")
     wait_for(node, lambda j: j and j[0]["deliveries"] and j[0]["deliveries"][0]["attempts"] >= 2, what="failed attempts")
@@ -261,7 +257,9 @@ def small_series(
 
 
 def test_rejections_failures_and_the_next_series(loop_node, tps, tmp_path):
-    node = loop_node().start()
+    failed = (r"node.lifecycle: job \d+ .*: failed slices differ in size \(rows, columns\): \[128, 128\] in SOP Instance",
+              r"node.lifecycle: job \d+ .*: failed series \S+ has a gap between z=-7.0 and z=-1.0 mm")
+    node = loop_node(failed).start()
     tps.start()
     push(node, small_series(tmp_path / "mr", modality_mr=True))
     push(node, small_series(tmp_path / "scout", localizer=True))
@@ -376,7 +374,8 @@ def test_node_killed_three_times_while_a_job_runs_still_finishes_it(loop_node, t
 
 
 def test_a_worker_that_dies_under_a_job_three_times_fails_it(loop_node, tps, tmp_path):
-    died = (r"node.service: worker process \S+ exited with status -9: starting a new one",)
+    died = (r"node.service: worker process \S+ exited with status -9: starting a new one",
+            r"node.lifecycle: job 1 .*: failed the worker stopped 3 times while running this job: not retried")
     node = node_running_a_job(loop_node, tps, tmp_path, seed=40011, allowed_log_problems=died)
     for attempt in range(1, 4):
         wait_for(node, lambda j, n=attempt: starts(node) == n and j[0]["status"] == "running", what=f"attempt {attempt}")

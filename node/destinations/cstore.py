@@ -4,6 +4,7 @@ answer's status classified by pynetdicom's categories."""
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
 from pydantic import Field
@@ -20,6 +21,19 @@ SOP_CLASSES = {OutputKind.RTSTRUCT: RTStructureSetStorage, OutputKind.SEG: Segme
 _OUT_OF_RESOURCES = "Refused: Out of Resources"
 # A-ASSOCIATE-RJ result "rejected-permanent" (PS3.8 9.3.4); "rejected-transient" is 0x02.
 _REJECTED_PERMANENT = 0x01
+
+
+class _UnreachablePeerSaidByTheDelivery(logging.Filter):
+    """pynetdicom logs a destination it cannot connect to at ERROR, twice an attempt; the delivery's own line
+    says it with the destination's name and the retry (a WARNING), so an admin's grep for errors finds real ones."""
+
+    SAID = ("Association request failed: unable to connect to remote", "TCP Initialisation Error")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.SAID)
+
+
+logging.getLogger("pynetdicom.transport").addFilter(_UnreachablePeerSaidByTheDelivery())
 
 
 class CStoreDestination(Destination):

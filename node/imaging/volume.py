@@ -274,14 +274,19 @@ def _check_identity(datasets: Sequence[Dataset]) -> None:
         raise TooFewSlicesError(f"series {series[0]} has {len(datasets)} slice; at least 2 are needed")
 
 
+def _numbers(values: np.ndarray) -> str:
+    """As a person writes them: [128, 128], [0.977, 0.977]."""
+    return "[" + ", ".join(f"{value:g}" for value in values.reshape(-1)) + "]"
+
+
 def _same(values: list, what: str, datasets: Sequence[Dataset], tolerance: float = 0.0) -> np.ndarray:
     array = np.asarray(values, dtype=float)
     differs = np.any(np.abs(array - array[0]) > tolerance, axis=tuple(range(1, array.ndim)))
     if np.any(differs):
         k = int(np.argmax(differs))
         raise InconsistentGeometryError(
-            f"slices differ in {what}: {list(array[0])} in SOP Instance {datasets[0].SOPInstanceUID}, "
-            f"{list(array[k])} in {datasets[k].SOPInstanceUID}"
+            f"slices differ in {what}: {_numbers(array[0])} in SOP Instance {datasets[0].SOPInstanceUID}, "
+            f"{_numbers(array[k])} in {datasets[k].SOPInstanceUID}"
         )
     return array[0]
 

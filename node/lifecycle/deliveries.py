@@ -49,18 +49,24 @@ def delivery_pending(job_id: int | ColumnElement[int]) -> ColumnElement[bool]:
 
 
 def settle_sending_job(session: Session, job: Job) -> None:
-    """A sending job is done when every live delivery is done, failed when one failed for good."""
+    """A sending job is done when each destination has each output, failed when one failed for good. A job
+    that was done already (a resend by hand) is done again however the extra send ends: its contour reached
+    the planning system before, and the failed delivery says what did not."""
     if job.status != JobStatus.SENDING:
         return
     live = [d for d in job.deliveries if d.status != DeliveryStatus.SUPERSEDED]
     if any(d.status == DeliveryStatus.PENDING for d in live):
         return
-    failed = [d for d in live if d.status == DeliveryStatus.FAILED]
-    if failed:
-        detail = "; ".join(f"delivery to {d.destination} failed: {d.last_error}" for d in failed)
-        finish_job(session, job, JobStatus.FAILED, detail)
+    delivered = {(d.destination, d.kind) for d in live if d.status == DeliveryStatus.DONE}
+    failed = [d for d in live if d.status == DeliveryStatus.FAILED and (d.destination, d.kind) not in delivered]
+    failures = "; ".join(f"delivery to {d.destination} failed: {d.last_error}" for d in failed)
+    reached = f"delivered to {', '.join(sorted({destination for destination, _ in delivered}))}"
+    if failed and any(event.event == EventKind.DONE for event in job.events):
+        finish_job(session, job, JobStatus.DONE, f"{reached} before; the resend did not reach all: {failures}")
+    elif failed:
+        finish_job(session, job, JobStatus.FAILED, failures)
     elif live:
-        finish_job(session, job, JobStatus.DONE, f"delivered to {', '.join(sorted({d.destination for d in live}))}")
+        finish_job(session, job, JobStatus.DONE, reached)
     else:
         finish_job(session, job, JobStatus.DONE, "superseded by a newer version before delivery")
 
