@@ -170,10 +170,33 @@ def _retention_schedule(config: Config, engine: Engine) -> BackgroundScheduler:
     return scheduler
 
 
+def _refuse_ports_in_use(config: Config, config_path: Path) -> None:
+    """Every port `serve` listens on is free, or it stops here in one sentence, before it starts anything."""
+    wanted = [("node.port", config.node.host, config.node.port)]
+    if config.tls.enabled:
+        wanted.append(("tls.port", config.node.host, config.tls.port))
+    if config.web.enabled:
+        wanted.append(("web.port", config.web.host, config.web.port))
+    for key, host, port in wanted:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise UserError(
+                    f"cannot listen on {host}:{port} ({key} in {config_path}): {exc.strerror}; is another rtnode or DICOM"
+                    " server running there?"
+                ) from None
+
+
 def serve(config: Config, config_path: Path) -> int:
     """Receive until asked to stop; the worker process runs the jobs."""
     if config.web.enabled and (refusal := config.web.refusal()) is not None:
         raise UserError(refusal)  # before anything listens
+    _refuse_ports_in_use(config, config_path)
+    if not config.destinations:
+        log.warning("no [[destinations]] in %s: jobs are contoured and end done, but nothing is sent", config_path)
     if config.node.receivers > 1 and not config.node.database_url.startswith("postgresql"):
         raise UserError(
             f"node.receivers = {config.node.receivers} needs PostgreSQL (node.database_url): on SQLite, several receiving "

@@ -126,11 +126,12 @@ class _NegotiationGuardServer(ThreadedAssociationServer):
         # The listen backlog (socketserver's default 5): a burst beyond it waits a SYN retry (1 s, 3 s, ...).
         self.request_queue_size = node.max_associations
         self._shared_listener = listener  # opened by `rtnode serve`, accepted on by every receiving process
-        super().__init__(*args, **kwargs)
-        self._node = node
+        # Before the base class binds: a port in use makes it call server_close, which needs these.
         self._lock = threading.Lock()  # guards the lists and every start of an association thread
         self._waiting: list[_Connection] = []
         self._negotiating: list[_Connection] = []
+        super().__init__(*args, **kwargs)
+        self._node = node
         self._log_closed = _RateLimitedLog(closed_log, _LOG_INTERVAL_SECONDS)
         self.bind(evt.EVT_CONN_OPEN, self._on_conn_open)
         self.bind(evt.EVT_ESTABLISHED, self._on_established)

@@ -16,7 +16,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import create_engine, text
 
-from node.harness import LOOPBACK, NodeProcess
+from node.harness import LOOPBACK, NodeProcess, free_port
 from node.synth.ct_series import write_cylinder_ct
 from tests.conftest import DCMTK_ENV, require_tool, run_tool, shared_data, wait_until
 
@@ -321,3 +321,21 @@ def test_concurrent_repeats_make_one_row(node_on_each_database, tmp_path):
     assert statuses == [[0x0000] * 4] * 4
     assert rows(node.database_url, "select count(*), sum(times_received) from instances") == [(4, 16)]
     assert len(stored_files(node.data_dir)) == 4
+
+
+@pytest.mark.parametrize("taken", ["node.port", "web.port"])
+def test_serve_refuses_a_port_in_use_in_one_sentence(tmp_path, taken):
+    """Before anything starts: exit 2, the port, its key and the reason (was: exit 70 with an AttributeError for
+    the DICOM port; a node running without its web app for the web port)."""
+    with socket.socket() as squatter:
+        squatter.bind((LOOPBACK, 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        if taken == "node.port":
+            node = NodeProcess(root=tmp_path / "node", port=port)
+        else:
+            node = NodeProcess(root=tmp_path / "node", port=free_port(), web_port=port)
+        result = node.rtnode("serve")
+    assert result.returncode == 2, result.stderr
+    said = f"rtnode: cannot listen on {LOOPBACK}:{port} ({taken} in {node.config_path}): Address already in use; "
+    assert result.stderr.startswith(said) and "internal error" not in result.stderr, result.stderr

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from node.config import parse_config
 from node.db.engine import open_database
 from node.db.models import AuditEvent, Delivery, Instance, Job, JobEvent, Series, Study, User, WorkerRecord, utcnow
-from node.harness import LOOPBACK, free_port, wait_for_port
+from node.harness import LOOPBACK, destination_toml, free_port, wait_for_port
 from node.lifecycle.workers import WorkerIdentity, heartbeat, register_worker, report_unusable_model
 from node.scp import StorageSCP
 from node.service import WebProcess
@@ -51,19 +51,19 @@ FAILED_LOGINS = "login_slowdown_after = 2\nlogin_lockout_after = 4\n"
 
 
 def config_text(root: Path, web: str = "", tls: bool = False, database_url: str | None = None, node: str = "",
-                failed_logins: str = FAILED_LOGINS) -> str:
+                failed_logins: str = FAILED_LOGINS, destinations: str = "") -> str:
     """The TOML of a configuration under `root`; its database is `database_url`, else SQLite in the data directory."""
     tls_keys = f'certificate = "{root / "web.crt"}"\nprivate_key = "{root / "web.key"}"\n' if tls else ""
     database = f'database_url = "{database_url}"\n' if database_url else ""
     return (
         f'[node]\ndata_dir = "{root / "data"}"\n{database}fsync = false\n{node}\n[completion]\nmin_slices = 10\n'
-        f"[web]\n{failed_logins}{tls_keys}{web}\n"
+        f"[web]\n{failed_logins}{tls_keys}{web}\n{destinations}"
     )
 
 
 def make_config(root: Path, web: str = "", tls: bool = False, database_url: str | None = None, node: str = "",
-                failed_logins: str = FAILED_LOGINS):
-    return parse_config(config_text(root, web, tls, database_url, node, failed_logins))
+                failed_logins: str = FAILED_LOGINS, destinations: str = ""):
+    return parse_config(config_text(root, web, tls, database_url, node, failed_logins, destinations))
 
 
 @pytest.fixture
@@ -281,7 +281,8 @@ def test_every_page_needs_a_login_and_the_api_answers_401(site):
     assert anonymous.get("/login?next=//evil.example/").text.count('value="/"') == 1  # no open redirect
 
 
-HEALTH_CHECKS = {"scp", "worker", "database", "disk"}
+HEALTH_CHECKS = {"scp", "worker", "database", "disk", "destinations"}
+TPS = destination_toml("tps", "TPS", 11113)
 
 
 @dataclass
@@ -299,9 +300,10 @@ class Monitored:
     def scp_address(self) -> str:
         return f"{LOOPBACK}:{self.config.node.port}"
 
-    def healthz(self, web: str = "", engine=None) -> tuple[int, dict]:
+    def healthz(self, web: str = "", engine=None, destinations: str = TPS) -> tuple[int, dict]:
         """/healthz without a login, from the web app on this node's configuration (more [web] keys) and database."""
-        config = make_config(self.root, web, node=f'host = "{LOOPBACK}"\nport = {self.config.node.port}')
+        node = f'host = "{LOOPBACK}"\nport = {self.config.node.port}'
+        config = make_config(self.root, web, node=node, destinations=destinations)
         response = client(config, engine or self.engine).get("/healthz")
         return response.status_code, response.json()
 
@@ -321,13 +323,13 @@ def monitored(tmp_path):
 
 
 def failing_checks(status_code: int, body: dict) -> set[str]:
-    """The names of the checks that failed, once the answer is shown to be 503 "unhealthy" with all four checks."""
+    """The names of the checks that failed, once the answer is shown to be 503 "unhealthy" with all five checks."""
     assert set(body["checks"]) == HEALTH_CHECKS, body
     assert (status_code, body["status"]) == (503, "unhealthy"), body
     return {name for name, check in body["checks"].items() if not check["ok"]}
 
 
-def test_healthz_answers_200_ok_when_all_four_checks_pass(monitored):
+def test_healthz_answers_200_ok_when_all_five_checks_pass(monitored):
     status_code, body = monitored.healthz()
     assert (status_code, body["status"]) == (200, "ok"), body
     checks = body["checks"]
@@ -336,6 +338,13 @@ def test_healthz_answers_200_ok_when_all_four_checks_pass(monitored):
     assert re.fullmatch(rf"{re.escape(monitored.worker.name)} on cpu, heartbeat \d+ s ago, idle", checks["worker"]["detail"])
     assert checks["database"]["detail"] == "reachable"
     assert re.fullmatch(r"\d+\.\d GB free under data_dir \(minimum 1 GB\)", checks["disk"]["detail"])
+    assert checks["destinations"]["detail"] == "tps"
+
+
+def test_healthz_is_503_without_destinations(monitored):
+    status_code, body = monitored.healthz(destinations="")
+    assert failing_checks(status_code, body) == {"destinations"}
+    assert body["checks"]["destinations"]["detail"] == "none configured: jobs are contoured and end done, but nothing is sent"
 
 
 def test_healthz_is_503_when_the_scp_does_not_listen(monitored):
@@ -849,7 +858,7 @@ def test_insecure_http_beyond_loopback_is_warned_at_start(tmp_path):
     process, port, log = web_process(tmp_path, 'host = "0.0.0.0"\ninsecure_http = true')
     try:
         health = httpx.get(f"http://{LOOPBACK}:{port}/healthz", timeout=10)  # the web app alone: no SCP, no worker
-        assert failing_checks(health.status_code, health.json()) == {"scp", "worker"}
+        assert failing_checks(health.status_code, health.json()) == {"scp", "worker", "destinations"}
         assert health.json()["checks"]["worker"]["detail"] == "no worker has reported a heartbeat"
         assert "serves plain HTTP on 0.0.0.0" in log.read_text()
     finally:

@@ -74,12 +74,18 @@ def _database_and_worker_checks(engine: Engine, config: Config) -> list[Check]:
     return [Check("database", True, "reachable"), worker]
 
 
+def _destinations_check(config: Config) -> Check:
+    if not config.destinations:
+        return Check("destinations", False, "none configured: jobs are contoured and end done, but nothing is sent")
+    return Check("destinations", True, ", ".join(destination.name for destination in config.destinations))
+
+
 def health(engine: Engine, config: Config) -> Health:
-    """SCP listening, a worker with a recent heartbeat, the database answering, enough free disk."""
+    """SCP listening, a worker with a recent heartbeat, the database answering, enough free disk, somewhere to send."""
     free = free_disk_gb(config.node.data_dir)
     disk = Check("disk", free >= config.web.min_free_disk_gb,
                  f"{free:.1f} GB free under data_dir (minimum {config.web.min_free_disk_gb:g} GB)")
-    checks = [_scp_check(config), *_database_and_worker_checks(engine, config), disk]
+    checks = [_scp_check(config), *_database_and_worker_checks(engine, config), disk, _destinations_check(config)]
     return Health("ok" if all(c.ok for c in checks) else "unhealthy", checks)
 
 

@@ -65,7 +65,7 @@ function draw(data) {
     (w.model_problem ? `; takes no jobs: ${w.model_problem}` : "")),
     "no worker has reported a heartbeat");
   listItems("destinations", overview.destinations.map((d) => `${d.name} (${d.address}): ${d.pending} pending, ${d.failed} failed`),
-    "none configured");
+    "none configured: jobs are contoured and end done, but nothing is sent");
 }
 
 async function poll() {
