@@ -20,7 +20,8 @@ from scipy import ndimage
 from node.imaging.metrics import dice
 from node.pipeline.model import Architecture
 from node.pipeline.preprocess import Preprocessing
-from node.training.train import TrainConfig, TrainingCase, phantom_cases, train
+from node.training.config import TrainConfig
+from node.training.train import TrainingCase, phantom_cases, train
 
 SPACING = (5.0, 8.0, 8.0)
 

@@ -49,8 +49,9 @@ from node.pipeline.model import Architecture
 from node.pipeline.preprocess import Preprocessing
 from node.pipeline.weights import ModelCard
 from node.training.cases import ContouredCT, phantom_cts
+from node.training.config import TrainConfig
 from node.training.evaluate import evaluate
-from node.training.train import TrainConfig, TrainingCase, phantom_cases, train
+from node.training.train import TrainingCase, phantom_cases, train
 
 NOISE_UNIT_MM = Preprocessing().spacing
 NOISE_VOXELS = (5, 13)

@@ -21,7 +21,7 @@ LOOPBACK = "127.0.0.1"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-# A log record starts with the timestamp of the format `rtnode` logs with (node/cli.py); other lines continue it.
+# A log record starts with the timestamp of the format `rtnode` logs with (node/cli/__init__.py); other lines continue it.
 _RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", re.M)
 # An ERROR or CRITICAL record in rtnode's format or uvicorn's ("ERROR:    ..."), or a traceback anywhere.
 _PROBLEM = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) |^(ERROR|CRITICAL): |Traceback \(most recent call last\)", re.M)

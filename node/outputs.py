@@ -1,6 +1,7 @@
 """One writer of what a contouring run makes: the RT Structure Set, and beside it the NIfTI
 mask, the DICOM SEG and the QA picture. The worker, `rtnode contour` and `rtnode rtstruct`
-all write through it, so what the node sends and what the CLI writes cannot drift apart."""
+all write through it, so what the node sends and what the CLI writes cannot drift apart.
+`ContourReport` words what `rtnode contour` made, or that it found nothing."""
 
 from __future__ import annotations
 
@@ -87,3 +88,28 @@ def write_outputs(
         timings["outputs"] = time.perf_counter() - start
     simplified = tuple(f"{roi_name}: {reduction.sentence()}" for reduction in contours.reductions)
     return Outputs(written, uids, timings, simplified)
+
+
+def mask_volume_cm3(volume: Volume, mask: np.ndarray) -> float:
+    """The mask's volume, from the CT's voxel size."""
+    return mask.sum() * np.prod(volume.spacing) / 1000
+
+
+@dataclass(frozen=True)
+class ContourReport:
+    """How `rtnode contour` tells of a model's run on one CT: which model, on which device, and
+    the seconds of each stage of inference."""
+
+    model: str  # the model card's label
+    device: str
+    timings: dict[str, float]  # stage -> seconds
+
+    def _timings_text(self) -> str:
+        return "  ".join(f"{stage} {seconds:.2f}s" for stage, seconds in self.timings.items())
+
+    def nothing_found(self, ct_dir: Path) -> str:
+        return f"no CTV found in {ct_dir} by {self.model}: nothing written ({self._timings_text()})"
+
+    def written(self, path: Path, roi_name: str, volume: Volume, mask: np.ndarray) -> str:
+        cm3 = mask_volume_cm3(volume, mask)
+        return f"wrote {path}: {roi_name} {cm3:.1f} cm3 by {self.model} on {self.device} ({self._timings_text()})"

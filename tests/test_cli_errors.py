@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import node.cli
+from node.cli import job_log
 from node.errors import UserError
 
 
@@ -25,14 +26,14 @@ def failing_command(error: Exception):
 
 
 def test_user_error_is_one_line(config, monkeypatch, capsys):
-    monkeypatch.setattr(node.cli, "cmd_studies", failing_command(UserError("series 1.2.3 has a gap")))
+    monkeypatch.setattr(job_log, "cmd_studies", failing_command(UserError("series 1.2.3 has a gap")))
     assert node.cli.main(["--config", str(config), "studies"]) == 2
     assert capsys.readouterr().err == "rtnode: series 1.2.3 has a gap\n"
 
 
 @pytest.mark.parametrize("bug", [ValueError("invalid literal for int()"), KeyError("PatientID")])
 def test_a_bug_is_an_internal_error_with_its_traceback_saved(config, monkeypatch, capsys, bug):
-    monkeypatch.setattr(node.cli, "cmd_studies", failing_command(bug))
+    monkeypatch.setattr(job_log, "cmd_studies", failing_command(bug))
     assert node.cli.main(["--config", str(config), "studies"]) == 70
     err = capsys.readouterr().err
     assert err.startswith(f"rtnode: internal error ({type(bug).__name__}: ") and "Traceback" not in err
@@ -42,7 +43,7 @@ def test_a_bug_is_an_internal_error_with_its_traceback_saved(config, monkeypatch
 
 
 def test_verbose_prints_the_traceback(config, monkeypatch, capsys):
-    monkeypatch.setattr(node.cli, "cmd_studies", failing_command(KeyError("PatientID")))
+    monkeypatch.setattr(job_log, "cmd_studies", failing_command(KeyError("PatientID")))
     assert node.cli.main(["-v", "--config", str(config), "studies"]) == 70
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "rtnode: internal error (KeyError: 'PatientID')" in err

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from node.errors import UserError
+from node.training.config import TrainConfig
 from node.training.evaluate import fold_indices
 from node.training.recipe import TrainingData, cross_validate
-from node.training.train import TrainConfig
 from tests.conftest import rtnode
 from tests.test_training_data import SMALL, write_archive
 

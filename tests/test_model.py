@@ -232,7 +232,8 @@ def test_bf16_mask_matches_fp32_mask_on_a_cpu_that_has_it():
     ],
 )
 def test_training_runs_on_the_device_asked_for(device):
-    from node.training.train import TrainConfig, TrainingCase, train
+    from node.training.config import TrainConfig
+    from node.training.train import TrainingCase, train
 
     image = np.random.default_rng(0).random((24, 48, 48), dtype=np.float32)
     cases = [TrainingCase("a", image, image > 0.6), TrainingCase("b", image[::-1].copy(), image[::-1] > 0.6)]
@@ -249,7 +250,8 @@ def test_training_runs_on_the_device_asked_for(device):
 
 
 def test_training_resumed_from_a_checkpoint_continues_where_it_stopped(tmp_path):
-    from node.training.train import TrainConfig, TrainingCase, train
+    from node.training.config import TrainConfig
+    from node.training.train import TrainingCase, train
 
     image = np.random.default_rng(1).random((24, 48, 48), dtype=np.float32)
     cases = [TrainingCase("a", image, image > 0.6)]

@@ -19,6 +19,10 @@ class CaseResult:
     dice: float
     hd95_mm: float
 
+    def line(self, width: int) -> str:
+        """Dice and HD95, after the case's name padded to `width`."""
+        return f"{self.case:<{width}} Dice {self.dice:.3f}  HD95 {self.hd95_mm:6.1f} mm"
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -32,6 +36,11 @@ class Summary:
     def mean_hd95(self) -> float:
         finite = [r.hd95_mm for r in self.results if math.isfinite(r.hd95_mm)]
         return float(np.mean(finite)) if finite else float("inf")
+
+    def lines(self) -> list[str]:
+        """Each case and the mean, as `rtnode evaluate --weights` prints them."""
+        mean = f"{'mean':<16} Dice {self.mean_dice:.3f}  HD95 {self.mean_hd95:6.1f} mm"
+        return [*(r.line(16) for r in self.results), mean]
 
     def to_json(self) -> dict:
         return {

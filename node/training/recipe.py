@@ -19,13 +19,13 @@ from node.pipeline.inference import Segmenter
 from node.pipeline.preprocess import Preprocessing
 from node.pipeline.weights import ModelCard, save_weights
 from node.training.cases import ContouredCT, archive_cts, archive_folders, phantom_cts
-from node.training.evaluate import CaseResult, Summary, evaluate, evaluate_on_phantoms, fold_indices
+from node.training.config import TrainConfig
+from node.training.evaluate import Summary, evaluate, evaluate_on_phantoms, fold_indices
 from node.training.train import (
     LOSS,
     MAX_ROTATION_DEGREES,
     MAX_SHIFT_VOXELS,
     NOISE_VARIANCE,
-    TrainConfig,
     TrainingCase,
     TrainingRun,
     archive_cases,
@@ -118,9 +118,24 @@ def trained_segmenter(run: TrainingRun, card: ModelCard) -> Segmenter:
 
 @dataclass(frozen=True)
 class TrainedWeights:
+    path: Path
     card: ModelCard  # as written, with the sha256 of the weights
-    holdout: Summary | None
+    holdout_seeds: list[int] | None
+    holdout: Summary | None  # on the held-out phantoms, when there are any
     least_trusted: list[tuple[str, float]]  # Pick-and-Learn: (case, weight), lowest first
+
+    def lines(self) -> list[str]:
+        """What `rtnode train` says at the end: the held-out scores, the labels worth a second look, the file."""
+        lines = []
+        if self.holdout is not None:
+            seeds = f"{self.holdout_seeds[0]}-{self.holdout_seeds[-1]}"
+            scores = f"mean Dice {self.holdout.mean_dice:.3f}, mean HD95 {self.holdout.mean_hd95:.1f} mm"
+            lines.append(f"held-out phantoms {seeds}: {scores}")
+        if self.least_trusted:
+            lines.append("labels the quality module trusts least (weight 1 = an average case; check these contours):")
+            lines += [f"  {weight:5.2f}  {name}" for name, weight in self.least_trusted]
+        lines.append(f"wrote {self.path} and its card (sha256 {self.card.sha256[:12]}...)")
+        return lines
 
 
 def train_weights(
@@ -147,13 +162,22 @@ def train_weights(
         holdout = evaluate_on_phantoms(trained_segmenter(run, card), holdout_seeds)
         card = replace(card, metrics={"held_out_phantoms": holdout.to_json()})
     least_trusted = sorted((run.label_weights or {}).items(), key=lambda item: item[1])[:5]
-    return TrainedWeights(save_weights(run.model, card, out), holdout, least_trusted)
+    return TrainedWeights(out, save_weights(run.model, card, out), holdout_seeds, holdout, least_trusted)
 
 
 @dataclass(frozen=True)
 class Fold:
     number: int
     summary: Summary  # no results: the fold had no usable held-out contour
+
+    def lines(self) -> list[str]:
+        """Each held-out contour and the fold's mean, as `rtnode evaluate` prints them when the fold is done."""
+        results = self.summary.results
+        if not results:
+            return [f"fold {self.number}: no usable held-out contours (see the warnings above)"]
+        cases = f"{len(results)} case{'s' if len(results) != 1 else ''}"
+        mean = f"fold {self.number}: Dice {self.summary.mean_dice:.3f}  HD95 {self.summary.mean_hd95:.1f} mm  ({cases})"
+        return [*(f"  {r.line(24)}" for r in results), mean]
 
 
 def cross_validate(config: TrainConfig, data: TrainingData, folds: int, show_progress: bool = True) -> Iterator[Fold]:
@@ -167,6 +191,7 @@ def cross_validate(config: TrainConfig, data: TrainingData, folds: int, show_pro
         yield Fold(number, evaluate(trained_segmenter(run, card), data.contoured_cts([data.sources[i] for i in held_out])))
 
 
-def overall(folds: list[Fold]) -> Summary:
-    results: list[CaseResult] = [r for fold in folds for r in fold.summary.results]
-    return Summary(results)
+def overall_line(folds: list[Fold]) -> str:
+    """The mean over every held-out contour of every fold."""
+    summary = Summary([r for fold in folds for r in fold.summary.results])
+    return f"mean over {len(folds)} folds: Dice {summary.mean_dice:.3f}  HD95 {summary.mean_hd95:.1f} mm"

@@ -8,7 +8,6 @@ written by `node.pipeline.weights.save_weights`; `node.training.recipe` assemble
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -23,10 +22,11 @@ from scipy import ndimage
 
 from node.errors import UserError
 from node.pipeline.inference import resolve_device
-from node.pipeline.model import Architecture, ResSEUNet3D, recurrent_loss
+from node.pipeline.model import ResSEUNet3D, recurrent_loss
 from node.pipeline.preprocess import Preprocessing, resample, to_model_grid
 from node.synth.phantom import make_phantom
 from node.training.cases import archive_cts
+from node.training.config import QUALITY_SIGNALS, TrainConfig
 from node.training.quality import CaseLossMemory, QualityAwareness
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,6 @@ MAX_SHIFT_VOXELS = 8
 MAX_ROTATION_DEGREES = 10.0
 NOISE_VARIANCE = 0.001
 LOSS = "BCE + Dice on every recurrent pass"
-QUALITY_MEMORY = 0  # the thesis's softmax over the batch alone: a queue of recent samples did worse (bench_noisy_labels)
-QUALITY_SIGNALS = ("qam", "case-loss")
-QUALITY_SIGNAL = "case-loss"  # the QAM found corrupted labels no better than chance; case losses did (bench_noisy_labels)
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # crops and their masks, (N, 1, z, y, x) each
@@ -69,24 +66,6 @@ class TrainingRun:
     history: list[tuple[int, float]]  # (step, loss)
     label_weights: dict[str, float] | None = None  # case -> learned label weight (mean 1), with Pick-and-Learn
     samples: list[Sample] = field(default_factory=list)
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 2000
-    batch_size: int = 2
-    accumulate: int = 1  # micro-batches of batch_size crops per optimiser step; Pick-and-Learn weighs all their crops together
-    learning_rate: float = 1e-4
-    seed: int = 0
-    checkpoint_every: int = 100
-    architecture: Architecture = field(default_factory=Architecture)
-    preprocessing: Preprocessing = field(default_factory=Preprocessing)
-    target_fraction: float = 0.8  # share of crops centred near the CTV
-    quality_bound: float | None = None  # Pick-and-Learn's lambda; None trains without it; math.inf: the QAM without the OCM
-    quality_memory: int = QUALITY_MEMORY  # recent samples each batch's softmax also runs over (0: the batch alone)
-    quality_sees_prediction: bool = False  # the QAM also sees the network's prediction of each crop
-    quality_signal: str = QUALITY_SIGNAL  # what scores a label: "qam" (the thesis's module) or "case-loss" (CaseLossMemory)
-    device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
 
 
 def to_training_case(
@@ -150,17 +129,139 @@ def augmented_crop(
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(mask, dtype=np.float32)
 
 
-def _save_checkpoint(
-    path: Path, model, quality, optimizer, step: int, rng: np.random.Generator, history: list, samples: list
-) -> None:
-    temporary = path.with_suffix(".tmp")
-    torch.save(
-        {"model": model.state_dict(), "quality": quality.state_dict() if quality is not None else None,
-         "optimizer": optimizer.state_dict(), "step": step, "rng": rng.bit_generator.state,
-         "torch_rng": torch.get_rng_state(), "history": history, "samples": samples},
-        temporary,
-    )
-    temporary.replace(path)
+def check_inputs(cases: list[TrainingCase], config: TrainConfig) -> torch.device:
+    """Refuse, in words, what cannot train; the device to train on."""
+    if not cases:
+        raise UserError("no training cases")
+    if config.batch_size < 1 or config.accumulate < 1:
+        raise UserError(f"batch size and micro-batches per step: 1 or more, not {config.batch_size} and {config.accumulate}")
+    device = resolve_device(config.device)
+    if config.quality_signal not in QUALITY_SIGNALS:
+        raise UserError(f"the label quality signal is one of {', '.join(QUALITY_SIGNALS)}, not {config.quality_signal!r}")
+    if config.quality_signal != "qam" and (config.quality_memory or config.quality_sees_prediction):
+        raise UserError("a quality memory and a QAM that sees the prediction go with the qam signal (--quality-signal qam)")
+    return device
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """The crops of one optimiser step, in micro-batches, and the case each crop came from."""
+
+    cases: list[int]  # indices into the training cases, one per crop, micro-batch after micro-batch
+    micro_batches: list[Batch]
+
+
+@dataclass
+class Trainer:
+    """A run in progress: what a checkpoint saves and a resumed run restores, and the named
+    steps of `train`."""
+
+    cases: list[TrainingCase]
+    config: TrainConfig
+    device: torch.device
+    model: ResSEUNet3D
+    quality: QualityAwareness | CaseLossMemory | None
+    optimizer: torch.optim.Optimizer
+    rng: np.random.Generator
+    step: int = 0
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    samples: list[Sample] = field(default_factory=list)
+
+    @classmethod
+    def set_up(cls, cases: list[TrainingCase], config: TrainConfig, device: torch.device) -> Trainer:
+        """The seeded network, Pick-and-Learn's quality module when asked for, Adam over both."""
+        torch.manual_seed(config.seed)
+        rng = np.random.default_rng(config.seed)
+        # channels_last_3d lets oneDNN pick faster CPU kernels (1.5x per step measured here); cuDNN takes it too.
+        model = ResSEUNet3D(config.architecture).to(device).to(memory_format=torch.channels_last_3d).train()
+        quality: QualityAwareness | CaseLossMemory | None = None
+        if config.quality_bound is not None and config.quality_signal == "case-loss":
+            quality = CaseLossMemory(config.quality_bound, len(cases)).to(device)
+        elif config.quality_bound is not None:
+            quality = QualityAwareness(
+                config.quality_bound, config.quality_memory, sees_prediction=config.quality_sees_prediction
+            ).to(device)
+        parameters = [*model.parameters(), *(quality.parameters() if quality is not None else [])]
+        optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
+        return cls(cases, config, device, model, quality, optimizer, rng)
+
+    def resume(self, checkpoint: Path) -> None:
+        state = torch.load(checkpoint, map_location=self.device, weights_only=False)  # our own file, written by save_checkpoint
+        self.model.load_state_dict(state["model"])
+        if (state.get("quality") is None) != (self.quality is None):
+            raise UserError(
+                f"{checkpoint} was written {'without' if self.quality is not None else 'with'} Pick-and-Learn; "
+                "resume it the same way"
+            )
+        if self.quality is not None:
+            try:
+                self.quality.load_state_dict(state["quality"])
+            except RuntimeError:
+                raise UserError(f"{checkpoint} was written with other Pick-and-Learn settings; resume it the same way") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history, self.samples = state["step"], state["history"], state.get("samples", [])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        log.info("resuming from %s at step %d", checkpoint, self.step)
+
+    def sample(self) -> StepBatch:
+        """Random cases, an augmented crop of each, as micro-batches on the device."""
+        chosen: list[int] = []
+        micro_batches: list[Batch] = []
+        shape = self.config.preprocessing.shape
+        for _ in range(self.config.accumulate):
+            picked = [int(self.rng.integers(len(self.cases))) for _ in range(self.config.batch_size)]
+            crops = [augmented_crop(self.cases[i], shape, self.rng, self.config.target_fraction) for i in picked]
+            micro_batches.append(_batch(crops, self.device))
+            chosen += picked
+        return StepBatch(chosen, micro_batches)
+
+    def learn(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimiser step; each crop's loss and its weight (None: all 1)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.quality, CaseLossMemory):
+            weights = self.quality.case_weights()[batch.cases]
+            losses, weights = accumulate_gradients(self.model, None, batch.micro_batches, weights)
+            self.quality.update(batch.cases, losses)
+        else:
+            losses, weights = accumulate_gradients(self.model, self.quality, batch.micro_batches)
+        self.optimizer.step()
+        return losses, weights
+
+    def record(self, batch: StepBatch, losses: torch.Tensor, weights: torch.Tensor | None) -> None:
+        """The step's weighted loss, and each crop's loss and weight."""
+        self.step += 1
+        self.history.append((self.step, float((losses if weights is None else weights * losses).mean())))
+        given = [1.0] * len(batch.cases) if weights is None else weights.tolist()
+        self.samples += [
+            Sample(self.step, self.cases[i].name, loss, weight)
+            for i, loss, weight in zip(batch.cases, losses.tolist(), given, strict=True)
+        ]
+
+    def checkpoint_due(self) -> bool:
+        return self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps
+
+    def save_checkpoint(self, path: Path) -> None:
+        temporary = path.with_suffix(".tmp")
+        torch.save(
+            {"model": self.model.state_dict(), "quality": self.quality.state_dict() if self.quality is not None else None,
+             "optimizer": self.optimizer.state_dict(), "step": self.step, "rng": self.rng.bit_generator.state,
+             "torch_rng": torch.get_rng_state(), "history": self.history, "samples": self.samples},
+            temporary,
+        )
+        temporary.replace(path)
+
+    def finish(self) -> TrainingRun:
+        """BatchNorm statistics of the final weights, the network ready for inference, and the label weights learnt."""
+        recalibrate_batchnorm(self.model, self.cases, self.config, self.rng)
+        self.model = self.model.to(memory_format=torch.contiguous_format).eval()
+        if isinstance(self.quality, CaseLossMemory):
+            trusted = {case.name: float(w) for case, w in zip(self.cases, self.quality.case_weights(), strict=True)}
+        elif self.quality is not None:
+            trusted = label_weights(self.quality, self.model, self.cases, self.config.preprocessing.shape)
+        else:
+            trusted = None
+        return TrainingRun(self.model, self.history, trusted, self.samples)
 
 
 def train(
@@ -170,88 +271,19 @@ def train(
     resume: bool = False,
     show_progress: bool = True,
 ) -> TrainingRun:
-    """Train from scratch, or from `checkpoint` when resuming."""
-    if not cases:
-        raise UserError("no training cases")
-    if config.batch_size < 1 or config.accumulate < 1:
-        raise UserError(f"batch size and micro-batches per step: 1 or more, not {config.batch_size} and {config.accumulate}")
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    model = ResSEUNet3D(config.architecture).to(device)
-    if config.quality_signal not in QUALITY_SIGNALS:
-        raise UserError(f"the label quality signal is one of {', '.join(QUALITY_SIGNALS)}, not {config.quality_signal!r}")
-    if config.quality_signal != "qam" and (config.quality_memory or config.quality_sees_prediction):
-        raise UserError("a quality memory and a QAM that sees the prediction go with the qam signal (--quality-signal qam)")
-    quality: QualityAwareness | CaseLossMemory | None = None
-    if config.quality_bound is not None and config.quality_signal == "case-loss":
-        quality = CaseLossMemory(config.quality_bound, len(cases)).to(device)
-    elif config.quality_bound is not None:
-        quality = QualityAwareness(
-            config.quality_bound, config.quality_memory, sees_prediction=config.quality_sees_prediction
-        ).to(device)
-    parameters = [*model.parameters(), *(quality.parameters() if quality is not None else [])]
-    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
-    history: list[tuple[int, float]] = []
-    samples: list[Sample] = []
-    step = 0
+    """Train from scratch, or from `checkpoint` when resuming: check the inputs, set up, then step
+    by step sample crops, learn from them, record the losses, report and checkpoint; finish."""
+    trainer = Trainer.set_up(cases, config, check_inputs(cases, config))
     if resume and checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)  # our own file, written by _save_checkpoint
-        model.load_state_dict(state["model"])
-        if (state.get("quality") is None) != (quality is None):
-            raise UserError(
-                f"{checkpoint} was written {'without' if quality is not None else 'with'} Pick-and-Learn; resume it the same way"
-            )
-        if quality is not None:
-            try:
-                quality.load_state_dict(state["quality"])
-            except RuntimeError:
-                raise UserError(f"{checkpoint} was written with other Pick-and-Learn settings; resume it the same way") from None
-        optimizer.load_state_dict(state["optimizer"])
-        step, history, samples = state["step"], state["history"], state.get("samples", [])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"].cpu())
-        log.info("resuming from %s at step %d", checkpoint, step)
-    # channels_last_3d lets oneDNN pick faster CPU kernels (1.5x per step measured here); cuDNN takes it too.
-    model = model.to(memory_format=torch.channels_last_3d).train()
-    shape = config.preprocessing.shape
-    progress = _progress(show_progress, config.steps, step)
-    started = time.perf_counter()
-    with progress as bar:
-        task = bar.add_task("training", total=config.steps, completed=step, loss=float("nan")) if bar else None
-        while step < config.steps:
-            chosen: list[int] = []
-            micro_batches: list[Batch] = []
-            for _ in range(config.accumulate):
-                picked = [int(rng.integers(len(cases))) for _ in range(config.batch_size)]
-                crops = [augmented_crop(cases[i], shape, rng, config.target_fraction) for i in picked]
-                micro_batches.append(_batch(crops, device))
-                chosen += picked
-            optimizer.zero_grad(set_to_none=True)
-            if isinstance(quality, CaseLossMemory):
-                losses, weights = accumulate_gradients(model, None, micro_batches, quality.case_weights()[chosen])
-                quality.update(chosen, losses)
-            else:
-                losses, weights = accumulate_gradients(model, quality, micro_batches)
-            optimizer.step()
-            step += 1
-            loss = float((losses if weights is None else weights * losses).mean())
-            history.append((step, loss))
-            got = [1.0] * len(chosen) if weights is None else weights.tolist()
-            samples += [Sample(step, cases[i].name, v, w) for i, v, w in zip(chosen, losses.tolist(), got, strict=True)]
-            if bar:
-                bar.update(task, completed=step, loss=float(np.mean([h[1] for h in history[-20:]])))
-            elif step % 50 == 0:
-                log.info("step %d/%d loss %.4f (%.0f s)", step, config.steps, loss, time.perf_counter() - started)
-            if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-                _save_checkpoint(checkpoint, model, quality, optimizer, step, rng, history, samples)
-    recalibrate_batchnorm(model, cases, config, rng)
-    model = model.to(memory_format=torch.contiguous_format).eval()
-    if isinstance(quality, CaseLossMemory):
-        trusted = {case.name: float(w) for case, w in zip(cases, quality.case_weights(), strict=True)}
-    else:
-        trusted = label_weights(quality, model, cases, shape) if quality is not None else None
-    return TrainingRun(model, history, trusted, samples)
+        trainer.resume(checkpoint)
+    with TrainingProgress(show_progress, config.steps, trainer.step) as progress:
+        while trainer.step < config.steps:
+            batch = trainer.sample()
+            trainer.record(batch, *trainer.learn(batch))
+            progress.update(trainer.step, trainer.history)
+            if checkpoint is not None and trainer.checkpoint_due():
+                trainer.save_checkpoint(checkpoint)
+    return trainer.finish()
 
 
 def _batch(crops: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> Batch:
@@ -347,10 +379,29 @@ def recalibrate_batchnorm(
     model.eval()
 
 
-def _progress(show: bool, total: int, completed: int):
-    if not show:
-        return contextlib.nullcontext(None)
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(), TimeRemainingColumn(),
-    )
+class TrainingProgress:
+    """A bar of the steps done and the loss of the last 20; without it (--quiet), a log line every 50 steps."""
+
+    def __init__(self, show: bool, total: int, completed: int) -> None:
+        self.total, self.completed = total, completed
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(), TimeRemainingColumn(),
+        ) if show else None
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> TrainingProgress:
+        if self.bar is not None:
+            self.bar.__enter__()
+            self.task = self.bar.add_task("training", total=self.total, completed=self.completed, loss=float("nan"))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc_info)
+
+    def update(self, step: int, history: list[tuple[int, float]]) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=float(np.mean([h[1] for h in history[-20:]])))
+        elif step % 50 == 0:
+            log.info("step %d/%d loss %.4f (%.0f s)", step, self.total, history[-1][1], time.perf_counter() - self.started)

@@ -1,0 +1,87 @@
+"""`rtnode` command line: parses and dispatches. What a user did wrong is one line on stderr
+and exit 2; anything else is an internal error, reported with where its traceback went.
+
+Commands import what they need when they run, so `rtnode jobs` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import tempfile
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+from node import __version__
+from node.cli import accounts, job_log, processes, retention, reviews, structure_sets, training
+from node.errors import UserError
+
+INTERNAL_ERROR_LOG = Path(tempfile.gettempdir()) / "rtnode-internal-errors.log"
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE
+
+# Every command in the order `rtnode --help` lists them; each group's module adds a command's
+# parser beside its handler.
+COMMANDS = (
+    processes.add_serve, processes.add_demo, processes.add_receive, processes.add_worker,
+    job_log.add_studies, job_log.add_jobs, job_log.add_job, job_log.add_resend, job_log.add_rerun,
+    retention.add_purge, retention.add_protect,
+    accounts.add_user, accounts.add_token, processes.add_web,
+    reviews.add_reviews, reviews.add_export_training,
+    structure_sets.add_rtstruct, training.add_synth, training.add_train, training.add_evaluate,
+    structure_sets.add_contour, structure_sets.add_mask,
+)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom narrates every PDU at INFO; its warnings and errors are what an admin needs.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtnode", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"rtnode {__version__}")
+    parser.add_argument("--config", help="configuration file (default: $RTNODE_CONFIG or config/node.toml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
+def _report_internal_error(exc: Exception, verbose: bool) -> int:
+    """A bug, not bad input: the traceback goes to a file (and to stderr with -v)."""
+    details = traceback.format_exc()
+    try:
+        with INTERNAL_ERROR_LOG.open("a") as log:
+            log.write(f"--- {datetime.now(UTC).isoformat()} {shlex.join(sys.argv)}\n{details}")
+        where = f"the traceback is in {INTERNAL_ERROR_LOG}"
+    except OSError:
+        where = "the traceback could not be saved"
+    if verbose:
+        print(details, file=sys.stderr, end="")
+    hint = "" if verbose else "; run with -v to print it"
+    print(f"rtnode: internal error ({type(exc).__name__}: {exc}); {where}{hint}", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        print(f"rtnode: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        return _report_internal_error(exc, args.verbose)

@@ -1,0 +1,101 @@
+"""The job log: what arrived, what ran and what was sent; sending a job's outputs again and
+contouring its instances again."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from node.cli.command import Commands, add_command, node_config, node_database
+from node.errors import UserError
+from node.vocabulary import JobStatus
+
+
+def add_studies(commands: Commands) -> None:
+    studies = add_command(commands, "studies", cmd_studies, "list received studies and their series")
+    studies.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from node.inventory import list_studies, study_lines
+
+    studies = list_studies(node_database(args))
+    if args.json:
+        print(json.dumps([study.to_json() for study in studies], indent=2))
+    else:
+        print("\n".join(study_lines(studies)))
+    return 0
+
+
+def add_jobs(commands: Commands) -> None:
+    jobs = add_command(commands, "jobs", cmd_jobs, "the job log: newest first")
+    jobs.add_argument("--status", choices=[status.value for status in JobStatus])
+    jobs.add_argument("--limit", type=int, default=50)
+    jobs.add_argument("--json", action="store_true")
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from node.joblog import list_jobs, summary_line
+
+    jobs = list_jobs(node_database(args), args.status, args.limit)
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+    else:
+        print("\n".join(summary_line(job) for job in jobs) if jobs else "no jobs")
+    return 0
+
+
+def add_job(commands: Commands) -> None:
+    job = add_command(commands, "job", cmd_job, "everything about one job: events, timings, error, outputs, deliveries")
+    job.add_argument("job_id", type=int, metavar="ID")
+    job.add_argument("--json", action="store_true")
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from node.joblog import describe_job, detail_lines
+
+    job = describe_job(node_database(args), args.job_id)
+    if job is None:
+        raise UserError(f"no job {args.job_id}")
+    print(json.dumps(job, indent=2) if args.json else "\n".join(detail_lines(job)))
+    return 0
+
+
+def add_resend(commands: Commands) -> None:
+    resend = add_command(commands, "resend", cmd_resend, "queue the outputs of a job for delivery again")
+    resend.add_argument("job_id", type=int, metavar="JOB")
+    resend.add_argument("--destination", help="only this destination (default: all)")
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+
+    from node.lifecycle.deliveries import resend
+
+    config = node_config(args)
+    destinations = [d for d in config.destinations if args.destination in (None, d.name)]
+    if not destinations:
+        named = f"no destination named {args.destination!r} in the configuration"
+        raise UserError(named if args.destination else "no destinations configured")
+
+    def sop_instance_uid_of(path: str) -> str:
+        return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+    count = resend(node_database(args), args.job_id, destinations, sop_instance_uid_of)
+    print(f"queued {count} delivery(ies) of job {args.job_id}; the running node sends them")
+    return 0
+
+
+def add_rerun(commands: Commands) -> None:
+    rerun = add_command(
+        commands, "rerun", cmd_rerun, "contour a job's instances again as a new version (an unchanged re-send does not)"
+    )
+    rerun.add_argument("job_id", type=int, metavar="JOB")
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from node.lifecycle.jobs import rerun
+
+    job = rerun(node_database(args), args.job_id)
+    print(f"queued job {job.id} (v{job.version}) with the instances of job {args.job_id}; the running node contours it")
+    return 0
