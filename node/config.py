@@ -24,7 +24,11 @@ from node.errors import UserError
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
 # Demonstration weights shipped inside the package (trained on synthetic phantoms: not for clinical use).
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "ctv-unet3d.safetensors"
+# The commented configuration shipped inside the package (`rtnode config example`); the clone's
+# config/node.toml is a copy of it (a test keeps the two equal).
+EXAMPLE_CONFIG = Path(__file__).resolve().parent / "config_example.toml"
 CONFIG_ENV_VAR = "RTNODE_CONFIG"
+HOW_TO_CHOOSE_A_CONFIG = f"name the node's configuration with --config PATH or ${CONFIG_ENV_VAR}"
 
 
 class ConfigError(UserError):
@@ -182,6 +186,12 @@ class WebSection(_Section):
     certificate: Path | None = None  # PEM; with private_key the web app speaks HTTPS only
     private_key: Path | None = None
     insecure_http: bool = False  # allow plain HTTP on a non-loopback address (warned at every start)
+    # The host names browsers reach the web app by; a request naming another Host is refused (DNS rebinding), and a
+    # login must come from one of them. Empty: web.host, localhost, 127.0.0.1 and [::1]. "*.example.org" for subdomains.
+    allowed_hosts: list[Annotated[str, Field(pattern=r"^(\*\.)?[A-Za-z0-9.-]+$|^\[?[0-9A-Fa-f:.]+\]?$")]] = []
+    # Failed logins from one client address within login_lockout_minutes, after which that address is refused
+    # before any password is checked or account counted: below login_lockout_after, one address cannot lock a user.
+    login_address_limit: Annotated[int, Field(ge=1)] = 4
     # A session unused this long is ended; the browser must log in again.
     session_idle_minutes: Annotated[float, Field(gt=0)] = 30.0
     # ... and any session ends this long after its login, used or not.
@@ -262,6 +272,14 @@ class Config(_Section):
     def jobs_dir(self) -> Path:
         return self.node.data_dir / "jobs"
 
+    @property
+    def database_file(self) -> Path | None:
+        """The SQLite file of node.database_url; None for a database server."""
+        url = make_url(self.node.database_url)
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return None
+        return Path(url.database)
+
 
 def _resolve_paths(config: Config) -> Config:
     """Anchor relative paths at the working directory once, so later chdirs cannot move them."""
@@ -314,10 +332,24 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
 
 
+def config_origin(explicit: str | os.PathLike[str] | None = None) -> str:
+    """What chose the configuration file, for messages that name it."""
+    if explicit is not None:
+        return "--config"
+    if os.environ.get(CONFIG_ENV_VAR):
+        return f"${CONFIG_ENV_VAR}"
+    return f"the default, {DEFAULT_CONFIG_PATH} in the working directory"
+
+
 def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
     path = config_path(explicit)
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"no configuration file at {path.absolute()} ({config_origin(explicit)}): {HOW_TO_CHOOSE_A_CONFIG}, "
+            "or start one with `rtnode config example > node.toml`"
+        ) from exc
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
     return parse_config(text, str(path))

@@ -95,17 +95,20 @@ def summary_line(job: dict) -> str:
 
 
 def detail_lines(job: dict) -> list[str]:
-    """`rtnode job ID` as text: the job's fields, timings, outputs, deliveries and events."""
-    keys = ("id", "status", "version", "series_instance_uid", "patient_id", "instances", "input_fingerprint", "model", "error",
-            "created_at", "started_at", "finished_at", "superseded_by")
-    lines = [f"{key:<20} {job[key]}" for key in keys]
-    lines.append("timings             " + ", ".join(f"{k} {v:.2f}s" for k, v in job["timings"].items()))
+    """`rtnode job ID` as text: the job's fields, timings, outputs, deliveries and events. A field
+    without a value (no error, not started yet) is left out rather than printed as None."""
+    fields = {key: job[key] for key in ("id", "status", "version", "series_instance_uid", "patient_id", "instances",
+                                        "input_fingerprint")}
+    fields["model"] = f"{job['model']['name']} {job['model']['version']}" if job["model"] else None
+    fields |= {key: job[key] for key in ("error", "created_at", "started_at", "finished_at", "superseded_by")}
+    fields["timings"] = ", ".join(f"{k} {v:.2f}s" for k, v in job["timings"].items())
+    lines = [f"{key:<20} {value}" for key, value in fields.items() if value not in (None, "")]
     lines += [f"output {kind:<13} {path}" for kind, path in job["outputs"].items()]
     if job["outputs_removed_at"]:
-        lines.append(f"outputs             {_removed_on(job['outputs_removed_at'])}")
+        lines.append(f"outputs              {_removed_on(job['outputs_removed_at'])}")
     lines += [
-        f"delivery            {d['kind']} -> {d['destination']}: {d['status']} after {d['attempts']} attempt(s)"
-        f" {d['last_error'] or ''}"
+        f"delivery             {d['kind']} -> {d['destination']}: {d['status']} after {d['attempts']} attempt(s)"
+        + (f": {d['last_error']}" if d["last_error"] else "")
         for d in job["deliveries"]
     ]
     lines += [f"  {e['at']}  {e['event']:<12} {e['detail']}" for e in job["events"]]

@@ -46,12 +46,12 @@ class Outputs:
     simplified: tuple[str, ...] = ()  # each contour written with fewer points than traced, and within what
 
 
-def auto_contour_series(version: int, algorithm: Algorithm) -> SeriesInfo:
+def auto_contour_series(version: int, algorithm: Algorithm, supersedes: int | None = None) -> SeriesInfo:
     """Label and description of version `version` of a series' auto-contour: UNAPPROVED, the
-    model named, and what it supersedes."""
+    model named, and the version it supersedes at the planning system (None: none was delivered)."""
     label = "AUTO_CTV" if version == 1 else f"AUTO_CTV_V{version}"[:16]
-    supersedes = f", supersedes v{version - 1}" if version > 1 else ""
-    description = f"UNAPPROVED auto-contour v{version}{supersedes} ({algorithm.label})"[:64]
+    replaced = f", supersedes v{supersedes}" if supersedes is not None else ""
+    description = f"UNAPPROVED auto-contour v{version}{replaced} ({algorithm.label})"[:64]
     return SeriesInfo(structure_set_label=label, series_description=description)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from node.cli import main
-from node.config import BUNDLED_WEIGHTS, ConfigError, load_config, parse_config
+from node.config import BUNDLED_WEIGHTS, EXAMPLE_CONFIG, ConfigError, load_config, parse_config
 from tests.conftest import REPO
 
 
@@ -22,6 +22,11 @@ def test_shipped_config_is_valid_and_has_the_documented_keys(monkeypatch):
     assert (config.completion.quiet_seconds, config.completion.min_slices) == (10.0, 20)
     assert config.model.device == "auto"
     assert [d.name for d in config.destinations] == ["tps"]
+
+
+def test_the_clone_configuration_is_the_example_the_package_ships():
+    """`rtnode config example` prints what the source tree runs with: config/node.toml is its copy."""
+    assert (REPO / "config" / "node.toml").read_text() == EXAMPLE_CONFIG.read_text()
 
 
 def test_relative_paths_resolve_against_working_directory(tmp_path, monkeypatch):
@@ -70,7 +75,7 @@ def test_cli_reports_config_error_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"rtnode: {bad} is not valid TOML")
     assert main(["--config", str(tmp_path / "absent.toml"), "studies"]) == 2
-    assert "cannot read configuration file" in capsys.readouterr().err
+    assert f"no configuration file at {tmp_path / 'absent.toml'} (--config)" in capsys.readouterr().err
 
 
 def test_empty_allow_list_admits_nobody():

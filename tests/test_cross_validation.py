@@ -23,8 +23,13 @@ def test_every_case_is_held_out_in_exactly_one_fold(count, folds):
 
 @pytest.mark.parametrize("folds", [1, 4])
 def test_fold_counts_outside_two_to_the_case_count_are_refused(folds):
-    with pytest.raises(UserError, match=f"--folds {folds} needs 2 to 3 folds for 3 cases"):
+    with pytest.raises(UserError, match=f"--folds {folds}: cross-validation of 3 cases takes 2 to 3 folds"):
         next(cross_validate(TrainConfig(steps=1), TrainingData.phantoms(900, 3), folds, show_progress=False))
+
+
+def test_one_case_is_too_few_to_cross_validate():
+    with pytest.raises(UserError, match="cross-validation needs at least 2 cases; got 1"):
+        next(cross_validate(TrainConfig(steps=1), TrainingData.phantoms(900, 1), 3, show_progress=False))
 
 
 def test_cross_validation_prints_each_fold_and_the_mean():

@@ -17,8 +17,8 @@ import pytest
 from tests.conftest import REPO
 
 
-def run(*args, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+def run(*args, cwd: Path, timeout: float = 600, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=timeout, input=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,23 @@ def test_demo_runs_from_an_empty_folder(installed, tmp_path):
 
 
 def test_default_database_lives_under_the_data_folder(installed, tmp_path):
+    """Where a read-only command looks for it (and refuses to make it), a command that adds to it makes it."""
+    rtnode = installed / "bin" / "rtnode"
     (tmp_path / "node.toml").write_text('[node]\ndata_dir = "site-data"\n')
-    result = run(installed / "bin" / "rtnode", "--config", "node.toml", "jobs", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "no jobs"
-    assert (tmp_path / "site-data" / "rtnode.sqlite3").is_file()
+    database = tmp_path / "site-data" / "rtnode.sqlite3"
+    refused = run(rtnode, "--config", "node.toml", "jobs", cwd=tmp_path)
+    assert refused.returncode == 2 and f"no database at {database}" in refused.stderr, refused.stderr
+    assert not database.exists()
+    added = run(rtnode, "--config", "node.toml", "user", "add", "admin", "--role", "admin", cwd=tmp_path, stdin="a password\n")
+    assert added.returncode == 0, added.stderr
+    assert database.is_file()
+    listed = run(rtnode, "--config", "node.toml", "jobs", cwd=tmp_path)
+    assert (listed.returncode, listed.stdout.strip()) == (0, "no jobs"), listed.stderr
+
+
+def test_the_example_configuration_comes_with_the_package(installed, tmp_path):
+    rtnode = installed / "bin" / "rtnode"
+    missing = run(rtnode, "serve", cwd=tmp_path)
+    assert missing.returncode == 2 and "`rtnode config example > node.toml`" in missing.stderr, missing.stderr
+    example = run(rtnode, "config", "example", cwd=tmp_path)
+    assert example.returncode == 0 and example.stdout == (REPO / "config" / "node.toml").read_text(), example.stderr

@@ -327,7 +327,7 @@ def test_reports_say_what_retention_removed_and_rerun_refuses(make_node, capsys)
 
     job = json.loads(node.cli(capsys, "job", str(job_id), "--json")[1])
     assert job["outputs_removed_at"].startswith(today) and job["outputs"]  # what was made is still listed
-    assert f"outputs             removed on {today} by retention" in node.cli(capsys, "job", str(job_id))[1]
+    assert f"outputs              removed on {today} by retention" in node.cli(capsys, "job", str(job_id))[1]
     status, _, err = node.cli(capsys, "rerun", str(job_id))
     assert status == 2
     assert err == f"rtnode: job {job_id}'s input instances were removed on {today} by retention: it cannot be re-run\n"

@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from node import __version__
-from node.cli import accounts, job_log, processes, retention, reviews, structure_sets, training
+from node.cli import accounts, configuration, job_log, processes, retention, reviews, structure_sets, training
+from node.cli.command import CommandParser
 from node.errors import UserError
 
 INTERNAL_ERROR_LOG = Path(tempfile.gettempdir()) / "rtnode-internal-errors.log"
@@ -32,24 +33,32 @@ COMMANDS = (
     accounts.add_user, accounts.add_token, processes.add_web,
     reviews.add_reviews, reviews.add_export_training,
     structure_sets.add_rtstruct, training.add_synth, training.add_train, training.add_evaluate,
-    structure_sets.add_contour, structure_sets.add_mask,
+    structure_sets.add_contour, structure_sets.add_mask, configuration.add_config,
 )
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # pynetdicom narrates every PDU at INFO; its warnings and errors are what an admin needs.
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+def log_levels(verbose: bool, narrated: bool) -> dict[str, int]:
+    """Logger name ("" for the root) -> level. A process that runs on logs at INFO; a short command's
+    stderr holds only what went wrong. pynetdicom narrates every PDU and highdicom every attribute it
+    copies at INFO: their warnings and errors are what an admin needs."""
+    chatty = logging.DEBUG if verbose else logging.WARNING
+    return {
+        "": logging.DEBUG if verbose else logging.INFO if narrated else logging.WARNING,
+        "pynetdicom": chatty,
+        "highdicom": chatty,
+        "alembic": logging.WARNING,
+        "apscheduler": logging.WARNING,
+    }
+
+
+def _setup_logging(verbose: bool, narrated: bool) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s", stream=sys.stderr)
+    for name, level in log_levels(verbose, narrated).items():
+        logging.getLogger(name).setLevel(level)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rtnode", description=__doc__)
+    parser = CommandParser(prog="rtnode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"rtnode {__version__}")
     parser.add_argument("--config", help="configuration file (default: $RTNODE_CONFIG or config/node.toml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -77,7 +86,7 @@ def _report_internal_error(exc: Exception, verbose: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.narrated)
     try:
         return args.handler(args)
     except UserError as exc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from node.cli.command import Commands, add_command, node_config, node_database
+from node.cli.command import Commands, add_command, count, node_config, recorded_database
 from node.errors import UserError
 from node.vocabulary import JobStatus
 
@@ -19,7 +19,7 @@ def add_studies(commands: Commands) -> None:
 def cmd_studies(args: argparse.Namespace) -> int:
     from node.inventory import list_studies, study_lines
 
-    studies = list_studies(node_database(args))
+    studies = list_studies(recorded_database(args))
     if args.json:
         print(json.dumps([study.to_json() for study in studies], indent=2))
     else:
@@ -30,14 +30,14 @@ def cmd_studies(args: argparse.Namespace) -> int:
 def add_jobs(commands: Commands) -> None:
     jobs = add_command(commands, "jobs", cmd_jobs, "the job log: newest first")
     jobs.add_argument("--status", choices=[status.value for status in JobStatus])
-    jobs.add_argument("--limit", type=int, default=50)
+    jobs.add_argument("--limit", type=count, default=50, help="at most this many jobs")
     jobs.add_argument("--json", action="store_true")
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from node.joblog import list_jobs, summary_line
 
-    jobs = list_jobs(node_database(args), args.status, args.limit)
+    jobs = list_jobs(recorded_database(args), args.status, args.limit)
     if args.json:
         print(json.dumps(jobs, indent=2))
     else:
@@ -54,7 +54,7 @@ def add_job(commands: Commands) -> None:
 def cmd_job(args: argparse.Namespace) -> int:
     from node.joblog import describe_job, detail_lines
 
-    job = describe_job(node_database(args), args.job_id)
+    job = describe_job(recorded_database(args), args.job_id)
     if job is None:
         raise UserError(f"no job {args.job_id}")
     print(json.dumps(job, indent=2) if args.json else "\n".join(detail_lines(job)))
@@ -81,8 +81,8 @@ def cmd_resend(args: argparse.Namespace) -> int:
     def sop_instance_uid_of(path: str) -> str:
         return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
-    count = resend(node_database(args), args.job_id, destinations, sop_instance_uid_of)
-    print(f"queued {count} delivery(ies) of job {args.job_id}; the running node sends them")
+    queued = resend(recorded_database(args), args.job_id, destinations, sop_instance_uid_of)
+    print(f"queued {queued} delivery(ies) of job {args.job_id}; the running node sends them")
     return 0
 
 
@@ -96,6 +96,6 @@ def add_rerun(commands: Commands) -> None:
 def cmd_rerun(args: argparse.Namespace) -> int:
     from node.lifecycle.jobs import rerun
 
-    job = rerun(node_database(args), args.job_id)
+    job = rerun(recorded_database(args), args.job_id)
     print(f"queued job {job.id} (v{job.version}) with the instances of job {args.job_id}; the running node contours it")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from node.cli.command import Commands, add_command, node_config, node_database
+from node.cli.command import Commands, add_command, node_config, recorded_database
 
 
 def add_purge(commands: Commands) -> None:
@@ -15,7 +15,7 @@ def add_purge(commands: Commands) -> None:
 def cmd_purge(args: argparse.Namespace) -> int:
     from node.retention import purge
 
-    print("\n".join(purge(node_database(args), node_config(args), dry_run=args.dry_run).lines()))
+    print("\n".join(purge(recorded_database(args), node_config(args), dry_run=args.dry_run).lines()))
     return 0
 
 
@@ -31,7 +31,7 @@ def add_protect(commands: Commands) -> None:
 def cmd_protect(args: argparse.Namespace) -> int:
     from node.retention import set_protected
 
-    set_protected(node_database(args), args.study_uid, args.protect)
+    set_protected(recorded_database(args), args.study_uid, args.protect)
     if args.protect:
         print(f"study {args.study_uid} is protected: retention removes none of its instances or outputs")
     else:

@@ -7,9 +7,8 @@ import argparse
 import json
 import shlex
 from datetime import UTC, datetime
-from pathlib import Path
 
-from node.cli.command import Commands, add_command, node_config, node_database
+from node.cli.command import Commands, add_command, new_path, node_config, recorded_database
 
 
 def add_reviews(commands: Commands) -> None:
@@ -22,7 +21,7 @@ def add_reviews(commands: Commands) -> None:
 def cmd_reviews(args: argparse.Namespace) -> int:
     from node.joblog import list_reviews, review_lines
 
-    reviews = list_reviews(node_database(args))
+    reviews = list_reviews(recorded_database(args))
     if args.json:
         print(json.dumps(reviews, indent=2))
     else:
@@ -41,7 +40,7 @@ def add_export_training(commands: Commands) -> None:
     export = add_command(
         commands, "export-training", cmd_export_training, "write each reviewed job's CT and reviewed structure set for training"
     )
-    export.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    export.add_argument("out_dir", type=new_path, metavar="OUT_DIR")
     export.add_argument("--approved-only", action="store_true", help="only structure sets whose ApprovalStatus is APPROVED")
     export.add_argument("--since", type=_date, metavar="DATE", help="only reviews received on or after this day (UTC)")
 
@@ -50,7 +49,7 @@ def cmd_export_training(args: argparse.Namespace) -> int:
     from node.review import export_training
 
     config = node_config(args)
-    cases = export_training(node_database(args), args.out_dir, approved_only=args.approved_only, since=args.since)
+    cases = export_training(recorded_database(args), args.out_dir, approved_only=args.approved_only, since=args.since)
     print("\n".join(case.line() for case in cases) or "no reviewed jobs to export")
     if any(case.folder for case in cases):
         pattern = "(?i)" + "|".join(f"(?:{p})" for p in config.feedback.target_roi_patterns)

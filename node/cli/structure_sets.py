@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from node.cli.command import Commands, add_command, node_config
+from node.cli.command import BUNDLED, WEIGHTS_HELP, Commands, add_command, new_path, node_config, weights_file
 from node.config import BUNDLED_WEIGHTS, config_path
 from node.errors import UserError
 
@@ -24,10 +24,10 @@ def add_rtstruct(commands: Commands) -> None:
     rtstruct = add_command(commands, "rtstruct", cmd_rtstruct, "write an RT Structure Set for a NIfTI mask on a CT series' grid")
     rtstruct.add_argument("ct_dir", type=Path, metavar="CT_DIR", help="folder with the CT series")
     rtstruct.add_argument("mask", type=Path, metavar="MASK.nii.gz", help="binary mask on the CT's voxel grid")
-    rtstruct.add_argument("--out", type=Path, required=True, metavar="RS.dcm")
-    rtstruct.add_argument("--roi-name", default="CTV")
+    rtstruct.add_argument("--out", type=new_path, required=True, metavar="RS.dcm")
+    rtstruct.add_argument("--roi-name", default="CTV", help="name of the ROI written")
     rtstruct.add_argument("--algorithm-name", default="external mask", help="what made the mask (named in the ROI)")
-    rtstruct.add_argument("--algorithm-version", default="unknown")
+    rtstruct.add_argument("--algorithm-version", default="unknown", help="its version (named in the ROI)")
 
 
 def cmd_rtstruct(args: argparse.Namespace) -> int:
@@ -49,7 +49,7 @@ def add_mask(commands: Commands) -> None:
     mask.add_argument("ct_dir", type=Path, metavar="CT_DIR")
     mask.add_argument("rtstruct", type=Path, metavar="RS.dcm")
     mask.add_argument("--roi", required=True, metavar="NAME")
-    mask.add_argument("--out", type=Path, required=True, metavar="MASK.nii.gz")
+    mask.add_argument("--out", type=new_path, required=True, metavar="MASK.nii.gz")
 
 
 def cmd_mask(args: argparse.Namespace) -> int:
@@ -73,12 +73,15 @@ def cmd_mask(args: argparse.Namespace) -> int:
 def add_contour(commands: Commands) -> None:
     contour = add_command(commands, "contour", cmd_contour, "contour the CTV of a CT series and write an RT Structure Set")
     contour.add_argument("ct_dir", type=Path, metavar="CT_DIR")
-    contour.add_argument("--out", type=Path, required=True, metavar="RS.dcm")
-    contour.add_argument("--mask-out", type=Path, metavar="MASK.nii.gz")
-    contour.add_argument("--seg-out", type=Path, metavar="SEG.dcm")
-    contour.add_argument("--weights", type=Path, help="default: model.weights of the configuration")
-    contour.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    contour.add_argument("--roi-name", default="CTV")
+    contour.add_argument("--out", type=new_path, required=True, metavar="RS.dcm")
+    contour.add_argument("--mask-out", type=new_path, metavar="MASK.nii.gz")
+    contour.add_argument("--seg-out", type=new_path, metavar="SEG.dcm")
+    contour.add_argument(
+        "--weights", type=weights_file,
+        help=f"{WEIGHTS_HELP} (default: model.weights of the configuration; without one, {BUNDLED!r})",
+    )
+    contour.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when torch sees a GPU")
+    contour.add_argument("--roi-name", default="CTV", help="name of the ROI written")
 
 
 def _default_weights(args: argparse.Namespace) -> Path:

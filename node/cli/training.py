@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 from node import __version__
-from node.cli.command import Commands, add_command
+from node.cli.command import WEIGHTS_HELP, Commands, add_command, count, new_path, weights_file
 from node.training.config import add_options, config_from_options
 
 
 def add_synth(commands: Commands) -> None:
     synth = add_command(commands, "synth", cmd_synth, "write synthetic pelvic CT phantoms with their ground-truth CTV")
-    synth.add_argument("out_dir", type=Path, metavar="OUT_DIR")
-    synth.add_argument("--cases", type=int, default=1)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("out_dir", type=new_path, metavar="OUT_DIR")
+    synth.add_argument("--cases", type=count, default=1, help="how many phantoms")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the first phantom; the next ones count up")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -40,10 +40,17 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected seeds like 1000-1009 or 1,2,3, got {text!r}") from None
 
 
+def _folds(text: str) -> int:
+    folds = count(text)
+    if folds < 2:
+        raise argparse.ArgumentTypeError(f"cross-validation needs at least 2 folds, got {folds}")
+    return folds
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     """What `train` and `evaluate` share: the cases and TrainConfig's settings, but --device, which
     each command adds last with its own help."""
-    parser.add_argument("--phantoms", type=int, default=40, help="train on this many generated phantoms")
+    parser.add_argument("--phantoms", type=count, default=40, help="train on this many generated phantoms")
     add_options(parser, only={"seed"})
     parser.add_argument("--data", type=Path, help="train instead on folders of CT series + RT Structure Sets")
     parser.add_argument("--roi-pattern", default="^CTV", help="regular expression choosing the CTV ROI (with --data)")
@@ -64,13 +71,15 @@ def _command_line() -> str:
 
 
 def add_train(commands: Commands) -> None:
-    train = add_command(commands, "train", cmd_train, "train the CTV model and write safetensors weights with a model card")
+    train = add_command(
+        commands, "train", cmd_train, "train the CTV model and write safetensors weights with a model card", narrated=True
+    )
     _add_training_options(train)
-    train.add_argument("--out", type=Path, required=True, metavar="WEIGHTS.safetensors")
-    train.add_argument("--checkpoint", type=Path, help="checkpoint file, written every 100 steps")
+    train.add_argument("--out", type=new_path, required=True, metavar="WEIGHTS.safetensors")
+    train.add_argument("--checkpoint", type=new_path, help="checkpoint file, written every 100 steps")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    train.add_argument("--name", default="ctv-unet3d")
-    train.add_argument("--version", default=__version__)
+    train.add_argument("--name", default="ctv-unet3d", help="the model's name in its card (and in each RT Structure Set)")
+    train.add_argument("--version", default=__version__, help="the model's version in its card")
     train.add_argument(
         "--holdout", type=_seeds, help="phantom seeds to evaluate after training, e.g. 10000-10009 (recorded in the card)"
     )
@@ -98,11 +107,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_evaluate(commands: Commands) -> None:
     evaluate = add_command(
-        commands, "evaluate", cmd_evaluate, "k-fold cross-validation of training (Dice, HD95), or --weights on held-out phantoms"
+        commands, "evaluate", cmd_evaluate, "k-fold cross-validation of training (Dice, HD95), or --weights on held-out phantoms",
+        narrated=True,
     )
     _add_training_options(evaluate)
-    evaluate.add_argument("--folds", type=int, default=3, help="folds of the cross-validation")
-    evaluate.add_argument("--weights", type=Path, help="evaluate these weights on held-out phantoms instead")
+    evaluate.add_argument("--folds", type=_folds, default=3, help="folds of the cross-validation")
+    evaluate.add_argument(
+        "--weights", type=weights_file, help=f"evaluate these weights on held-out phantoms instead: {WEIGHTS_HELP}"
+    )
     evaluate.add_argument("--seeds", type=_seeds, default="10000-10009", help="held-out phantom seeds for --weights")
     add_options(evaluate, only={"device"}, help="for training and inference")
 

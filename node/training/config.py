@@ -82,7 +82,7 @@ def _thesis_preprocessing() -> Preprocessing:
 class TrainConfig:
     """What a training run is asked to do; the thesis's recipe by default."""
 
-    steps: int = setting(2000, "--steps", type=int)
+    steps: int = setting(2000, "--steps", type=int, help="optimiser steps")
     batch_size: int = setting(2, "--batch-size", type=int, help="crops per micro-batch (held in memory together)")
     # Micro-batches of batch_size crops per optimiser step; Pick-and-Learn weighs all their crops together.
     accumulate: int = setting(

@@ -182,9 +182,12 @@ class Fold:
 
 def cross_validate(config: TrainConfig, data: TrainingData, folds: int, show_progress: bool = True) -> Iterator[Fold]:
     """k-fold cross-validation: train on k-1 folds, the node's own inference on the held-out one."""
-    if not 2 <= folds <= len(data.sources):
-        raise UserError(f"--folds {folds} needs 2 to {len(data.sources)} folds for {len(data.sources)} cases")
-    for number, held_out in enumerate(fold_indices(len(data.sources), folds), start=1):
+    cases = len(data.sources)
+    if cases < 2:
+        raise UserError(f"cross-validation needs at least 2 cases; got {cases}")
+    if not 2 <= folds <= cases:
+        raise UserError(f"--folds {folds}: cross-validation of {cases} cases takes 2 to {cases} folds")
+    for number, held_out in enumerate(fold_indices(cases, folds), start=1):
         training_sources = [s for i, s in enumerate(data.sources) if i not in held_out]
         run = train(data.training_cases(training_sources, config.preprocessing), config, show_progress=show_progress)
         card = ModelCard("cross-validation", f"fold-{number}", config.architecture, config.preprocessing)

@@ -10,13 +10,15 @@ import uvicorn
 from node.config import Config
 from node.db.engine import open_database
 from node.errors import UserError
+from node.web.accounts import any_user
 from node.web.app import create_app
 
 log = logging.getLogger(__name__)
 
 
 def run_web(config: Config) -> int:
-    """Serve until SIGTERM/SIGINT. Refuses plain HTTP beyond loopback unless web.insecure_http says so."""
+    """Serve until SIGTERM/SIGINT. Refuses plain HTTP beyond loopback unless web.insecure_http says so; warns
+    while no account exists (there is no default one)."""
     web = config.web
     refusal = web.refusal()
     if refusal is not None:
@@ -24,6 +26,9 @@ def run_web(config: Config) -> int:
     if (warning := web.warning()) is not None:
         log.warning(warning)
     engine = open_database(config.node.database_url, fsync=config.node.fsync)
+    if not any_user(engine):
+        log.warning("no web app account exists yet, so nobody can log in: make the first with "
+                    "`rtnode user add NAME --role admin`")
     app = create_app(config, engine)
     scheme = "https" if web.tls else "http"
     log.info("web app on %s://%s:%d/", scheme, web.host, web.port)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from node.web.accounts import AuditAction, end_session, log_in
+from node.web.accounts import AuditAction, any_user, end_session, log_in
 from node.web.dependencies import User, Web, audit_request, render
 from node.web.security import SESSION_COOKIE, Forbidden, client_address, require_csrf, same_origin
 
@@ -22,9 +22,14 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
+def _login_page(request: Request, web: Web, status_code: int = 200, **context) -> HTMLResponse:
+    """The form; while no account exists, it says how to make the first (which tells a visitor only that)."""
+    return render(request, "login.html", None, status_code, no_account=not any_user(web.engine), **context)
+
+
 @router.get("/login", response_class=HTMLResponse)
-def login_page(request: Request, next: str = "/") -> HTMLResponse:
-    return render(request, "login.html", None, next=_safe_next(next), message="")
+def login_page(request: Request, web: Web, next: str = "/") -> HTMLResponse:
+    return _login_page(request, web, next=_safe_next(next), message="")
 
 
 @router.post("/login", response_class=HTMLResponse)
@@ -38,7 +43,8 @@ async def login(request: Request, web: Web) -> Response:
     if result.identity is None:
         await asyncio.sleep(result.delay_seconds)  # the slowdown of repeated failures; other requests go on
         await run_in_threadpool(audit_request, request, None, AuditAction.LOGIN_FAILED, "", "", result.message, username)
-        return render(request, "login.html", None, 401, next=target, message=result.message, username=username)
+        return await run_in_threadpool(_login_page, request, web, 401, next=target, message=result.message,
+                                       username=username)
     await run_in_threadpool(audit_request, request, result.identity, AuditAction.LOGIN)
     response = RedirectResponse(target, 303)
     response.set_cookie(SESSION_COOKIE, result.session_token, httponly=True, samesite="strict", secure=web.config.web.tls,
