@@ -30,9 +30,12 @@ from sqlalchemy.orm import Session
 
 from node.config import Config
 from node.db.models import Instance, Series
+from node.db.outage import DATABASE_AWAY, describe
 from node.lifecycle.jobs import Eligibility, settle_quiet_series
 
 log = logging.getLogger(__name__)
+
+OUTAGE_RETRY_SECONDS = 5.0  # a quiet series whose decision the database could not take is tried again this often
 
 
 def eligibility(series: Series, instances: list[Instance], min_slices: int) -> Eligibility:
@@ -145,13 +148,22 @@ class CompletionTracker:
             self._carried.pop(association_id, None)
 
     def _fire(self, series_uid: str, armed_at: datetime) -> None:
+        """A timer that fires while the database is away is set again: the series is decided when it is back."""
         with self._lock:
             self._armed.discard(series_uid)  # before the rows are read: a slice stored after sets a new timer
-        remaining = self._quiet_left(series_uid, armed_at)
-        if remaining > 0:  # slices arrived after the timer was set
-            self.arm(series_uid, remaining)
-            return
         try:
+            remaining = self._quiet_left(series_uid, armed_at)
+            if remaining > 0:  # slices arrived after the timer was set
+                self.arm(series_uid, remaining)
+                return
             settle_quiet_series(self._engine, series_uid, lambda s, i: eligibility(s, i, self._config.completion.min_slices))
+        except DATABASE_AWAY as error:
+            log.warning(
+                "series %s: the database is unreachable (%s): deciding it again in %.0f s",
+                series_uid,
+                describe(error),
+                OUTAGE_RETRY_SECONDS,
+            )
+            self.arm(series_uid, OUTAGE_RETRY_SECONDS)
         except Exception:
             log.exception("could not create a job for series %s", series_uid)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 
 from sqlalchemy import Engine
 
 from node.config import Config
+from node.db.outage import DATABASE_AWAY, Outage
 from node.destinations import DeliveryOrder, SendOutcome, orphaned
 from node.lifecycle import deliveries
 from node.lifecycle.deliveries import RetryPolicy
@@ -52,12 +54,21 @@ class Sender:
         log_destination_warnings(config)
 
     def run_forever(self, stop: threading.Event, poll_seconds: float = 0.25) -> None:
+        """Until asked to stop; while the database is away it waits for it."""
+        outage = Outage(f"sender of {self._identity.name}")
         while not stop.is_set():
-            if not self.send_due():
+            try:
+                due = self.send_due(outage, stop)
+                outage.over()
+            except DATABASE_AWAY as error:
+                outage.wait(error, stop)
+                continue
+            if not due:
                 stop.wait(poll_seconds)
 
-    def send_due(self) -> int:
-        """Attempt every delivery whose time has come; returns how many were due."""
+    def send_due(self, outage: Outage, stop: threading.Event) -> int:
+        """Attempt every delivery whose time has come; returns how many were due. An attempt's outcome is
+        recorded even when the database went away during the send: it is waited for, not dropped."""
         due = deliveries.due_deliveries(self._engine)
         for delivery_id in due:
             order = deliveries.take_delivery(self._engine, delivery_id, self._identity, self._config.node.worker_lease_seconds)
@@ -65,5 +76,6 @@ class Sender:
                 continue
             start = time.perf_counter()
             outcome = send(self._config, order)
-            deliveries.record_attempt(self._engine, delivery_id, outcome, time.perf_counter() - start, self._policy)
+            seconds = time.perf_counter() - start
+            outage.until_done(partial(deliveries.record_attempt, self._engine, delivery_id, outcome, seconds, self._policy), stop)
         return len(due)

@@ -19,15 +19,16 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from node.completion import CompletionTracker
 from node.config import Config
 from node.db.engine import open_database
+from node.db.outage import DATABASE_AWAY, Outage, describe
 from node.errors import UserError
 from node.lifecycle.jobs import series_needing_jobs
 from node.lifecycle.workers import (
@@ -225,10 +226,19 @@ def serve(config: Config, config_path: Path) -> int:
     if web is not None:
         web.start()
     retention = _retention_schedule(config, engine)
+    deaths: list[tuple[str, int]] = []  # dead workers whose jobs are still to be queued again
+    outage = Outage("rtnode serve")
     while not stop.wait(1.0):
         died = worker.keep_alive() if worker is not None else None
         if died is not None:
-            requeue_after_worker_death(engine, *died)
+            deaths.append(died)
+        try:
+            while deaths:
+                requeue_after_worker_death(engine, *deaths[0])
+                deaths.pop(0)
+            outage.over()
+        except DATABASE_AWAY as error:
+            outage.wait(error, stop)
         if web is not None:
             web.keep_alive()
         for receiver in receivers:
@@ -267,12 +277,14 @@ def receive(config: Config, listeners: Listeners) -> int:
 
 def _beat(engine: Engine, identity: WorkerIdentity, lease_seconds: float, stop: threading.Event) -> None:
     """Renew this worker's leases and take back what lost workers held, until asked to stop."""
+    outage = Outage(f"heartbeat of {identity.name}")
     while not stop.wait(lease_seconds / 4):
         try:
             heartbeat(engine, identity, lease_seconds)
             expire_leases(engine)
-        except SQLAlchemyError:
-            log.exception("heartbeat failed: retrying (the leases run out if the database stays away)")
+            outage.over()
+        except DATABASE_AWAY as error:
+            outage.wait(error, stop)  # the leases run out if the database stays away longer than they last
 
 
 def run_worker(config: Config, device: str | None = None) -> int:
@@ -283,11 +295,14 @@ def run_worker(config: Config, device: str | None = None) -> int:
     from node.worker import Worker
 
     stop = stop_on_signals()
-    engine = open_node_database(config)
     identity = WorkerIdentity.this_process(device or config.model.device)
     lease = config.node.worker_lease_seconds
-    register_worker(engine, identity)
-    expire_leases(engine)
+    outage = Outage(f"worker {identity.name}")
+    try:  # a worker may start before its database does
+        engine = outage.until_done(lambda: open_node_database(config), stop)
+        outage.until_done(lambda: (register_worker(engine, identity), expire_leases(engine)), stop)
+    except DATABASE_AWAY:
+        return 0  # asked to stop before the database came back
     log.info("worker %s on %s", identity.name, identity.device)
     beat = threading.Thread(target=_beat, args=(engine, identity, lease, stop), name="heartbeat", daemon=True)
     beat.start()
@@ -299,11 +314,15 @@ def run_worker(config: Config, device: str | None = None) -> int:
         usable = True
     except UserError as exc:
         # Found now, not by the first job: queued jobs wait for a fixed model; reviews and deliveries go on.
-        log.error("the worker does not take jobs: the model cannot be used: %s", exc)
-        report_unusable_model(engine, identity, f"the model cannot be used: {exc}")
+        problem = f"the model cannot be used: {exc}"
+        log.error("the worker does not take jobs: %s", problem)
+        outage.until_done(partial(report_unusable_model, engine, identity, problem), stop)
         usable = False
     worker.run_forever(stop, take_jobs=usable)
     sender.join(timeout=60)
     beat.join(timeout=5)
-    heartbeat(engine, identity, lease, stopped=True)
+    try:
+        heartbeat(engine, identity, lease, stopped=True)
+    except DATABASE_AWAY as error:
+        log.warning("worker %s stopped without saying so to the database: %s", identity.name, describe(error))
     return 0

@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 
 from node import retention, review
 from node.config import Config
+from node.db.outage import DATABASE_AWAY, Outage
 from node.imaging.volume import SeriesError, load_volume, read_datasets
 from node.lifecycle import jobs
 from node.lifecycle.workers import WorkerIdentity
@@ -58,14 +59,32 @@ class Worker:
 
     def run_forever(self, stop: threading.Event, poll_seconds: float = 0.2, take_jobs: bool = True) -> None:
         """Jobs first (a patient may be waiting for the contour); between them, one pending review at a time.
-        Without a usable model (`take_jobs` false) jobs wait in the queue and reviews go on."""
+        Without a usable model (`take_jobs` false) jobs wait in the queue and reviews go on. While the
+        database is away the worker waits for it; a job it held then goes back to the queue."""
+        outage = Outage(f"worker {self._identity.name}")
         while not stop.is_set():
-            lease = self._config.node.worker_lease_seconds
-            job_id = jobs.claim_next(self._engine, self._identity, lease) if take_jobs else None
-            if job_id is not None:
-                self.run_job(job_id)
-            elif not review.measure_next(self._engine, self._config):
-                stop.wait(poll_seconds)
+            job_id = None
+            try:
+                lease = self._config.node.worker_lease_seconds
+                job_id = jobs.claim_next(self._engine, self._identity, lease) if take_jobs else None
+                if job_id is not None:
+                    self.run_job(job_id)
+                elif not review.measure_next(self._engine, self._config):
+                    stop.wait(poll_seconds)
+                outage.over()
+            except DATABASE_AWAY as error:
+                outage.wait(error, stop)
+                if job_id is not None:
+                    self._give_back(job_id, outage, stop)
+
+    def _give_back(self, job_id: int, outage: Outage, stop: threading.Event) -> None:
+        """The job's attempt was cut off by the outage, which is not the job's fault: queued again, not
+        counted as a crash. (A worker stopped meanwhile leaves it to the next start's recovery.)"""
+        detail = "the database was unreachable while this job ran (not counted as a crash)"
+        try:
+            outage.until_done(lambda: jobs.give_back(self._engine, job_id, self._identity.name, detail), stop)
+        except DATABASE_AWAY:
+            log.warning("job %s stays running until the node's next start takes it back", job_id)
 
     def run_job(self, job_id: int) -> None:
         """Contour one job, then apply retention: a finished job may be what makes room."""
@@ -85,7 +104,7 @@ class Worker:
         folder = self._config.jobs_dir / str(job_id) / f"attempt-{inputs.attempt}"
         try:
             self._attempt(inputs, folder)
-        except jobs.LeaseLost:
+        except (jobs.LeaseLost, *DATABASE_AWAY):
             shutil.rmtree(folder, ignore_errors=True)
             raise
         _remove_other_attempts(folder)
@@ -98,7 +117,7 @@ class Worker:
         except JobFailed as exc:
             jobs.fail_job(self._engine, job_id, str(exc), timings, held_by=me)
             return
-        except jobs.LeaseLost:
+        except (jobs.LeaseLost, *DATABASE_AWAY):
             raise
         except Exception as exc:  # a bug or an unexpected input must not stop the next job
             log.exception("job %s failed unexpectedly", job_id)
@@ -144,7 +163,7 @@ class Worker:
                 paths,
                 algorithm,
                 self._config.model.roi_name,
-                auto_contour_series(inputs.version, algorithm),
+                auto_contour_series(inputs.version, algorithm, inputs.supersedes),
             )
         except EmptyMaskError as exc:
             raise JobFailed(f"no CTV found in series {inputs.series_instance_uid} by {algorithm.label}: nothing sent") from exc

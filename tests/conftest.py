@@ -123,30 +123,55 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
+class PostgresCluster:
+    """A throw-away PostgreSQL cluster of Debian's `postgresql` on a free loopback port, stopped and
+    started again at will (a database outage)."""
+
+    def __init__(self) -> None:
+        binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not binaries:
+            if REQUIRE_TOOLS:
+                pytest.fail("postgresql is not installed (the test command installs it)")
+            pytest.skip("postgresql is not installed")
+        self.bin_dir = binaries[-1].parent
+        self.folder = Path(tempfile.mkdtemp(prefix="rtnode-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres")
+        self.data, self.port = self.folder / "data", free_port()
+        self._tool("initdb", "-D", self.data, "-A", "trust", "-U", "postgres")
+
+    @property
+    def url(self) -> str:
+        """The server's URL; a database name is appended to it."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}"
+
+    def _tool(self, name: str, *args) -> None:
+        subprocess.run(_as_postgres([str(self.bin_dir / name), *map(str, args)]), check=True, capture_output=True)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off"
+        self._tool("pg_ctl", "-D", self.data, "-o", options, "-l", self.folder / "log", "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """`fast` ends every connection, as a restart for maintenance does; `immediate` is a crash."""
+        self._tool("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        subprocess.run(_as_postgres([str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A throw-away PostgreSQL cluster on a free loopback port (Debian's `postgresql`), for the session.
-    Yields the URL of its `postgres` database; each test makes a database of its own."""
-    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not binaries:
-        if REQUIRE_TOOLS:
-            pytest.fail("postgresql is not installed (the test command installs it)")
-        pytest.skip("postgresql is not installed")
-    bin_dir = binaries[-1].parent
-    folder = Path(tempfile.mkdtemp(prefix="rtnode-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(folder, "postgres")
-    data, port = folder / "data", free_port()
-    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
-                   check=True, capture_output=True)
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off"
-    start = [str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"]
-    subprocess.run(_as_postgres(start), check=True, capture_output=True)
+    """A throw-away PostgreSQL cluster for the session. Yields the URL of its server; each test makes a
+    database of its own (`new_postgres_database`)."""
+    cluster = PostgresCluster()
+    cluster.start()
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+        yield cluster.url
     finally:
-        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        cluster.remove()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

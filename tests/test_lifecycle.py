@@ -24,8 +24,10 @@ from node.destinations import Destination, SendOutcome
 from node.destinations.cstore import classify_store_status
 from node.errors import UserError
 from node.lifecycle.deliveries import RetryPolicy, due_deliveries, record_attempt, resend, take_delivery
-from node.lifecycle.jobs import Eligibility, LeaseLost, claim_next, fail_job, record_outputs, rerun, submit_series
+from node.lifecycle.jobs import Eligibility, LeaseLost, claim_next, fail_job, job_inputs, record_outputs, rerun, submit_series
 from node.lifecycle.workers import WorkerIdentity, expire_leases, heartbeat, recover_after_restart, register_worker
+from node.outputs import auto_contour_series
+from node.rtstruct.builder import Algorithm
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import ct_datasets, write_cylinder_ct, write_series
 from node.synth.phantom import make_phantom
@@ -281,6 +283,28 @@ def test_a_second_version_supersedes_the_first(engine, series, tmp_path):
     assert new.status == JobStatus.SENDING and [d.status for d in new.deliveries] == [DeliveryStatus.PENDING]
     assert take_delivery(engine, old.deliveries[0].id, GONE_WORKER, 60) is None
     assert due_deliveries(engine) == [new.deliveries[0].id]
+
+
+def test_a_new_version_supersedes_only_a_version_that_was_delivered(engine, series, tmp_path):
+    """The SeriesDescription's "supersedes vN" names what the planning system holds: not a version that
+    failed (or was rejected) and sent nothing."""
+    model = Algorithm("ctv-unet3d", "0.1.0")
+    first = running_job(engine, series[0])
+    fail_job(engine, first, "no CTV found", {})
+    second = rerun(engine, first).id
+    assert claim_next(engine, GONE_WORKER, 60) == second
+    nothing_sent = job_inputs(engine, second).supersedes
+    assert nothing_sent is None
+    assert auto_contour_series(2, model, nothing_sent).series_description == "UNAPPROVED auto-contour v2 (ctv-unet3d 0.1.0)"
+    contoured(engine, tmp_path, second)
+    (delivery,) = due_deliveries(engine)
+    record_attempt(engine, delivery, classify_store_status(0x0000, "tps"), 0.1, POLICY)
+    third = rerun(engine, second).id
+    assert claim_next(engine, GONE_WORKER, 60) == third
+    delivered = job_inputs(engine, third).supersedes
+    assert delivered == 2
+    description = auto_contour_series(3, model, delivered).series_description
+    assert description == "UNAPPROVED auto-contour v3, supersedes v2 (ctv-unet3d 0.1.0)"
 
 
 def test_resend_needs_an_rtstruct(engine, series, tmp_path):

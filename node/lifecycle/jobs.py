@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, Engine, func, select, type_coerce, update
 from sqlalchemy.orm import Session
 
-from node.db.models import Instance, Job, Review, Series, UTCDateTime, utcnow
+from node.db.models import Delivery, Instance, Job, Review, Series, UTCDateTime, utcnow
 from node.destinations import Destination
 from node.errors import UserError
 from node.lifecycle.deliveries import delivery_pending, new_delivery, settle_sending_job
@@ -230,6 +230,20 @@ class JobInputs:
     attempt: int  # how many times a worker has taken the job up, this time included
     paths: list[Path]
     missing: int  # input instances no longer in the database, or removed by retention
+    supersedes: int | None  # the version of the series' latest earlier RT Structure Set a destination received
+
+
+def _latest_delivered_version(session: Session, job: Job) -> int | None:
+    """What a new version replaces at the planning system: an earlier version that was rejected, failed
+    or never reached a destination replaces nothing there."""
+    return session.scalars(
+        select(func.max(Job.version))
+        .join(Delivery, Delivery.job_id == Job.id)
+        .where(
+            Job.series_id == job.series_id, Job.version < job.version,
+            Delivery.kind == OutputKind.RTSTRUCT, Delivery.status == DeliveryStatus.DONE,
+        )
+    ).one()
 
 
 def job_inputs(engine: Engine, job_id: int, held_by: str | None = None) -> JobInputs:
@@ -247,6 +261,7 @@ def job_inputs(engine: Engine, job_id: int, held_by: str | None = None) -> JobIn
             job.starts,
             [Path(p) for p in paths],
             len(job.input_uids) - len(paths),
+            _latest_delivered_version(session, job),
         )
 
 
@@ -256,6 +271,18 @@ def set_model(engine: Engine, job_id: int, name: str, version: str, held_by: str
         job = session.get(Job, job_id)
         _require_holder(job, held_by)
         job.model_name, job.model_version = name, version
+
+
+def give_back(engine: Engine, job_id: int, held_by: str, detail: str) -> bool:
+    """A worker that cannot finish an attempt through no fault of the job puts it back in the queue; the
+    attempt does not count toward MAX_STARTS. A job no longer held by `held_by` is left alone."""
+    with Session(engine) as session, session.begin():
+        job = session.get(Job, job_id)
+        if job.status != JobStatus.RUNNING or job.worker != held_by:
+            return False
+        job.status, job.starts = JobStatus.QUEUED, max(job.starts - 1, 0)
+        add_event(session, job, EventKind.REQUEUED, detail)
+        return True
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
