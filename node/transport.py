@@ -10,10 +10,12 @@ it), so the destination types and the configuration above them may all use it.
 from __future__ import annotations
 
 import logging
+import selectors
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +33,8 @@ POLL_SECONDS = 0.2
 _YIELD_SECONDS = 0.02
 # Closed connections: the first per peer and reason is logged, then a count per this long.
 _LOG_INTERVAL_SECONDS = 60.0
+# TLS handshakes pending at once, per association allowed (`max_associations` from any one address).
+HANDSHAKES_PER_ASSOCIATION = 8
 
 
 class ListenerSettings(Protocol):
@@ -109,6 +113,108 @@ def hang_up(sock: socket.socket) -> None:
         pass
 
 
+class _Handshakes:
+    """The TLS handshakes of new connections, all in one thread, none holding a slot to negotiate.
+
+    A peer that opens TLS connections and never finishes the handshake (stalled, or hostile) costs a
+    descriptor and an entry here, not one of the few slots for connections negotiating an association:
+    only a connection whose handshake is done joins the queue for those. The entries are bounded: past
+    `per_peer` from one address, or `total` in all, the oldest goes first (a real caller's handshake
+    takes milliseconds). Each must be done by its connection's negotiation deadline."""
+
+    def __init__(
+        self,
+        per_peer: int,
+        total: int,
+        done: Callable[[_Connection], None],
+        closed: Callable[[str, str], None],
+        timeout_seconds: float,
+    ) -> None:
+        self._per_peer, self._total = per_peer, total
+        self._done, self._closed = done, closed
+        self._timeout = f"negotiation_timeout_seconds ({timeout_seconds:g} s)"
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        self._lock = threading.Lock()
+        self._arrived: list[_Connection] = []  # handed over by the accepting thread
+        self._pending: dict[socket.socket, _Connection] = {}  # oldest first; only this class's thread touches it
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="TLSHandshakes", daemon=True)
+        self._thread.start()
+
+    def add(self, connection: _Connection) -> None:
+        with self._lock:
+            self._arrived.append(connection)
+        self._wake_writer.send(b"\0")
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._wake_writer.send(b"\0")
+        self._thread.join(timeout=5)
+        with self._lock:
+            left = [*self._pending.values(), *self._arrived]
+            self._pending, self._arrived = {}, []
+        for connection in left:
+            connection.sock.close()
+        self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            for key, _ in self._selector.select(timeout=POLL_SECONDS):
+                if key.fileobj is self._wake_reader:
+                    self._wake_reader.recv(4096)
+                elif key.fileobj in self._pending:
+                    self._step(self._pending[key.fileobj])
+            with self._lock:
+                arrived, self._arrived = self._arrived, []
+            for connection in arrived:
+                self._admit(connection)
+            now = time.monotonic()
+            for connection in [c for c in self._pending.values() if now >= c.deadline]:
+                self._drop(connection, f"no TLS handshake within {self._timeout}")
+
+    def _admit(self, connection: _Connection) -> None:
+        from_peer = [c for c in self._pending.values() if c.peer == connection.peer]
+        if len(from_peer) >= self._per_peer:
+            self._drop(from_peer[0], "more than max_associations TLS handshakes pending from it: the oldest closed")
+        if len(self._pending) >= self._total:
+            self._drop(next(iter(self._pending.values())), "too many TLS handshakes pending: the oldest closed")
+        connection.sock.setblocking(False)
+        self._pending[connection.sock] = connection
+        self._selector.register(connection.sock, selectors.EVENT_READ)
+        self._step(connection)  # the client's hello may be here already
+
+    def _step(self, connection: _Connection) -> None:
+        sock = connection.sock
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._selector.modify(sock, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._selector.modify(sock, selectors.EVENT_WRITE)
+            return
+        except OSError as exc:  # ssl.SSLError included
+            self._drop(connection, f"TLS handshake failed: {exc}")
+            return
+        self._forget(connection)
+        sock.setblocking(True)
+        self._done(connection)
+
+    def _forget(self, connection: _Connection) -> None:
+        del self._pending[connection.sock]
+        self._selector.unregister(connection.sock)
+
+    def _drop(self, connection: _Connection, reason: str) -> None:
+        self._forget(connection)
+        self._closed(connection.peer, reason)
+        hang_up(connection.sock)
+        connection.sock.close()
+
+
 class _NegotiationGuardServer(ThreadedAssociationServer):
     """pynetdicom's server, with a bound on connections that have not negotiated an association.
 
@@ -130,9 +236,18 @@ class _NegotiationGuardServer(ThreadedAssociationServer):
         self._lock = threading.Lock()  # guards the lists and every start of an association thread
         self._waiting: list[_Connection] = []
         self._negotiating: list[_Connection] = []
+        self._handshakes: _Handshakes | None = None
         super().__init__(*args, **kwargs)
         self._node = node
         self._log_closed = _RateLimitedLog(closed_log, _LOG_INTERVAL_SECONDS)
+        if self.ssl_context:
+            self._handshakes = _Handshakes(
+                per_peer=node.max_associations,
+                total=HANDSHAKES_PER_ASSOCIATION * node.max_associations,
+                done=self._queue,
+                closed=self._closed_during_handshake,
+                timeout_seconds=node.negotiation_timeout_seconds,
+            )
         self.bind(evt.EVT_CONN_OPEN, self._on_conn_open)
         self.bind(evt.EVT_ESTABLISHED, self._on_established)
 
@@ -149,7 +264,7 @@ class _NegotiationGuardServer(ThreadedAssociationServer):
             super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, tuple]:
-        """Wraps a TLS connection without its handshake, which `process_request_thread` does: here, in the one
+        """Wraps a TLS connection without its handshake, which `_Handshakes` does: here, in the one
         accepting thread, a peer that never answers would stall every caller. On a shared listener every
         receiving process is woken: one serving associations already lets an idle one take it first, and
         the loser's accept fails (BlockingIOError), after which socketserver goes back to waiting."""
@@ -160,27 +275,24 @@ class _NegotiationGuardServer(ThreadedAssociationServer):
             sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
 
-    def process_request_thread(self, request, client_address) -> None:
-        """The TLS handshake, in the connection's own thread and within its negotiation deadline; a failed one
-        closes only this connection."""
-        if isinstance(request, ssl.SSLSocket):
-            try:
-                request.do_handshake()
-            except OSError as exc:  # ssl.SSLError included
-                with self._lock:
-                    if any(c.sock is request for c in self._negotiating):  # else `_admit` closed it at the deadline
-                        self._log_closed(client_address[0], f"TLS handshake failed: {exc}")
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
-
     def process_request(self, request, client_address) -> None:
-        """Queues the new connection for `_admit`; refuses it if its peer already has too many queued."""
+        """A TLS connection shakes hands first (`_Handshakes`); then, as a plain one, it queues for `_admit`."""
         connection = _Connection(request, client_address, time.monotonic() + self._node.negotiation_timeout_seconds)
+        if self._handshakes is not None:
+            self._handshakes.add(connection)
+        else:
+            self._queue(connection)
+
+    def _closed_during_handshake(self, peer: str, reason: str) -> None:
+        with self._lock:
+            self._log_closed(peer, reason)
+
+    def _queue(self, connection: _Connection) -> None:
+        """Queues the connection for `_admit`; refuses it if its peer already has too many queued."""
         with self._lock:
             if sum(c.peer == connection.peer for c in self._waiting) >= self._node.max_associations:
                 self._log_closed(connection.peer, "more than max_associations connections waiting to negotiate")
-                self.shutdown_request(request)
+                self.shutdown_request(connection.sock)
                 return
             self._waiting.append(connection)
         self._admit()
@@ -233,6 +345,8 @@ class _NegotiationGuardServer(ThreadedAssociationServer):
     def server_close(self) -> None:
         """Also closes the connections not yet negotiated: a reader blocked on one would hold up
         pynetdicom's shutdown, which aborts each association and waits for it."""
+        if self._handshakes is not None:
+            self._handshakes.close()
         with self._lock:
             for conn in self._negotiating:
                 hang_up(conn.sock)

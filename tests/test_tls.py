@@ -152,8 +152,42 @@ def test_a_silent_or_plain_peer_on_the_tls_port_holds_up_nobody(node_factory, pk
         assert silent.recv(1) == b""  # closed at the negotiation deadline
     log = node.log()
     assert "closed connection from 127.0.0.1: TLS handshake failed: [SSL: " in log
-    assert "closed connection from 127.0.0.1: no association negotiated within negotiation_timeout_seconds (3 s)" in log
+    assert "closed connection from 127.0.0.1: no TLS handshake within negotiation_timeout_seconds (3 s)" in log
 
+
+
+def silent_tls_connections(port: int, sources: list[str]) -> list[socket.socket]:
+    """Connections that never send a TLS hello, one from each source address (loopback addresses)."""
+    connections = []
+    for source in sources:
+        connection = socket.socket()
+        connection.bind((source, 0))
+        connection.connect((LOOPBACK, port))
+        connections.append(connection)
+    return connections
+
+
+def test_stalled_tls_handshakes_hold_no_slot_a_caller_needs(node_factory, pki):
+    """Silent TLS connections from the caller's own address, beyond every per-peer limit, and a flood from
+    40 other addresses: the caller's echo goes through at once, not at their deadline; the oldest beyond
+    the bounds are closed."""
+    node, tls_port = tls_node(node_factory, pki, extra_config="negotiation_timeout_seconds = 10\nmax_associations = 4")
+    own = silent_tls_connections(tls_port, [LOOPBACK] * 6)  # max_unnegotiated_per_peer is 2, max_associations 4
+    flood = silent_tls_connections(tls_port, [f"127.0.1.{n}" for n in range(1, 41)])  # 8 x 4 handshakes at most
+    try:
+        started = time.monotonic()
+        result = echo(tls_port, *tls_options(pki, pki.scanner))
+        assert result.returncode == 0, result.stderr
+        assert time.monotonic() - started < 3, "the caller waited for the stalled handshakes"
+        wait_until(lambda: "the oldest closed" in node.log())
+        log = node.log()
+        assert "closed connection from 127.0.0.1: more than max_associations TLS handshakes pending from it" in log
+        assert "too many TLS handshakes pending: the oldest closed" in log
+        own[0].settimeout(5)
+        assert own[0].recv(1) == b""  # the oldest of one peer's stalled handshakes was closed
+    finally:
+        for connection in own + flood:
+            connection.close()
 
 def test_a_certificate_subject_is_written_as_openssl_prints_it():
     subject = (
