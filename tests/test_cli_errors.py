@@ -137,7 +137,10 @@ def test_bundled_weights_contour_from_any_folder_with_nothing_on_stderr(phantom,
     assert "--weights WEIGHTS a safetensors file, or 'bundled': the demonstration weights shipped inside rtnode" in help_text
 
 
-@pytest.mark.parametrize("command", [["studies"], ["jobs"], ["job", "1"], ["reviews"], ["purge", "--dry-run"]])
+@pytest.mark.parametrize(
+    "command",
+    [["studies"], ["jobs"], ["job", "1"], ["reviews"], ["purge", "--dry-run"], ["user", "list"], ["token", "create", "a"]],
+)
 def test_read_only_commands_refuse_a_missing_database(tmp_path, command):
     (tmp_path / "node.toml").write_text('[node]\ndata_dir = "data"\n')
     stderr = one_line(run_rtnode("--config", "node.toml", *command, cwd=tmp_path))

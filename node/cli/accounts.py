@@ -105,5 +105,5 @@ def add_token(commands: Commands) -> None:
 def cmd_token(args: argparse.Namespace) -> int:
     from node.web.accounts import create_api_token
 
-    print(create_api_token(node_database(args), args.name))
+    print(create_api_token(recorded_database(args), args.name))
     return 0
