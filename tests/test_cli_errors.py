@@ -221,3 +221,14 @@ def test_help_shows_the_defaults(tmp_path):
     evaluate = " ".join(run_rtnode("evaluate", "--help", cwd=tmp_path).stdout.split())
     assert "folds of the cross-validation (default: 3)" in evaluate
     assert "held-out phantom seeds for --weights (default: 10000-10009)" in evaluate
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    """`rtnode ... | head -3`: the pipe closed before rtnode writes ends it quietly, as SIGPIPE ends `ls`."""
+    reader_gone = subprocess.Popen(
+        [sys.executable, "-m", "node", "config", "example"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    reader_gone.stdout.close()  # long before the interpreter has started and written
+    stderr = reader_gone.stderr.read().decode()
+    assert reader_gone.wait(timeout=60) == 141
+    assert stderr == ""

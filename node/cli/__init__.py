@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
+import signal
 import sys
 import tempfile
 import traceback
@@ -23,6 +25,7 @@ from node.errors import UserError
 INTERNAL_ERROR_LOG = Path(tempfile.gettempdir()) / "rtnode-internal-errors.log"
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE
+EXIT_READER_GONE = 128 + signal.SIGPIPE
 
 # Every command in the order `rtnode --help` lists them; each group's module adds a command's
 # parser beside its handler.
@@ -84,11 +87,20 @@ def _report_internal_error(exc: Exception, verbose: bool) -> int:
     return EXIT_INTERNAL_ERROR
 
 
+def _reader_gone() -> int:
+    """`rtnode jobs | head -3`: the reader took what it wanted; no error, and none at exit either (Python's
+    final flush of stdout would meet the closed pipe again), the status a shell gives a process SIGPIPE ends."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_READER_GONE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, args.narrated)
     try:
         return args.handler(args)
+    except BrokenPipeError:
+        return _reader_gone()
     except UserError as exc:
         print(f"rtnode: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
