@@ -2,7 +2,8 @@
 byte stream, no database and no disk.
 
 `read_header` refuses, with the failure status the sender is answered, an instance too large once
-decoded, one that cannot be decoded, UIDs missing or malformed, pixel data that cannot be whole;
+decoded, one that cannot be decoded, UIDs missing or malformed, pixel data that cannot be whole
+(any instance's: the bytes its length declares must be there);
 otherwise it returns the attributes the database keeps. `StoreRefused` carries that status, and
 is raised by the store too (conflicts, out of resources).
 """
@@ -17,6 +18,7 @@ from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.charset import decode_bytes
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -167,19 +169,39 @@ def _complete_fragments(data: bytes) -> int:
     return items - 1
 
 
-def _check_pixel_data(encoded: bytes, ds, encapsulated: bool) -> None:
-    """Refuse an image whose pixel data cannot be whole, read as stored and never decoded: the
-    sender hears it now, where a job failing later would tell it nothing. Read apart from the
-    header: pydicom drops every element of a dataset that ends inside an undefined length."""
+def _pixel_data_as_stored(encoded: bytes) -> tuple[bytes, int] | None:
+    """(the bytes present, the length the element declares) of the top-level pixel data, None when there
+    is none. Read apart from the header: pydicom drops every element of a dataset that ends inside an
+    undefined length. pydicom hands back the element raw (its declared length kept, the bytes present
+    maybe fewer) or decoded: an empty value (nothing declared beyond its bytes), or one sent as SQ or as
+    UN of undefined length, which it reads as a sequence of items (refused: pixel data is bytes)."""
     element = dcmread(BytesIO(encoded), specific_tags=["PixelData"]).get_item(0x7FE00010)
     if element is None:
-        raise StoreRefused(Status.INCOMPLETE_PIXEL_DATA, "the image's pixel data is missing or cut short")
+        return None
     data = element.value or b""
-    if element.length != _UNDEFINED_LENGTH and len(data) < element.length:
+    if not isinstance(data, bytes):
+        sequence = "pixel data reads as a sequence of items (VR SQ, or UN of undefined length), not bytes"
+        raise StoreRefused(Status.CANNOT_DECODE, sequence)
+    return data, element.length if isinstance(element, RawDataElement) else len(data)
+
+
+def _check_pixel_data(encoded: bytes, ds, encapsulated: bool) -> None:
+    """Refuse pixel data that cannot be whole, read as stored and never decoded: the sender hears it
+    now, where a job failing later would tell it nothing. Any instance's pixel data must hold the
+    bytes it declares; an image's must be there, and hold its frames."""
+    pixel_data, is_image = _pixel_data_as_stored(encoded), "Rows" in ds
+    if pixel_data is None:
+        if is_image:
+            raise StoreRefused(Status.INCOMPLETE_PIXEL_DATA, "the image's pixel data is missing or cut short")
+        return
+    data, declared = pixel_data
+    if declared != _UNDEFINED_LENGTH and len(data) < declared:
         raise StoreRefused(
             Status.INCOMPLETE_PIXEL_DATA,
-            f"pixel data claims {element.length} bytes but the dataset ends after {len(data)}",
+            f"pixel data claims {declared} bytes but the dataset ends after {len(data)}",
         )
+    if not is_image:
+        return
     frames = _int(ds, "NumberOfFrames") or 1
     if encapsulated:
         fragments = _complete_fragments(data)
@@ -230,8 +252,7 @@ def read_header(encoded: bytes, max_decoded_bytes: int) -> InstanceHeader:
         invalid = [f"{keyword}={value!r}" for keyword, value in uids.items() if len(value) > 64 or not _UID.match(value)]
         if invalid:
             raise StoreRefused(Status.INVALID_UID, f"dataset has malformed UIDs: {', '.join(invalid)}")
-        if "Rows" in ds:  # an image
-            _check_pixel_data(encoded, ds, UID(transfer_syntax).is_encapsulated)
+        _check_pixel_data(encoded, ds, UID(transfer_syntax).is_encapsulated)
     except RecursionError as exc:
         raise StoreRefused(Status.CANNOT_DECODE, "dataset cannot be decoded: sequences nested too deeply") from exc
     except _UNDECODABLE as exc:

@@ -5,10 +5,11 @@ cases are exported for training.
 
 Matching goes through the CT series and Frame of Reference the structure set references and
 the CT images it names: the newest job of that series made before it arrived, whose inputs hold
-every referenced image. The auto-contour is read back from the job's rtstruct.dcm with the
-same reader as the review, so both masks lie on the job's CT by the same rules (mask -> RT
-Structure Set -> mask is exact). Runs in the worker process: the receiving side only records
-that a structure set came (`lifecycle.reviews.submit_reviews`).
+every referenced image, when the structure set has that series' Patient ID and Study Instance UID.
+The auto-contour is read back from the job's rtstruct.dcm with the same reader as the review, so
+both masks lie on the job's CT by the same rules (mask -> RT Structure Set -> mask is exact). Runs
+in the worker process: the receiving side only records that a structure set came
+(`lifecycle.reviews.submit_reviews`).
 """
 
 from __future__ import annotations
@@ -134,6 +135,8 @@ def match_job(session: Session, ds: Dataset, received_at: datetime) -> Job | str
         series = made[0].series if made else None
         if series is None:
             reasons.append(f"no auto-contour for series {series_uid}")
+        elif differing := _differing_identity(ds, series):
+            reasons.append(f"its {differing} is not that of series {series_uid}: no review of job {made[0].id}")
         elif frame_uid and series.frame_of_reference_uid not in ("", frame_uid):
             reasons.append(f"it is in Frame of Reference {frame_uid}, series {series_uid} in {series.frame_of_reference_uid}")
         elif covering := [job for job in made if images <= set(job.input_uids)]:
@@ -142,6 +145,16 @@ def match_job(session: Session, ds: Dataset, received_at: datetime) -> Job | str
             unknown = len(images - set(made[0].input_uids))
             reasons.append(f"it references {unknown} images that no auto-contour of series {series_uid} was made from")
     return "; ".join(reasons)
+
+
+def _differing_identity(ds: Dataset, series: Series) -> str:
+    """Which of Patient ID and Study Instance UID differs from the series' ("" when neither): another
+    patient's contours on this CT would be a wrong label in training. Named, not quoted: the reason is logged."""
+    if str(ds.get("PatientID", "")).strip() != series.study.patient_id:
+        return "Patient ID"
+    if str(ds.get("StudyInstanceUID", "")).strip() != series.study.study_instance_uid:
+        return "Study Instance UID"
+    return ""
 
 
 def target_rois(ds: Dataset, patterns: list[str]) -> list[TargetRoi]:

@@ -61,5 +61,5 @@ class ReviewKind(StrEnum):
 
     REVIEW = "review"  # a human's edit (or approval) of an auto-contour: measured against it
     NOT_A_REVIEW = "not a review"  # rtnode's own output, or another automatic contour nobody approved
-    UNMATCHED = "unmatched"  # no auto-contour of the CT it references
+    UNMATCHED = "unmatched"  # no auto-contour of the CT it references, or one of another patient or study
     UNREADABLE = "unreadable"  # matched, but it cannot be read or compared (the reason says why)

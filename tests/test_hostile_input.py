@@ -216,6 +216,37 @@ def test_incomplete_native_pixel_data_is_refused(store, slice_ds, claimed, prese
     assert why in str(refusal)
 
 
+def test_any_instance_whose_pixel_data_claims_more_than_is_there_is_refused(store, slice_ds):
+    """Not only an image's: without Rows, 4 GB claimed with 64 bytes present was once stored (issue #24)."""
+    del slice_ds.Rows
+    refusal = refused(store, native(slice_ds, 0xFFFFFFF0, 64))
+    assert refusal.status == Status.INCOMPLETE_PIXEL_DATA
+    assert "pixel data claims 4294967280 bytes but the dataset ends after 64" in str(refusal)
+
+
+def test_whole_pixel_data_of_an_instance_that_is_no_image_is_stored(store, slice_ds):
+    del slice_ds.Rows
+    stored_as_received(store, native(slice_ds, 64, 64), ExplicitVRLittleEndian)
+    slice_ds.SOPInstanceUID = generate_uid()
+    stored_as_received(store, native(slice_ds, 0, 0), ExplicitVRLittleEndian)  # empty: pydicom hands it back decoded
+
+
+def test_empty_pixel_data_pydicom_hands_back_decoded_is_refused_as_incomplete(store, slice_ds):
+    """An empty value comes back from pydicom as a decoded DataElement, which has no length: a real MR
+    file of a malformed-file corpus was answered 0xA700 with a traceback (issue #24)."""
+    refusal = refused(store, native(slice_ds, 0, 0))
+    assert refusal.status == Status.INCOMPLETE_PIXEL_DATA
+    assert "pixel data has 0 bytes; Rows x Columns x SamplesPerPixel x frames x BitsAllocated needs 512" in str(refusal)
+
+
+def test_pixel_data_that_pydicom_reads_as_a_sequence_cannot_be_decoded(store, slice_ds):
+    """VR UN of undefined length is read as a sequence of items: a decoded DataElement whose value is no bytes."""
+    pixels = element(0x7FE0, 0x0010, b"UN", UNDEFINED) + item(0) + item(0) + item(0, tag=0xE0DD)
+    refusal = refused(store, part10(slice_ds, with_pixels(slice_ds, pixels), RLELossless))
+    assert refusal.status == Status.CANNOT_DECODE
+    assert "pixel data reads as a sequence of items (VR SQ, or UN of undefined length), not bytes" in str(refusal)
+
+
 def test_other_element_claiming_4_gb_hides_the_pixels_and_is_refused(store, slice_ds):
     private = element(0x0029, 0x1010, b"OB", 0xFFFFFFF0) + bytes(64)
     refusal = refused(store, part10(slice_ds, with_pixels(slice_ds, private + element(0x7FE0, 0x0010, b"OW", 512) + bytes(512))))
@@ -350,22 +381,27 @@ def refusal_logged(detail: str) -> str:
 def test_crafted_instances_refused_each_with_one_log_line(node, tmp_path, monkeypatch):
     node.allowed_log_problems = (
         refusal_logged(r"dataset cannot be decoded: sequences nested too deeply \(status 0xC000\)"),
-        refusal_logged(r"pixel data claims (512|4294967280) bytes but the dataset ends after (256|512) \(status 0xC004\)"),
+        refusal_logged(r"pixel data claims (512|4294967280) bytes but the dataset ends after (256|512|64) \(status 0xC004\)"),
+        refusal_logged(r"pixel data has 0 bytes; Rows x Columns x .* needs 512 \(status 0xC004\)"),
     )
     ds = ct_slice(tmp_path / "ct")
+    no_rows = ct_slice(tmp_path / "no-rows")
+    del no_rows.Rows
     crafted = {
         "nested": part10(ds, nested(ds, 1000)),
         "half a slice": native(ds, 512, 256),
         "4 GB": native(ds, 0xFFFFFFF0, 512),
+        "4 GB, no Rows": native(no_rows, 0xFFFFFFF0, 64),
+        "empty, decoded by pydicom": native(ds, 0, 0),
     }
     paths = [write(tmp_path / f"crafted{i}.dcm", data) for i, data in enumerate(crafted.values())]
     before = len(node.log().splitlines())
-    assert send(node.port, paths, ExplicitVRLittleEndian, monkeypatch) == [0xC000, 0xC004, 0xC004]
+    assert send(node.port, paths, ExplicitVRLittleEndian, monkeypatch) == [0xC000, 0xC004, 0xC004, 0xC004, 0xC004]
     new_lines = node.log().splitlines()[before:]
     refusals = [line for line in new_lines if "refused instance" in line]
-    assert len(refusals) == 3 and all("from SCANNER@127.0.0.1" in line for line in refusals)
+    assert len(refusals) == 5 and all("from SCANNER@127.0.0.1" in line for line in refusals)
     assert "sequences nested too deeply (status 0xC000)" in refusals[0]
-    assert len(new_lines) <= 4, new_lines  # the refusals and, at most, one line about the association
+    assert len(new_lines) <= 6, new_lines  # the refusals and, at most, one line about the association
     assert stored_files(node) == [] and rows(node.database, "select count(*) from instances") == [(0,)]
 
 

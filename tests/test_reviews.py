@@ -160,6 +160,22 @@ def off_the_slices(ds: Dataset, volume: Volume) -> Dataset:
     return moved
 
 
+def claiming(ds: Dataset, **attributes: str) -> Dataset:
+    """A copy with other identifying attributes (PatientID, StudyInstanceUID): the same contours, on the same CT images."""
+    other = renewed(ds)
+    for keyword, value in attributes.items():
+        setattr(other, keyword, value)
+    return other
+
+
+def with_contour_data(ds: Dataset, change) -> Dataset:
+    """A copy whose first contour's ContourData values (DS strings) are `change(values)`, written as they are."""
+    other = renewed(ds)
+    contour = other.ROIContourSequence[0].ContourSequence[0]
+    contour.ContourData = change([str(value) for value in contour.ContourData])
+    return other
+
+
 def save(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
@@ -356,3 +372,42 @@ def test_edits_sent_back_by_the_planning_system_are_measured_listed_and_exported
     result = rtnode("evaluate", "--data", export, "--roi-pattern", "(?i)^CTV", "--folds", "2", *SMALL)
     assert result.returncode == 0, result.stderr
     assert "mean over 2 folds: Dice" in result.stdout
+
+
+def test_another_patients_or_studys_structure_set_and_bad_coordinates_are_no_reviews(loop_node, tps, tmp_path):  # noqa: F811
+    """Issue #24: a structure set naming job 1's CT images with another Patient ID was measured as a review
+    and exported beside job 1's CT; NaN and 1e308 coordinates were measured; an odd count was an internal error."""
+    node = loop_node().start()
+    tps.start()
+    phantom_series(tmp_path / "ct", seed=40103)
+    push(node, tmp_path / "ct", "+sd")
+    wait_for(node, lambda j: settled(j, 1), what="the job")
+    volume = load_series_dir(tmp_path / "ct")
+    auto = read_mask(dcmread(tps.files()[0]), volume, "CTV")
+    review = reviewed_set(volume, {"CTV_edited": dosimetrist_edit(auto)})
+    push_back(node, save(review, tmp_path / "back" / "review.dcm"))
+    wait_for_reviews(node, 1)
+
+    refused = {  # each sent after the review, so each would be the job's latest review if it counted
+        "its Patient ID is not that of series": (claiming(review, PatientID="OTHER-PATIENT-999"), "unmatched"),
+        "its Study Instance UID is not that of series": (claiming(review, StudyInstanceUID=generate_uid()), "unmatched"),
+        "a contour's ContourData holds NaN or infinity": (with_contour_data(review, lambda v: ["nan", *v[1:]]), "unreadable"),
+        "mm beyond the edge of CT slice": (with_contour_data(review, lambda v: [*v[:3], "1e308", *v[4:]]), "unreadable"),
+        "values, not (x, y, z) triplets": (with_contour_data(review, lambda v: v[:-1]), "unreadable"),
+    }
+    for number, (ds, _) in enumerate(refused.values()):
+        push_back(node, save(ds, tmp_path / "back" / f"refused-{number}.dcm"))
+    reviews = {r["sop_instance_uid"]: r for r in wait_for_reviews(node, 1 + len(refused))}
+    job_id = reviews[review.SOPInstanceUID]["job_id"]
+    assert reviews[review.SOPInstanceUID]["kind"] == "review"
+    expected = {why: (kind, None if kind == "unmatched" else job_id, None, True) for why, (_, kind) in refused.items()}
+    found = {why: reviews[ds.SOPInstanceUID] for why, (ds, _) in refused.items()}
+    assert {why: (r["kind"], r["job_id"], r["dice"], why in r["reason"]) for why, r in found.items()} == expected, found
+    assert "OTHER-PATIENT-999" not in node.log()  # the reason names what differs, never the value
+
+    export = tmp_path / "export"
+    result = node.rtnode("export-training", str(export))
+    assert result.returncode == 0, result.stderr
+    (case,) = archive_folders(export)
+    exported = dcmread(case / "rtstruct.dcm")
+    assert (exported.SOPInstanceUID, exported.PatientID) == (review.SOPInstanceUID, dcmread(tps.files()[0]).PatientID)

@@ -26,6 +26,8 @@ from node.rtstruct.contour_data import fits_one_element
 _STEPS = np.array([(0, 1), (1, 0), (0, -1), (-1, 0)])
 # Tolerances, in pixels, tried in turn on a contour too long for one element; beyond the last it is refused.
 REDUCTION_TOLERANCES_PX = (0.25, 0.5, 1.0)
+# Edge-row crossings the rasteriser computes at once: bounds its memory (some MB) for a contour of any length.
+CROSSINGS_PER_BATCH = 1 << 18
 
 
 class EmptyMaskError(UserError):
@@ -186,27 +188,27 @@ def _signed_area(vertices: np.ndarray) -> float:
 
 def fill_polygons(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
     """Rasterise (row, column) polygons together by the even-odd rule: a pixel is inside when a
-    ray from its centre crosses the boundaries an odd number of times."""
+    ray from its centre crosses the boundaries an odd number of times. The crossings (an edge's
+    rows, so up to edges x rows) are counted a bounded batch of edges at a time: a contour of any
+    number of points costs memory of the order of the slice, not of its crossings."""
     rows, columns = shape
-    toggles = np.zeros((rows, columns + 1), dtype=np.int32)
+    toggles = np.zeros(rows * (columns + 1), dtype=np.int64)  # (row, column) flattened; column c: right of a crossing
+    edges_per_batch = max(1, CROSSINGS_PER_BATCH // rows)
     for polygon in polygons:
         y0, x0 = polygon[:, 0], polygon[:, 1]
         y1, x1 = np.roll(y0, -1), np.roll(x0, -1)
-        low, high = np.minimum(y0, y1), np.maximum(y0, y1)
         # Pixel-centre rows r with low <= r < high (half-open, so shared vertices count once).
-        first = np.ceil(low).astype(int)
-        last = np.ceil(high).astype(int)
-        counts = np.clip(last, 0, rows) - np.clip(first, 0, rows)
-        keep = counts > 0
-        if not keep.any():
-            continue
-        edge_index = np.repeat(np.flatnonzero(keep), counts[keep])
-        row_start = np.clip(first, 0, rows)[keep]
-        within = np.arange(edge_index.size) - np.repeat(np.cumsum(counts[keep]) - counts[keep], counts[keep])
-        r = np.repeat(row_start, counts[keep]) + within
-        t = (r - y0[edge_index]) / (y1[edge_index] - y0[edge_index])
-        x = x0[edge_index] + t * (x1[edge_index] - x0[edge_index])
-        # Pixel c lies right of the crossing when c > x, i.e. from column floor(x) + 1 on.
-        column = np.clip(np.floor(x).astype(int) + 1, 0, columns)
-        np.add.at(toggles, (r, column), 1)
-    return (np.cumsum(toggles, axis=1)[:, :columns] % 2).astype(bool)
+        first = np.clip(np.ceil(np.minimum(y0, y1)), 0, rows).astype(np.int64)
+        counts = np.clip(np.ceil(np.maximum(y0, y1)), 0, rows).astype(np.int64) - first
+        crossing_edges = np.flatnonzero(counts > 0)
+        for start in range(0, crossing_edges.size, edges_per_batch):
+            batch = crossing_edges[start : start + edges_per_batch]
+            edge_index = np.repeat(batch, counts[batch])
+            within = np.arange(edge_index.size) - np.repeat(np.cumsum(counts[batch]) - counts[batch], counts[batch])
+            r = first[edge_index] + within
+            t = (r - y0[edge_index]) / (y1[edge_index] - y0[edge_index])
+            x = x0[edge_index] + t * (x1[edge_index] - x0[edge_index])
+            # Pixel c lies right of the crossing when c > x, i.e. from column floor(x) + 1 on.
+            column = np.clip(np.floor(x) + 1, 0, columns).astype(np.int64)
+            toggles += np.bincount(r * (columns + 1) + column, minlength=toggles.size)
+    return (np.cumsum(toggles.reshape(rows, columns + 1), axis=1)[:, :columns] % 2).astype(bool)

@@ -2,7 +2,9 @@
 
 Reads what planning systems write (Eclipse included), so a clinic's approved contours
 can become training labels. Contours are placed on slices by their referenced SOP
-Instance UID, or by their plane when a writer left the reference out.
+Instance UID, or by their plane when a writer left the reference out. Coordinates that are
+not finite numbers in (x, y, z) triplets, or that reach far beyond the CT, are refused with
+the contour's ROI named: never read as a mask.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from node.imaging.volume import Volume
 from node.rtstruct.contours import fill_polygons
 
 PLANE_TOLERANCE_MM = 0.01
+# How far beyond a CT slice's edge a contour may reach (drawn past the image by a margin tool, say).
+OUTSIDE_CT_MARGIN_MM = 100.0
 
 
 class StructureSetError(UserError):
@@ -62,11 +66,12 @@ def read_masks(rtstruct: Dataset, volume: Volume) -> list[RoiMask]:
         for contour in roi_contour.get("ContourSequence", []):
             if contour.get("ContourGeometricType") not in ("CLOSED_PLANAR", None):
                 continue  # points and open polylines enclose no volume
-            points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+            points = _contour_points(contour, name)
             if len(points) < 3:
                 continue
             k = _slice_of(contour, points, volume, slice_of_uid, name)
             rows, columns, _ = volume.to_pixel(k, points)
+            _check_within_reach(rows, columns, volume, k, name)
             polygons[k].append(np.stack([rows, columns], axis=1))
         mask = np.zeros(volume.shape, dtype=bool)
         for k, slice_polygons in polygons.items():
@@ -83,6 +88,37 @@ def read_mask(rtstruct: Dataset, volume: Volume, roi_name: str) -> np.ndarray:
         if found:
             return found[0].mask
     raise StructureSetError(f"no ROI named {roi_name!r}; the structure set has {', '.join(map(repr, roi_names(rtstruct)))}")
+
+
+def _contour_points(contour: Dataset, name: str) -> np.ndarray:
+    """ContourData as (n, 3) finite patient coordinates; refused otherwise, never guessed at: a bad
+    number would become a wrong mask, and a wrong mask a wrong label or figure."""
+    values = contour.get("ContourData")
+    try:
+        coordinates = np.asarray([] if values is None else values, dtype=float).reshape(-1)
+    except ValueError as exc:
+        raise StructureSetError(f"ROI {name!r}: a contour's ContourData holds a value that is not a number ({exc})") from exc
+    if coordinates.size % 3:
+        raise StructureSetError(f"ROI {name!r}: a contour's ContourData holds {coordinates.size} values, not (x, y, z) triplets")
+    if not np.isfinite(coordinates).all():
+        raise StructureSetError(f"ROI {name!r}: a contour's ContourData holds NaN or infinity")
+    return coordinates.reshape(-1, 3)
+
+
+def _check_within_reach(rows: np.ndarray, columns: np.ndarray, volume: Volume, k: int, name: str) -> None:
+    """Refuse a contour reaching more than OUTSIDE_CT_MARGIN_MM beyond the CT slice's edge: it was not
+    drawn on this CT, and its part on the image would still be counted (a volume, a Dice) as if it were."""
+    row_mm, column_mm = volume.pixel_spacing
+    height, width = volume.shape[1:]
+    beyond_mm = max(
+        float(np.max(np.maximum(-0.5 - rows, rows - (height - 0.5)))) * row_mm,
+        float(np.max(np.maximum(-0.5 - columns, columns - (width - 0.5)))) * column_mm,
+    )
+    if beyond_mm > OUTSIDE_CT_MARGIN_MM:
+        raise StructureSetError(
+            f"ROI {name!r}: a contour reaches {beyond_mm:.4g} mm beyond the edge of CT slice "
+            f"{volume.slices[k].sop_instance_uid}, more than the {OUTSIDE_CT_MARGIN_MM:g} mm a contour may"
+        )
 
 
 def _slice_of(contour: Dataset, points: np.ndarray, volume: Volume, slice_of_uid: dict[str, int], name: str) -> int:
