@@ -287,6 +287,17 @@ def _beat(engine: Engine, identity: WorkerIdentity, lease_seconds: float, stop: 
             outage.wait(error, stop)  # the leases run out if the database stays away longer than they last
 
 
+def worker_device_name(asked: str) -> str:
+    """What `auto` turns out to be (`cpu`, `cuda`), for the job log, /healthz and /metrics; a device that
+    is not there keeps its name: loading the model says why it cannot be used."""
+    from node.pipeline.inference import DeviceError, resolve_device
+
+    try:
+        return str(resolve_device(asked))
+    except DeviceError:
+        return asked
+
+
 def run_worker(config: Config, device: str | None = None) -> int:
     """Jobs in this thread, deliveries in another, a heartbeat in a third, until asked to stop.
     Any number of workers, on any machines sharing the database and data_dir, can run at once."""
@@ -295,7 +306,7 @@ def run_worker(config: Config, device: str | None = None) -> int:
     from node.worker import Worker
 
     stop = stop_on_signals()
-    identity = WorkerIdentity.this_process(device or config.model.device)
+    identity = WorkerIdentity.this_process(worker_device_name(device or config.model.device))
     lease = config.node.worker_lease_seconds
     outage = Outage(f"worker {identity.name}")
     try:  # a worker may start before its database does

@@ -60,6 +60,7 @@ def test_a_bug_is_an_internal_error_with_its_traceback_saved(config, monkeypatch
     assert f"the traceback is in {node.cli.INTERNAL_ERROR_LOG}; run with -v to print it" in err
     saved = node.cli.INTERNAL_ERROR_LOG.read_text()
     assert "Traceback (most recent call last)" in saved and type(bug).__name__ in saved
+    assert node.cli.INTERNAL_ERROR_LOG.stat().st_mode & 0o777 == 0o600  # a traceback may quote a patient's data
 
 
 def test_verbose_prints_the_traceback(config, monkeypatch, capsys):

@@ -23,6 +23,7 @@ from node.pipeline.model import Architecture, ResSEUNet3D, recurrent_loss
 from node.pipeline.preprocess import Preprocessing, sliding_window, window_starts
 from node.pipeline.weights import ModelCard, WeightsError, card_path, load_weights, save_weights
 from node.rtstruct.reader import read_masks
+from node.service import worker_device_name
 from node.synth.ct_series import ct_datasets, write_cylinder_ct, write_series
 from node.synth.phantom import make_phantom
 from node.training.evaluate import evaluate_on_phantoms
@@ -194,6 +195,9 @@ def test_asking_for_cuda_without_it_is_a_clear_error():
         with pytest.raises(DeviceError, match=f"device '{name}' was asked for but torch sees no CUDA GPU"):
             resolve_device(name)
     assert resolve_device("auto") == torch.device("cpu")
+    # A worker names the device it runs on (job log, /healthz, /metrics), not `auto`; one that is not there
+    # keeps the name asked for, and loading the model says why it cannot be used.
+    assert worker_device_name("auto") == "cpu" and worker_device_name("cuda:1") == "cuda:1"
 
 
 @pytest.mark.parametrize("name", ["tpu", "cuda:x", "cuda:", "cpu:0"])

@@ -75,6 +75,12 @@ def test_not_ct():
     assert "modality is MR, not CT" in refused(datasets, NotCTError)
 
 
+def test_ct_mixed_with_other_objects_says_to_give_one_ct_series():
+    _, datasets = series()
+    datasets[0].Modality = "SEG"
+    assert "besides CT images, these files hold SEG objects: give one CT series only" in refused(datasets, NotCTError)
+
+
 def test_multi_frame():
     _, datasets = series()
     datasets[2].NumberOfFrames = 2

@@ -22,7 +22,8 @@ from node.cli import accounts, configuration, job_log, processes, retention, rev
 from node.cli.command import CommandParser
 from node.errors import UserError
 
-INTERNAL_ERROR_LOG = Path(tempfile.gettempdir()) / "rtnode-internal-errors.log"
+# One per user, readable by that user only: a traceback may quote a patient's data.
+INTERNAL_ERROR_LOG = Path(tempfile.gettempdir()) / f"rtnode-internal-errors-{os.getuid()}.log"
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE
 EXIT_READER_GONE = 128 + signal.SIGPIPE
@@ -75,7 +76,7 @@ def _report_internal_error(exc: Exception, verbose: bool) -> int:
     """A bug, not bad input: the traceback goes to a file (and to stderr with -v)."""
     details = traceback.format_exc()
     try:
-        with INTERNAL_ERROR_LOG.open("a") as log:
+        with open(os.open(INTERNAL_ERROR_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as log:
             log.write(f"--- {datetime.now(UTC).isoformat()} {shlex.join(sys.argv)}\n{details}")
         where = f"the traceback is in {INTERNAL_ERROR_LOG}"
     except OSError:

@@ -250,7 +250,10 @@ def _short(uid: str) -> str:
 def _check_identity(datasets: Sequence[Dataset]) -> None:
     modalities = _uids(datasets, "Modality")
     if modalities != ["CT"]:
-        raise NotCTError(f"series modality is {', '.join(m or '(none)' for m in modalities)}, not CT")
+        others = ", ".join(m or "(none)" for m in modalities if m != "CT")
+        if "CT" in modalities:
+            raise NotCTError(f"besides CT images, these files hold {others} objects: give one CT series only")
+        raise NotCTError(f"series modality is {others}, not CT")
     multi = [ds for ds in datasets if ds.SOPClassUID == EnhancedCTImageStorage or int(ds.get("NumberOfFrames", 1) or 1) > 1]
     if multi:
         raise MultiFrameError(
