@@ -233,3 +233,16 @@ def test_a_reader_that_stops_early_is_no_error(tmp_path):
     stderr = reader_gone.stderr.read().decode()
     assert reader_gone.wait(timeout=60) == 141
     assert stderr == ""
+
+
+def test_what_rtnode_writes_is_its_users_alone(tmp_path):
+    """The database holds patients' names: whatever the shell's umask, no one else may read what rtnode made."""
+    (tmp_path / "node.toml").write_text('[node]\ndata_dir = "data"\n')
+    environment = {name: value for name, value in os.environ.items() if name != CONFIG_ENV_VAR}
+    added = subprocess.run(
+        ["sh", "-c", f"umask 022 && exec {sys.executable} -m node --config node.toml user add admin --role admin"],
+        input="a password\n", capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=120,
+    )
+    assert added.returncode == 0, added.stderr
+    made = [tmp_path / "data", *(tmp_path / "data").rglob("*")]
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in made if path.stat().st_mode & 0o077} == {}

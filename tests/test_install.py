@@ -59,6 +59,8 @@ def test_demo_runs_from_an_empty_folder(installed, tmp_path):
         assert database.execute("select status from jobs").fetchall() == [("done",)]
         assert database.execute("select status from deliveries").fetchall() == [("done",)]
     assert sorted(p.name for p in empty.iterdir()) == ["demo"], "the demo wrote outside its folder"
+    shared = [path for path in (empty / "demo").rglob("*") if path.stat().st_mode & 0o077]
+    assert not shared, f"patient data others may read: {shared[:5]}"  # the database, the CT, the outputs
 
 
 def test_default_database_lives_under_the_data_folder(installed, tmp_path):

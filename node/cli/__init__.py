@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from node import __version__
-from node.cli import accounts, configuration, job_log, processes, retention, reviews, structure_sets, training
+from node.cli import accounts, configuration, job_log, models, processes, retention, reviews, structure_sets, training
 from node.cli.command import CommandParser
 from node.errors import UserError
 
@@ -27,6 +27,9 @@ INTERNAL_ERROR_LOG = Path(tempfile.gettempdir()) / f"rtnode-internal-errors-{os.
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE
 EXIT_READER_GONE = 128 + signal.SIGPIPE
+# Everything rtnode writes (the database, received CT, structure sets, masks, logs) is patient data: its
+# user's alone. Workers on other machines sharing data_dir run as the same user.
+PRIVATE_UMASK = 0o077
 
 # Every command in the order `rtnode --help` lists them; each group's module adds a command's
 # parser beside its handler.
@@ -37,7 +40,7 @@ COMMANDS = (
     accounts.add_user, accounts.add_token, processes.add_web,
     reviews.add_reviews, reviews.add_export_training,
     structure_sets.add_rtstruct, training.add_synth, training.add_train, training.add_evaluate,
-    structure_sets.add_contour, structure_sets.add_mask, configuration.add_config,
+    structure_sets.add_contour, structure_sets.add_mask, configuration.add_config, models.add_models,
 )
 
 
@@ -98,6 +101,7 @@ def _reader_gone() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, args.narrated)
+    previous_umask = os.umask(PRIVATE_UMASK)
     try:
         return args.handler(args)
     except BrokenPipeError:
@@ -107,3 +111,5 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except Exception as exc:
         return _report_internal_error(exc, args.verbose)
+    finally:
+        os.umask(previous_umask)
