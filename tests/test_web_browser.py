@@ -102,7 +102,8 @@ def site(tmp_path_factory):
     )
     web_port = free_port()
     node = NodeProcess(root=root / "node", port=free_port(), sections=sections, web_port=web_port,
-                       web_config="login_slowdown_after = 2\nlogin_lockout_after = 3\nlogin_lockout_minutes = 5\n")
+                       web_config="login_slowdown_after = 2\nlogin_lockout_after = 3\nlogin_lockout_minutes = 5\n"
+                       "login_address_limit = 100\n")  # every browser here logs in from loopback
     for name, role in USERS.items():
         added = rtnode_with_input(node, "user", "add", name, "--role", role, stdin=PASSWORD + "\n")
         assert added.returncode == 0, added.stderr

@@ -18,7 +18,7 @@ from enum import StrEnum
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Engine, case, func, literal, or_, select, update
+from sqlalchemy import Engine, and_, case, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.config import WebSection
@@ -223,10 +223,10 @@ class FailedLogins:
         return self.locked_until is not None and self.locked_until > now
 
     def after_failure(self, web: WebSection, now: datetime) -> FailedLogins:
-        """One more failure: at login_lockout_after (and beyond) the name is locked from now. `_count_user_failure`
-        is the same rule in one UPDATE."""
+        """One more failure. Reaching login_lockout_after (or beyond, once a lock has ended) locks the name from now;
+        a failure during a lock does not move its end. `_count_user_failure` is the same rule in one UPDATE."""
         count = self.count + 1
-        if count >= web.login_lockout_after:
+        if count >= web.login_lockout_after and not self.locked(now):
             return FailedLogins(count, now + timedelta(minutes=web.login_lockout_minutes))
         return FailedLogins(count, self.locked_until)
 
@@ -250,10 +250,6 @@ class UnknownNames:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._failed: OrderedDict[str, FailedLogins] = OrderedDict()
-
-    def failed_logins(self, name: str) -> FailedLogins:
-        with self._lock:
-            return self._failed.get(sha256(name), NO_FAILURES)
 
     def count_failure(self, name: str, web: WebSection, now: datetime) -> FailedLogins:
         key = sha256(name)
@@ -294,20 +290,22 @@ class AddressThrottle:
             self._failures[address] = failures
 
 
-def _failed_logins_of(session: Session, user_id: int) -> FailedLogins:
-    row = session.execute(select(User.failed_logins, User.locked_until).where(User.id == user_id)).one()
+def _failed_logins_of(engine: Engine, user_id: int) -> FailedLogins:
+    with Session(engine) as session:
+        row = session.execute(select(User.failed_logins, User.locked_until).where(User.id == user_id)).one()
     return FailedLogins(row.failed_logins, row.locked_until)
 
 
 def _count_user_failure(engine: Engine, user_id: int, web: WebSection, now: datetime) -> FailedLogins:
-    """`FailedLogins.after_failure` as one UPDATE, whose result is read back: concurrent failures each count (no
+    """`FailedLogins.after_failure` as one UPDATE, its result read back: concurrent failures each count (no
     read-modify-write to lose one), and the lock is decided on the count the database holds."""
     count = User.failed_logins + 1
+    unlocked = or_(User.locked_until.is_(None), User.locked_until <= now)
     lock_end = literal(now + timedelta(minutes=web.login_lockout_minutes), User.locked_until.type)
     with Session(engine) as session, session.begin():
         row = session.execute(
             update(User).where(User.id == user_id)
-            .values(failed_logins=count, locked_until=case((count >= web.login_lockout_after, lock_end),
+            .values(failed_logins=count, locked_until=case((and_(count >= web.login_lockout_after, unlocked), lock_end),
                                                            else_=User.locked_until))
             .returning(User.failed_logins, User.locked_until)
             .execution_options(synchronize_session=False)
@@ -341,9 +339,10 @@ def _open_session(engine: Engine, user_id: int, checked_hash: str, password: str
 
 
 class Logins:
-    """Logging in: the per-address throttle first, then the password under each name's slowdown and lockout. A name
-    that is no user costs the same argon2 work and gets the same answers as a user's. One per web app: the throttle
-    and the unknown names' failures live here."""
+    """Logging in: the per-address throttle first, then the password under each name's slowdown and lockout. Every
+    try past the throttle costs one argon2 check, a name that is no user's included (against a dummy hash), and a
+    wrong password counts during a lock too: so the work, the count and the answers never tell a user's name from
+    another. One per web app: the throttle and the unknown names' failures live here."""
 
     def __init__(self, engine: Engine, web: WebSection, clock: Clock = utcnow) -> None:
         self._engine = engine
@@ -359,20 +358,20 @@ class Logins:
             return LoginResult(None, None, 0.0, f"too many failed logins from this address: try again after "
                                                 f"{until:%H:%M} UTC", address_throttled=True)
         with Session(self._engine) as session:
-            user = session.execute(select(User.id, User.password_hash, User.disabled, User.failed_logins,
-                                          User.locked_until).where(User.username == username)).one_or_none()
-        failed = (FailedLogins(user.failed_logins, user.locked_until) if user is not None
-                  else self._unknown_names.failed_logins(username))
-        if not failed.locked(now):
-            right = _verify(user.password_hash if user is not None else _UNKNOWN_USER_HASH, password)
-            if right and user is not None and not user.disabled:
-                if (opened := _open_session(self._engine, user.id, user.password_hash, password, address, now)) is not None:
-                    return opened
-                with Session(self._engine) as session:  # locked, disabled or given a new password meanwhile
-                    failed = _failed_logins_of(session, user.id)
-            if not failed.locked(now):
-                failed = (_count_user_failure(self._engine, user.id, self._web, now) if user is not None
-                          else self._unknown_names.count_failure(username, self._web, now))
+            user = session.execute(select(User.id, User.password_hash, User.disabled)
+                                   .where(User.username == username)).one_or_none()
+        right = _verify(user.password_hash if user is not None else _UNKNOWN_USER_HASH, password)
+        if right and user is not None and not user.disabled:
+            if (opened := _open_session(self._engine, user.id, user.password_hash, password, address, now)) is not None:
+                return opened
+            failed = _failed_logins_of(self._engine, user.id)
+            if not failed.locked(now):  # disabled or given a new password since the check: as a wrong one
+                failed = _count_user_failure(self._engine, user.id, self._web, now)
+            # else the right password, refused by the lock: not counted as a wrong one
+        elif user is not None:
+            failed = _count_user_failure(self._engine, user.id, self._web, now)
+        else:
+            failed = self._unknown_names.count_failure(username, self._web, now)
         self._addresses.count_failure(address, now)
         return failed.refusal(self._web, now)
 

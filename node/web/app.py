@@ -13,6 +13,8 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp
 
 from node import __version__
 from node.config import Config
@@ -28,12 +30,21 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 ROUTERS = (monitoring.router, sessions.router, pages.router, viewer.router, resend.router, upload.router, api.router)
 
 
+class WebApp(FastAPI):
+    """FastAPI with the security headers around everything, Starlette's own 500 answer (made outside any
+    middleware added the usual way) included."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack(), tls=self.state.web.config.web.tls)
+
+
 def create_app(config: Config, engine: Engine, clock: Clock = utcnow) -> FastAPI:
     """`clock` is what session ages and lockouts are measured by; tests give a fake one to step over the limits exactly."""
-    app = FastAPI(title="rtnode", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json",
-                  exception_handlers=EXCEPTION_HANDLERS)
+    app = WebApp(title="rtnode", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json",
+                 exception_handlers=EXCEPTION_HANDLERS)
     app.state.web = WebState.create(config, engine, clock)
-    app.add_middleware(SecurityHeaders, tls=config.web.tls)
+    # A request naming a host the app is not reached by is refused (400) before anything else: DNS rebinding.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=app.state.web.allowed_hosts, www_redirect=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for router in ROUTERS:
         app.include_router(router)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Query, Request
+from fastapi import Path as PathParameter
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
@@ -20,10 +21,10 @@ from sqlalchemy import Engine
 
 from node import __version__
 from node.config import Config
-from node.web.accounts import ACTING_ROLES, AuditAction, Clock, Identity, audit
+from node.web.accounts import ACTING_ROLES, AuditAction, Clock, Identity, Logins, audit
 from node.web.health import DatabaseCollector
 from node.web.queries import JobDetail, job_detail, patient_of_job
-from node.web.security import LoginRequired, client_address, identify
+from node.web.security import LoginRequired, allowed_host_names, client_address, identify
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
@@ -35,6 +36,8 @@ class WebState:
     templates: Jinja2Templates
     clock: Clock  # the time sessions and lockouts are judged by
     metrics: CollectorRegistry  # what /metrics serves: the node's figures, read from the database at scrape time
+    logins: Logins  # with what it keeps in memory: the address throttle, the failures of names that are no user's
+    allowed_hosts: tuple[str, ...]  # the host names a request may name (web.allowed_hosts, or the default ones)
 
     @classmethod
     def create(cls, config: Config, engine: Engine, clock: Clock) -> WebState:
@@ -42,7 +45,8 @@ class WebState:
         templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=True))
         metrics = CollectorRegistry()
         metrics.register(DatabaseCollector(engine, config))
-        return cls(config, engine, templates, clock, metrics)
+        return cls(config, engine, templates, clock, metrics, Logins(engine, config.web, clock),
+                   allowed_host_names(config.web))
 
 
 def state_of(request: Request) -> WebState:
@@ -66,6 +70,13 @@ def current_without_touch(request: Request) -> Identity:
 Web = Annotated[WebState, Depends(_web_state)]
 User = Annotated[Identity, Depends(current)]
 Poller = Annotated[Identity, Depends(current_without_touch)]
+
+# Row ids are INTEGER columns, 32-bit on PostgreSQL: a larger number names no row, and is refused (422) before it
+# reaches the database, where it would overflow.
+MAX_ROW_ID = 2**31 - 1
+RowId = Annotated[int, PathParameter(ge=1, le=MAX_ROW_ID)]
+# A page's cursor: the id the previous page ended at.
+Before = Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)]
 
 
 def quiet_identity(request: Request) -> Identity | None:

@@ -7,6 +7,8 @@ from urllib.parse import urlencode
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -43,6 +45,15 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
     return render(request, "error.html", identity, exc.status_code, title=title, message=str(exc.detail))
 
 
+async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+    """A number out of range, a value of the wrong kind: 422, the API with FastAPI's details, a page in words."""
+    if _api(request):
+        return await request_validation_exception_handler(request, exc)
+    identity = await run_in_threadpool(quiet_identity, request)
+    message = "; ".join(f"{' '.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
+    return render(request, "error.html", identity, 422, title="Not a valid request", message=message)
+
+
 async def user_error(request: Request, exc: UserError) -> Response:
     if _api(request):
         return JSONResponse({"detail": str(exc)}, 400)
@@ -54,5 +65,6 @@ EXCEPTION_HANDLERS = {
     LoginRequired: login_required,
     Forbidden: forbidden,
     StarletteHTTPException: http_error,
+    RequestValidationError: invalid_request,
     UserError: user_error,
 }

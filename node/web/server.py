@@ -3,6 +3,7 @@ share a process, a GIL or a thread pool with the SCP."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 import uvicorn
@@ -16,6 +17,13 @@ from node.web.app import create_app
 log = logging.getLogger(__name__)
 
 
+def _unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def run_web(config: Config) -> int:
     """Serve until SIGTERM/SIGINT. Refuses plain HTTP beyond loopback unless web.insecure_http says so; warns
     while no account exists (there is no default one)."""
@@ -25,6 +33,9 @@ def run_web(config: Config) -> int:
         raise UserError(refusal)
     if (warning := web.warning()) is not None:
         log.warning(warning)
+    if _unspecified(web.host) and not web.allowed_hosts:
+        log.warning("web.host = %r listens on every address, but browsers are let in only by the names localhost, "
+                    "127.0.0.1 and [::1]: set web.allowed_hosts to the names they use", web.host)
     engine = open_database(config.node.database_url, fsync=config.node.fsync)
     if not any_user(engine):
         log.warning("no web app account exists yet, so nobody can log in: make the first with "

@@ -4,17 +4,20 @@ described for people. Resend, upload and the viewer's data are their areas' own 
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
 from node.joblog import describe_job, list_jobs
 from node.vocabulary import JobStatus, OutputKind
 from node.web.accounts import AuditAction
-from node.web.dependencies import Poller, User, Web, audit_request, recorded_output, render
+from node.web.dependencies import Before, Poller, RowId, User, Web, audit_request, recorded_output, render
 from node.web.queries import JobFilter, job_page, overview, studies_view
 
 router = APIRouter()
+# The most jobs one GET /api/jobs lists (its `limit`).
+MAX_JOBS_LISTED = 1000
 MEDIA_TYPES = {".dcm": "application/dicom", ".gz": "application/gzip", ".png": "image/png"}
 
 
@@ -27,14 +30,15 @@ def api_docs(request: Request, identity: User) -> HTMLResponse:
 
 
 @router.get("/api/jobs")
-def api_jobs(request: Request, web: Web, identity: User, status: JobStatus | None = None, limit: int = 50) -> list[dict]:
+def api_jobs(request: Request, web: Web, identity: User, status: JobStatus | None = None,
+             limit: Annotated[int, Query(ge=1, le=MAX_JOBS_LISTED)] = 50) -> list[dict]:
     """The job log, newest first: the objects `rtnode jobs --json` prints."""
     audit_request(request, identity, AuditAction.VIEW, "job list (api)")
     return list_jobs(web.engine, status, limit)
 
 
 @router.get("/api/jobs/{job_id}")
-def api_job(request: Request, web: Web, identity: User, job_id: int) -> dict:
+def api_job(request: Request, web: Web, identity: User, job_id: RowId) -> dict:
     """One job with its events: what `rtnode job ID --json` prints."""
     job = describe_job(web.engine, job_id)
     if job is None:
@@ -44,7 +48,7 @@ def api_job(request: Request, web: Web, identity: User, job_id: int) -> dict:
 
 
 @router.get("/api/jobs/{job_id}/files/{kind}")
-def api_job_file(request: Request, web: Web, identity: User, job_id: int, kind: str) -> FileResponse:
+def api_job_file(request: Request, web: Web, identity: User, job_id: RowId, kind: str) -> FileResponse:
     """An output of the job, exactly the bytes it made: rtstruct, mask, seg or qa."""
     if kind not in set(OutputKind):
         raise HTTPException(404, f"no output kind {kind!r}: one of {', '.join(OutputKind)}")
@@ -66,7 +70,7 @@ def api_studies(request: Request, web: Web, identity: User) -> list[dict]:
 
 @router.get("/api/dashboard")
 def api_dashboard(web: Web, identity: Poller, status: str = "", patient: str = "", date: str = "", text: str = "",
-                  before: int | None = None) -> dict:
+                  before: Before = None) -> dict:
     """The dashboard's figures and a page of jobs (the page polls this; it is audited when the page is viewed)."""
     page = job_page(web.engine, JobFilter(status, patient, date, text), before)
     return {"overview": asdict(overview(web.engine, web.config)), "jobs": [asdict(row) for row in page.rows],

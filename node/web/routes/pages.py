@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse
 
 from node.vocabulary import JobStatus, OutputKind
 from node.web.accounts import AuditAction, Role, audit_entries
-from node.web.dependencies import User, Web, audit_request, render, viewed_job
+from node.web.dependencies import Before, RowId, User, Web, audit_request, render, viewed_job
 from node.web.queries import JobFilter, job_page, overview, studies_view
 from node.web.security import require_role
 
@@ -19,7 +19,7 @@ router = APIRouter()
 
 @router.get("/", response_class=HTMLResponse)
 def dashboard(request: Request, web: Web, identity: User, status: str = "", patient: str = "", date: str = "", text: str = "",
-              before: int | None = None) -> HTMLResponse:
+              before: Before = None) -> HTMLResponse:
     job_filter = JobFilter(status, patient, date, text)
     page = job_page(web.engine, job_filter, before)
     audit_request(request, identity, AuditAction.VIEW, "dashboard" + (f" {request.url.query}" if request.url.query else ""))
@@ -30,7 +30,7 @@ def dashboard(request: Request, web: Web, identity: User, status: str = "", pati
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page_view(request: Request, web: Web, identity: User, job_id: int) -> HTMLResponse:
+def job_page_view(request: Request, web: Web, identity: User, job_id: RowId) -> HTMLResponse:
     detail = viewed_job(request, identity, job_id, f"job {job_id}")
     downloads = [] if detail.job["outputs_removed_at"] else [k for k in OutputKind if k in detail.job["outputs"]]
     return render(request, "job.html", identity, detail=detail, job=detail.job, downloads=downloads,
@@ -44,7 +44,7 @@ def studies_page(request: Request, web: Web, identity: User) -> HTMLResponse:
 
 
 @router.get("/audit", response_class=HTMLResponse)
-def audit_page(request: Request, web: Web, identity: User, user: str = "", before: int | None = None) -> HTMLResponse:
+def audit_page(request: Request, web: Web, identity: User, user: str = "", before: Before = None) -> HTMLResponse:
     require_role(identity, Role.ADMIN)
     entries = audit_entries(web.engine, before, user)
     audit_request(request, identity, AuditAction.VIEW, "audit trail")

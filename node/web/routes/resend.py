@@ -13,7 +13,7 @@ from pydicom import dcmread
 from node.errors import UserError
 from node.lifecycle.deliveries import resend
 from node.web.accounts import ACTING_ROLES, AuditAction, Identity
-from node.web.dependencies import User, Web, WebState, audit_request, job_patient
+from node.web.dependencies import RowId, User, Web, WebState, audit_request, job_patient
 from node.web.security import require_csrf, require_role
 
 router = APIRouter()
@@ -39,12 +39,12 @@ async def _resend(request: Request, web: WebState, identity: Identity, job_id: i
 
 
 @router.post("/jobs/{job_id}/resend")
-async def resend_page(request: Request, web: Web, identity: User, job_id: int) -> Response:
+async def resend_page(request: Request, web: Web, identity: User, job_id: RowId) -> Response:
     count = await _resend(request, web, identity, job_id)
     return RedirectResponse(f"/jobs/{job_id}?" + urlencode({"resent": count}), 303)
 
 
 @router.post("/api/jobs/{job_id}/resend")
-async def api_resend(request: Request, web: Web, identity: User, job_id: int) -> dict:
+async def api_resend(request: Request, web: Web, identity: User, job_id: RowId) -> dict:
     """Queue the job's outputs for delivery again (admin, dosimetrist)."""
     return {"queued": await _resend(request, web, identity, job_id)}

@@ -1,4 +1,5 @@
-"""Login and logout: the session cookie, the slowdown of failed logins, and no login posted from another site."""
+"""Login and logout: the session cookie, the throttle and slowdown of failed logins, and no login posted from another
+site."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from node.web.accounts import AuditAction, any_user, end_session, log_in
+from node.web.accounts import AuditAction, any_user, end_session
 from node.web.dependencies import User, Web, audit_request, render
-from node.web.security import SESSION_COOKIE, Forbidden, client_address, require_csrf, same_origin
+from node.web.security import SESSION_COOKIE, SMALL_FORM, Forbidden, client_address, read_form, require_csrf, same_origin
 
 router = APIRouter()
 
@@ -34,17 +35,18 @@ def login_page(request: Request, web: Web, next: str = "/") -> HTMLResponse:
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request, web: Web) -> Response:
-    form = await request.form()
+    """Checked for its origin, then read within SMALL_FORM, before anything else: nobody is logged in yet."""
+    if not same_origin(request, web.allowed_hosts):
+        raise Forbidden("a login posted from another site")
+    form = await read_form(request, SMALL_FORM)
     username, password = str(form.get("username", "")), str(form.get("password", ""))
     target = _safe_next(str(form.get("next", "/")))
-    if not same_origin(request):
-        raise Forbidden("a login posted from another site")
-    result = await run_in_threadpool(log_in, web.engine, web.config.web, username, password, client_address(request), web.clock)
+    result = await run_in_threadpool(web.logins.log_in, username, password, client_address(request))
     if result.identity is None:
         await asyncio.sleep(result.delay_seconds)  # the slowdown of repeated failures; other requests go on
         await run_in_threadpool(audit_request, request, None, AuditAction.LOGIN_FAILED, "", "", result.message, username)
-        return await run_in_threadpool(_login_page, request, web, 401, next=target, message=result.message,
-                                       username=username)
+        return await run_in_threadpool(_login_page, request, web, 429 if result.address_throttled else 401, next=target,
+                                       message=result.message, username=username)
     await run_in_threadpool(audit_request, request, result.identity, AuditAction.LOGIN)
     response = RedirectResponse(target, 303)
     response.set_cookie(SESSION_COOKIE, result.session_token, httponly=True, samesite="strict", secure=web.config.web.tls,

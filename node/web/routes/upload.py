@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from node.web.accounts import ACTING_ROLES, AuditAction, Identity
 from node.web.dependencies import User, Web, WebState, audit_request, render
-from node.web.security import client_address, require_csrf, require_role
+from node.web.security import FormLimits, client_address, read_form, require_csrf, require_role
 from node.web.upload import ArchiveRefused, UploadedFile, UploadReport, store_upload
 
 router = APIRouter()
@@ -25,8 +25,10 @@ async def _upload(request: Request, web: WebState, identity: Identity) -> Upload
     if length is None or not length.isdigit() or int(length) > limits.max_upload_mb * 1024 * 1024:
         raise ArchiveRefused(f"the upload is larger than web.max_upload_mb = {limits.max_upload_mb:g} MB (or of no "
                              "stated size); nothing was stored")
-    await require_csrf(request, identity)
-    form = await request.form(max_files=limits.max_upload_files + 10)
+    # The CSRF check reads the form of a browser's upload first: with these limits, not its small default.
+    form_limits = FormLimits(max_bytes=int(limits.max_upload_mb * 1024 * 1024), max_files=limits.max_upload_files + 10)
+    await require_csrf(request, identity, form_limits)
+    form = await read_form(request, form_limits)
     uploads = [UploadedFile(f.filename or "unnamed", f.file) for f in form.getlist("files") if hasattr(f, "file")]
     try:
         report = await run_in_threadpool(store_upload, web.engine, web.config, uploads, client_address(request))

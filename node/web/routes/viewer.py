@@ -14,7 +14,7 @@ from node.lifecycle.jobs import job_inputs
 from node.vocabulary import OutputKind
 from node.web import viewer
 from node.web.accounts import AuditAction
-from node.web.dependencies import User, Web, WebState, audit_request, job_patient, recorded_output, render, viewed_job
+from node.web.dependencies import RowId, User, Web, WebState, audit_request, job_patient, recorded_output, render, viewed_job
 
 router = APIRouter()
 Picture = TypeVar("Picture")
@@ -39,13 +39,13 @@ def _pictured(make: Callable[[], Picture]) -> Picture:
 
 
 @router.get("/jobs/{job_id}/viewer", response_class=HTMLResponse)
-def viewer_page(request: Request, identity: User, job_id: int) -> HTMLResponse:
+def viewer_page(request: Request, identity: User, job_id: RowId) -> HTMLResponse:
     detail = viewed_job(request, identity, job_id, f"viewer of job {job_id}")
     return render(request, "viewer.html", identity, job=detail.job, detail=detail)
 
 
 @router.get("/api/jobs/{job_id}/slices")
-def api_slices(request: Request, web: Web, identity: User, job_id: int) -> dict:
+def api_slices(request: Request, web: Web, identity: User, job_id: RowId) -> dict:
     """Slice count, z positions and thickness, and the slices with contour."""
     result = _pictured(lambda: _job_viewer(web, job_id).slice_info())
     audit_request(request, identity, AuditAction.VIEW, f"slices of job {job_id}", job_patient(request, job_id))
@@ -53,16 +53,16 @@ def api_slices(request: Request, web: Web, identity: User, job_id: int) -> dict:
 
 
 @router.get("/api/jobs/{job_id}/slices/{index}.png")
-def api_slice_png(web: Web, identity: User, job_id: int, index: int, preset: str = viewer.DEFAULT_PRESET) -> Response:
+def api_slice_png(web: Web, identity: User, job_id: RowId, index: int, preset: str = viewer.DEFAULT_PRESET) -> Response:
     return Response(_pictured(lambda: _job_viewer(web, job_id).axial_png(index, preset)), media_type="image/png")
 
 
 @router.get("/api/jobs/{job_id}/slices/{index}/outline")
-def api_slice_outline(web: Web, identity: User, job_id: int, index: int) -> dict:
+def api_slice_outline(web: Web, identity: User, job_id: RowId, index: int) -> dict:
     return _pictured(lambda: _job_viewer(web, job_id).outline(index))
 
 
 @router.get("/api/jobs/{job_id}/reformat/{plane}.png")
-def api_reformat(web: Web, identity: User, job_id: int, plane: str, preset: str = viewer.DEFAULT_PRESET) -> Response:
+def api_reformat(web: Web, identity: User, job_id: RowId, plane: str, preset: str = viewer.DEFAULT_PRESET) -> Response:
     png = _pictured(lambda: _job_viewer(web, job_id).reformat_png(plane, preset))
     return Response(png, media_type="image/png")
