@@ -140,7 +140,7 @@ def measure(ct_dir: Path, out_dir: Path, stages: bool, keep_mask: Path | None) -
             OutputPaths.in_directory(out_dir, seg=False),
             algorithm,
             "CTV",
-            auto_contour_series(1, algorithm),
+            auto_contour_series(1, [algorithm]),
         )
     except EmptyMaskError:
         found = False

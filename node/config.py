@@ -237,12 +237,91 @@ class WebSection(_Section):
         )
 
 
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]  # cuda:N: one GPU of several
+
+
 class ModelSection(_Section):
     weights: Path = BUNDLED_WEIGHTS
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"  # cuda:N: one GPU of several
+    device: Device = "auto"
     roi_name: Annotated[str, Field(min_length=1, max_length=64)] = "CTV"
     # A series with more slices is refused with a sentence before loading, not by running out of memory.
     max_slices: Annotated[int, Field(ge=2)] = 2000
+
+
+# RT ROI Interpreted Type (3006,00A4): the Defined Terms of DICOM PS3.3 C.8.8.8.1. Planning systems sort
+# structures by them (targets, organs at risk), so a typo ("OAR" is not one) is refused here.
+RT_ROI_INTERPRETED_TYPES = (
+    "EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "BOLUS", "AVOIDANCE", "ORGAN", "MARKER",
+    "REGISTRATION", "ISOCENTER", "CONTRAST_AGENT", "CAVITY", "BRACHY_CHANNEL", "BRACHY_ACCESSORY", "BRACHY_SRC_APP",
+    "BRACHY_CHNL_SHLD", "SUPPORT", "FIXATION", "DOSE_REGION", "CONTROL", "DOSE_MEASUREMENT",
+)  # fmt: skip
+ColorValue = Annotated[int, Field(ge=0, le=255)]
+# An ROI Name (LO): printable ASCII without backslash, not blank.
+RoiName = Annotated[str, Field(pattern=r"^[\x20-\x5b\x5d-\x7e]*[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]*$", max_length=64)]
+
+
+class StructureEntry(_Section):
+    """One `[[models.structures]]`: a label value the model outputs, written as this ROI."""
+
+    label: Annotated[int, Field(ge=1)]
+    roi_name: RoiName
+    interpreted_type: Literal[RT_ROI_INTERPRETED_TYPES]
+    color: tuple[ColorValue, ColorValue, ColorValue]
+
+
+# Keys only an nnU-Net model has; an `rtnode` entry naming one is refused rather than silently ignored.
+NNUNET_KEYS = ("folds", "checkpoint", "mirroring", "reorient_to_ras")
+
+
+class ModelEntry(_Section):
+    """One `[[models]]`: a model the worker runs on every eligible CT series, and the structures it writes."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
+    type: Literal["rtnode", "nnunetv2"]
+    # rtnode: the safetensors file (its card beside it); nnunetv2: the trained model folder or its exported zip.
+    path: Path
+    version: Annotated[str, Field(min_length=1, max_length=64)]  # named with the model in every ROI it writes
+    # What `rtnode models digest PATH` prints: checked before anything is loaded (a checkpoint is code).
+    sha256: Annotated[str, Field(pattern=r"^[0-9A-Fa-f]{64}$")]
+    # Fold numbers, or "all" (nnU-Net's fold_all); None: every fold_N present.
+    folds: Annotated[list[Annotated[int, Field(ge=0)] | Literal["all"]], Field(min_length=1)] | None = None
+    checkpoint: Annotated[str, Field(pattern=r"^[^/\\]+\.pth$")] = "checkpoint_final.pth"
+    mirroring: bool | None = None  # test-time mirroring; None: as nnU-Net trained the model
+    # Give nnU-Net each CT turned to RAS, as TotalSegmentator does for its weights (else their left and right swap).
+    reorient_to_ras: bool = False
+    device: Device | None = None  # None: the worker's (rtnode worker --device, else model.device)
+    structures: Annotated[list[StructureEntry], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelEntry:
+        labels = [structure.label for structure in self.structures]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"model {self.name}: label {repeated[0]} is named by more than one structure")
+        if self.type == "rtnode":
+            given = [key for key in NNUNET_KEYS if key in self.model_fields_set]
+            if given:
+                raise ValueError(f"model {self.name}: only nnunetv2 models take {', '.join(given)}")
+            if labels != [1]:
+                raise ValueError(f"model {self.name}: an rtnode model writes one structure, its card's ROI: label 1")
+        return self
+
+
+def _distinct(models: list[ModelEntry]) -> list[ModelEntry]:
+    """Each model named once, and each ROI name written once (case-insensitive): two structures named alike
+    would be one ROI of two models' contours, or a set a planning system refuses."""
+    names = [model.name for model in models]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"two models are named {repeated[0]!r}: each name must be unique")
+    writer: dict[str, str] = {}
+    for model in models:
+        for structure in model.structures:
+            key = structure.roi_name.strip().lower()
+            if key in writer:
+                raise ValueError(f"ROI name {structure.roi_name!r} is written by both model {writer[key]} and model {model.name}")
+            writer[key] = model.name
+    return models
 
 
 class Config(_Section):
@@ -256,6 +335,8 @@ class Config(_Section):
     feedback: FeedbackSection = FeedbackSection()
     web: WebSection = WebSection()
     destinations: list[Destination] = []  # each table validated as the type it names (node.destinations)
+    # The models every eligible CT series goes to; none: the built-in model of [model] alone, as before.
+    models: Annotated[list[ModelEntry], AfterValidator(_distinct)] = []
 
     @model_validator(mode="after")
     def _pinned_callers_need_client_certificates(self) -> Config:
@@ -298,7 +379,8 @@ def _resolve_paths(config: Config) -> Config:
     tls = config.tls.model_copy(update={key: path.resolve() for key in tls_files if (path := getattr(config.tls, key))})
     web_files = ("certificate", "private_key")
     web = config.web.model_copy(update={key: path.resolve() for key in web_files if (path := getattr(config.web, key))})
-    return config.model_copy(update={"node": node, "model": model, "tls": tls, "web": web})
+    models = [entry.model_copy(update={"path": entry.path.resolve()}) for entry in config.models]
+    return config.model_copy(update={"node": node, "model": model, "tls": tls, "web": web, "models": models})
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -307,7 +389,7 @@ def _describe(error: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
-        elif isinstance(item["input"], dict):  # a whole section or destination: not echoed, it may hold a password
+        elif isinstance(item["input"], dict | list):  # a whole section or list: not echoed, it may hold a password
             lines.append(f"  {key}: {item['msg']}")
         else:
             lines.append(f"  {key} = {item['input']!r}: {item['msg']}")

@@ -42,6 +42,7 @@ def job_json(job: Job, *, events: bool = False) -> dict:
         "model": {"name": job.model_name, "version": job.model_version} if job.model_name else None,
         "timings": job.timings,
         "outputs": job.outputs,
+        "structures": job.structures,
         "outputs_removed_at": _iso(job.outputs_removed_at),
         "superseded_by": job.superseded_by,
         "deliveries": [
@@ -104,6 +105,7 @@ def detail_lines(job: dict) -> list[str]:
     fields["timings"] = ", ".join(f"{k} {v:.2f}s" for k, v in job["timings"].items())
     lines = [f"{key:<20} {value}" for key, value in fields.items() if value not in (None, "")]
     lines += [f"output {kind:<13} {path}" for kind, path in job["outputs"].items()]
+    lines += [f"structure            {structure_line(structure)}" for structure in job["structures"]]
     if job["outputs_removed_at"]:
         lines.append(f"outputs              {_removed_on(job['outputs_removed_at'])}")
     lines += [
@@ -113,6 +115,15 @@ def detail_lines(job: dict) -> list[str]:
     ]
     lines += [f"  {e['at']}  {e['event']:<12} {e['detail']}" for e in job["events"]]
     return lines
+
+
+def structure_line(structure: dict) -> str:
+    """One ROI of a job's structure set, in words: its name and type, its model, its volume and slices."""
+    model = structure["model"]
+    return (
+        f"{structure['roi_name']} ({structure['interpreted_type']}) by {model['name']} {model['version']}:"
+        f" {structure['volume_cm3']:.1f} cm3, slices {structure['first_slice']}-{structure['last_slice']}"
+    )
 
 
 REVIEW_FIGURES = ("dice", "hd95_mm", "surface_dice", "surface_tolerance_mm", "auto_volume_cm3", "reviewed_volume_cm3",

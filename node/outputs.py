@@ -1,11 +1,12 @@
-"""One writer of what a contouring run makes: the RT Structure Set, and beside it the NIfTI
-mask, the DICOM SEG and the QA picture. The worker, `rtnode contour` and `rtnode rtstruct`
-all write through it, so what the node sends and what the CLI writes cannot drift apart.
+"""One writer of what a contouring run makes: the RT Structure Set holding every structure the models
+found, and beside it the NIfTI mask, the DICOM SEG and the QA picture. The worker, `rtnode contour` and
+`rtnode rtstruct` all write through it, so what the node sends and what the CLI writes cannot drift apart.
 `ContourReport` words what `rtnode contour` made, or that it found nothing."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import numpy as np
 
 from node.imaging.dicomfile import save_dataset
 from node.imaging.nifti import write_mask
-from node.imaging.qa import write_montage
+from node.imaging.qa import Outlined, write_montage
 from node.imaging.volume import Volume
+from node.pipeline.registry import BUILT_IN_COLOR, BUILT_IN_LABEL
+from node.pipeline.structures import LabelMap, Structure
 from node.rtstruct.builder import Algorithm, Roi, SeriesInfo, build_rtstruct
-from node.rtstruct.contours import contours_from_mask
-from node.rtstruct.seg import build_seg
+from node.rtstruct.contours import EmptyMaskError, contours_from_mask
+from node.rtstruct.seg import Segment, build_seg
 from node.vocabulary import OutputKind
 
 
@@ -39,20 +42,132 @@ class OutputPaths:
 
 
 @dataclass(frozen=True)
+class FoundStructure:
+    """A structure a model was run for, and the model its ROI names. The mask is made from the model's label
+    map each time it is asked for and dropped after use: one whole-CT array per structure would add up over
+    an organ model's dozens of labels."""
+
+    structure: Structure
+    algorithm: Algorithm
+    label_map: LabelMap
+
+    def mask(self) -> np.ndarray:
+        return self.label_map.mask(self.structure)
+
+
+@dataclass(frozen=True)
+class WrittenStructure:
+    """One ROI of the written structure set, as the job log shows it."""
+
+    roi_name: str
+    interpreted_type: str
+    color: tuple[int, int, int]
+    model: str
+    model_version: str
+    volume_cm3: float
+    first_slice: int  # slice indices in the CT's order along its normal, from 0, as the viewer counts them
+    last_slice: int
+
+    @classmethod
+    def measured(cls, volume: Volume, found: FoundStructure, mask: np.ndarray) -> WrittenStructure:
+        occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+        structure = found.structure
+        return cls(
+            structure.roi_name, structure.interpreted_type, structure.color, found.algorithm.name, found.algorithm.version,
+            round(float(mask_volume_cm3(volume, mask)), 3), int(occupied[0]), int(occupied[-1]),
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "roi_name": self.roi_name,
+            "interpreted_type": self.interpreted_type,
+            "color": list(self.color),
+            "model": {"name": self.model, "version": self.model_version},
+            "volume_cm3": self.volume_cm3,
+            "first_slice": self.first_slice,
+            "last_slice": self.last_slice,
+        }
+
+
+@dataclass(frozen=True)
 class Outputs:
     paths: dict[OutputKind, Path]
     sop_instance_uids: dict[OutputKind, str]  # of the DICOM outputs
     timings: dict[str, float] = field(default_factory=dict)  # "rtstruct", and "outputs" for the rest
     simplified: tuple[str, ...] = ()  # each contour written with fewer points than traced, and within what
+    structures: tuple[WrittenStructure, ...] = ()  # in the structure set's ROI order
+    not_found: tuple[str, ...] = ()  # each structure a model found nothing of, left out of the set
 
 
-def auto_contour_series(version: int, algorithm: Algorithm, supersedes: int | None = None) -> SeriesInfo:
+def auto_contour_series(version: int, algorithms: Sequence[Algorithm], supersedes: int | None = None) -> SeriesInfo:
     """Label and description of version `version` of a series' auto-contour: UNAPPROVED, the
-    model named, and the version it supersedes at the planning system (None: none was delivered)."""
+    models named, and the version it supersedes at the planning system (None: none was delivered)."""
     label = "AUTO_CTV" if version == 1 else f"AUTO_CTV_V{version}"[:16]
     replaced = f", supersedes v{supersedes}" if supersedes is not None else ""
-    description = f"UNAPPROVED auto-contour v{version}{replaced} ({algorithm.label})"[:64]
+    made_by = ", ".join(algorithm.label for algorithm in algorithms)
+    description = f"UNAPPROVED auto-contour v{version}{replaced} ({made_by})"[:64]
     return SeriesInfo(structure_set_label=label, series_description=description)
+
+
+def _roi_numbers(shape: tuple[int, ...], written: Sequence[FoundStructure]) -> np.ndarray:
+    """The NIfTI copy: each voxel holds the ROI Number of its structure (0: none; where structures overlap,
+    the later one). With one structure, the binary mask."""
+    numbers = np.zeros(shape, dtype=np.uint8)
+    for number, found in enumerate(written, start=1):
+        numbers[found.mask()] = number
+    return numbers
+
+
+def write_structure_set(
+    volume: Volume, found: Sequence[FoundStructure], paths: OutputPaths, series: SeriesInfo = SeriesInfo()
+) -> Outputs:
+    """One RT Structure Set with every structure that holds a voxel, in the order given, and the other outputs
+    asked for. A structure without one is left out and named in `not_found`; raises EmptyMaskError (nothing
+    is written) when no structure holds a voxel."""
+    start = time.perf_counter()
+    rois, written, kept, not_found = [], [], [], []
+    for item in found:
+        mask = item.mask()
+        structure = item.structure
+        if not mask.any():
+            not_found.append(
+                f"{structure.roi_name}: {item.algorithm.label} found nothing of it (label {structure.label});"
+                " left out of the structure set"
+            )
+            continue
+        contours = contours_from_mask(volume, mask)
+        rois.append(Roi(structure.roi_name, contours, structure.color, structure.interpreted_type, item.algorithm))
+        written.append(WrittenStructure.measured(volume, item, mask))
+        kept.append(item)
+    if not rois:
+        several = f"the masks of all {len(found)} structures are empty" if len(found) > 1 else "the mask is empty"
+        raise EmptyMaskError(f"{several}: no structure to contour")
+    rtstruct = build_rtstruct(volume, rois, series=series)
+    save_dataset(rtstruct, paths.rtstruct)
+    files = {OutputKind.RTSTRUCT: paths.rtstruct}
+    uids = {OutputKind.RTSTRUCT: str(rtstruct.SOPInstanceUID)}
+    timings = {"rtstruct": time.perf_counter() - start}
+
+    start = time.perf_counter()
+    if paths.mask is not None:
+        write_mask(paths.mask, volume, _roi_numbers(volume.shape, kept))
+        files[OutputKind.MASK] = paths.mask
+    if paths.seg is not None:
+        segments = [
+            Segment(s.structure.roi_name, s.mask(), s.algorithm, s.structure.interpreted_type, s.structure.color) for s in kept
+        ]
+        seg = build_seg(volume, segments)
+        save_dataset(seg, paths.seg)
+        files[OutputKind.SEG] = paths.seg
+        uids[OutputKind.SEG] = str(seg.SOPInstanceUID)
+    if paths.qa is not None:
+        first, last = min(s.first_slice for s in written), max(s.last_slice for s in written)
+        write_montage(paths.qa, volume, first, last, (Outlined(s.mask(), s.structure.color) for s in kept))
+        files[OutputKind.QA] = paths.qa
+    if len(files) > 1:
+        timings["outputs"] = time.perf_counter() - start
+    simplified = tuple(f"{roi.name}: {reduction.sentence()}" for roi in rois for reduction in roi.contours.reductions)
+    return Outputs(files, uids, timings, simplified, tuple(written), tuple(not_found))
 
 
 def write_outputs(
@@ -63,31 +178,11 @@ def write_outputs(
     roi_name: str = "CTV",
     series: SeriesInfo = SeriesInfo(),
 ) -> Outputs:
-    """Raises EmptyMaskError (nothing is written) when the mask holds no voxel."""
-    start = time.perf_counter()
-    contours = contours_from_mask(volume, mask)
-    rtstruct = build_rtstruct(volume, [Roi(roi_name, contours)], algorithm, series)
-    save_dataset(rtstruct, paths.rtstruct)
-    written = {OutputKind.RTSTRUCT: paths.rtstruct}
-    uids = {OutputKind.RTSTRUCT: str(rtstruct.SOPInstanceUID)}
-    timings = {"rtstruct": time.perf_counter() - start}
-
-    start = time.perf_counter()
-    if paths.mask is not None:
-        write_mask(paths.mask, volume, mask)
-        written[OutputKind.MASK] = paths.mask
-    if paths.seg is not None:
-        seg = build_seg(volume, mask, algorithm, label=roi_name)
-        save_dataset(seg, paths.seg)
-        written[OutputKind.SEG] = paths.seg
-        uids[OutputKind.SEG] = str(seg.SOPInstanceUID)
-    if paths.qa is not None:
-        write_montage(paths.qa, volume, mask)
-        written[OutputKind.QA] = paths.qa
-    if len(written) > 1:
-        timings["outputs"] = time.perf_counter() - start
-    simplified = tuple(f"{roi_name}: {reduction.sentence()}" for reduction in contours.reductions)
-    return Outputs(written, uids, timings, simplified)
+    """One mask as one CTV (`rtnode rtstruct`, `rtnode contour`). Raises EmptyMaskError (nothing is
+    written) when the mask holds no voxel."""
+    structure = Structure(BUILT_IN_LABEL, roi_name, "CTV", BUILT_IN_COLOR)
+    labels = LabelMap(np.asarray(mask, dtype=bool).view(np.uint8))
+    return write_structure_set(volume, [FoundStructure(structure, algorithm, labels)], paths, series)
 
 
 def mask_volume_cm3(volume: Volume, mask: np.ndarray) -> float:

@@ -40,6 +40,7 @@ from node.lifecycle.workers import (
     report_unusable_model,
     requeue_after_worker_death,
 )
+from node.pipeline.registry import refuse_unverified_models
 from node.retention import purge_logged
 from node.scp import StorageSCP
 from node.store import InstanceStore
@@ -195,6 +196,7 @@ def serve(config: Config, config_path: Path) -> int:
     """Receive until asked to stop; the worker process runs the jobs."""
     if config.web.enabled and (refusal := config.web.refusal()) is not None:
         raise UserError(refusal)  # before anything listens
+    refuse_unverified_models(config)
     _refuse_ports_in_use(config, config_path)
     if not config.destinations:
         log.warning("no [[destinations]] in %s: jobs are contoured and end done, but nothing is sent", config_path)
@@ -321,7 +323,7 @@ def run_worker(config: Config, device: str | None = None) -> int:
     sender.start()
     worker = Worker(config, engine, identity)
     try:
-        worker.load_model()
+        worker.load_models()
         usable = True
     except UserError as exc:
         # Found now, not by the first job: queued jobs wait for a fixed model; reviews and deliveries go on.

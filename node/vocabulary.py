@@ -32,6 +32,7 @@ class EventKind(StrEnum):
     REQUEUED = "requeued"
     CONTOURED = "contoured"
     CONTOUR_SIMPLIFIED = "contour simplified"  # too long for one element: fewer points, within a stated tolerance
+    STRUCTURE_NOT_FOUND = "structure not found"  # a model found nothing of one of its structures: left out of the set
     SENDING = "sending"
     DELIVERED = "delivered"
     SEND_FAILED = "send failed"

@@ -1,6 +1,7 @@
 """The worker: takes queued jobs and runs the pipeline, outside the receiving process.
 
-load volume -> model -> RT Structure Set (+ mask, SEG, QA picture) -> deliveries. It runs
+load volume -> every configured model -> one RT Structure Set of all their structures (+ mask, SEG,
+QA picture) -> deliveries. It runs
 as its own process (`rtnode worker`, started by `rtnode serve`), so inference never
 stalls receiving. Each job's failure is recorded in words and never stops the next; every
 change of a job's state goes through `node.lifecycle`. Structure sets sent back are measured
@@ -20,12 +21,12 @@ from sqlalchemy import Engine
 from node import retention, review
 from node.config import Config
 from node.db.outage import DATABASE_AWAY, Outage
+from node.errors import UserError
 from node.imaging.volume import SeriesError, load_volume, read_datasets
 from node.lifecycle import jobs
 from node.lifecycle.workers import WorkerIdentity
-from node.outputs import OutputPaths, auto_contour_series, write_outputs
-from node.pipeline.inference import DeviceError, Segmenter
-from node.pipeline.weights import WeightsError
+from node.outputs import FoundStructure, OutputPaths, auto_contour_series, write_structure_set
+from node.pipeline.loading import LoadedModel, load_models
 from node.rtstruct.builder import Algorithm
 from node.rtstruct.contours import EmptyMaskError
 
@@ -48,14 +49,16 @@ class Worker:
         self._config = config
         self._engine = engine
         self._identity = identity
-        self._segmenter: Segmenter | None = None
+        self._models: list[LoadedModel] | None = None
 
-    def load_model(self) -> Segmenter:
-        """The model, loaded once. Raises WeightsError or DeviceError when it cannot be used."""
-        if self._segmenter is None:
-            self._segmenter = Segmenter.from_weights(self._config.model.weights, self._identity.device)
-            log.info("model %s on %s", self._segmenter.card.label, self._segmenter.device)
-        return self._segmenter
+    def load_models(self) -> list[LoadedModel]:
+        """Every configured model, loaded once, each file verified against its digest first. Raises a UserError
+        (weights, digest, device) when one cannot be used."""
+        if self._models is None:
+            self._models = load_models(self._config, self._identity.device)
+            for model in self._models:
+                log.info("model %s on %s: %s", model.label, model.device, ", ".join(s.roi_name for s in model.structures))
+        return self._models
 
     def run_forever(self, stop: threading.Event, poll_seconds: float = 0.2, take_jobs: bool = True) -> None:
         """Jobs first (a patient may be waiting for the contour); between them, one pending review at a time.
@@ -133,6 +136,8 @@ class Worker:
             self._config.destinations,
             held_by=me,
             simplified=outputs.simplified,
+            structures=[structure.to_json() for structure in outputs.structures],
+            not_found=outputs.not_found,
         )
 
     def _compute(self, inputs: jobs.JobInputs, folder: Path, timings: dict[str, float]):
@@ -147,23 +152,41 @@ class Worker:
         timings["load"] = time.perf_counter() - start
 
         try:
-            segmenter = self.load_model()
-        except (WeightsError, DeviceError) as exc:
+            models = self.load_models()
+        except UserError as exc:
             raise JobFailed(f"the model cannot be used: {exc}") from exc
-        prediction = segmenter.predict(volume)
-        timings.update(prediction.timings)
-        algorithm = Algorithm(segmenter.card.name, segmenter.card.version)
-        jobs.set_model(self._engine, job_id, algorithm.name, algorithm.version, held_by=self._identity.name)
+        algorithms = [Algorithm(model.name, model.version) for model in models]
+        found: list[FoundStructure] = []
+        for model, algorithm in zip(models, algorithms, strict=True):
+            label_map = model.predict(volume)
+            timings.update(_stage_timings(model, label_map.timings, several=len(models) > 1))
+            found += [FoundStructure(structure, algorithm, label_map) for structure in model.structures]
+        jobs.set_model(self._engine, job_id, *_recorded_model(algorithms), held_by=self._identity.name)
 
         paths = OutputPaths.in_directory(folder, seg=self._config.delivery.send_seg)
         try:
-            return write_outputs(
-                volume,
-                prediction.mask,
-                paths,
-                algorithm,
-                self._config.model.roi_name,
-                auto_contour_series(inputs.version, algorithm, inputs.supersedes),
+            return write_structure_set(
+                volume, found, paths, auto_contour_series(inputs.version, algorithms, inputs.supersedes)
             )
         except EmptyMaskError as exc:
-            raise JobFailed(f"no CTV found in series {inputs.series_instance_uid} by {algorithm.label}: nothing sent") from exc
+            raise JobFailed(
+                f"{_nothing(found)} found in series {inputs.series_instance_uid} by"
+                f" {', '.join(a.label for a in algorithms)}: nothing sent"
+            ) from exc
+
+
+def _stage_timings(model: LoadedModel, timings: dict[str, float], *, several: bool) -> dict[str, float]:
+    """A model's stages as the job records them: named by the model when several ran."""
+    return {f"{model.name} {stage}" if several else stage: seconds for stage, seconds in timings.items()}
+
+
+def _recorded_model(algorithms: list[Algorithm]) -> tuple[str, str]:
+    """The job's model name and version columns: one model's, or every model's joined (each structure names
+    its own in the job's structures)."""
+    name = " + ".join(a.name for a in algorithms)[:64]
+    version = " + ".join(a.version for a in algorithms)[:64]
+    return name, version
+
+
+def _nothing(found: list[FoundStructure]) -> str:
+    return f"no {found[0].structure.roi_name}" if len(found) == 1 else f"none of {len(found)} structures"

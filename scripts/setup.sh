@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 # chromium: the browser the web app's Playwright tests drive (Playwright cannot download its own here).
 # postgresql: the tests start throw-away clusters of it (the Debian service itself is never used).
-debian_packages=(dcmtk dicom3tools plastimatch openssl chromium postgresql)
+# systemd: its systemd-analyze verifies the units of deploy/ (tests/test_install_service.py).
+debian_packages=(dcmtk dicom3tools plastimatch openssl chromium postgresql systemd)
 missing=()
-for tool in storescu dciodvfy plastimatch openssl chromium; do
+for tool in storescu dciodvfy plastimatch openssl chromium systemd-analyze; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(initdb)
@@ -40,5 +41,9 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # The CPU wheel: any other torch spec here would pull a multi-GB CUDA build.
 # GPU users: see README.md, "Using an NVIDIA GPU".
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" install torch==2.13.0
-"${pip[@]}" install -e '.[test]'
+# The installed torch named beside the extras: nnunetv2's dependencies would otherwise replace it with the newest
+# (CUDA) build. Its torchvision comes from PyPI, a CUDA build whose C++ ops do not load beside the CPU torch;
+# node/pipeline/nnunet.py never imports it.
+torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+"${pip[@]}" install "torch==$torch_version" -e '.[test,nnunet]'
 echo "setup: done (.venv/bin/rtnode)"

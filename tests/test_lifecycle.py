@@ -295,7 +295,7 @@ def test_a_new_version_supersedes_only_a_version_that_was_delivered(engine, seri
     assert claim_next(engine, GONE_WORKER, 60) == second
     nothing_sent = job_inputs(engine, second).supersedes
     assert nothing_sent is None
-    assert auto_contour_series(2, model, nothing_sent).series_description == "UNAPPROVED auto-contour v2 (ctv-unet3d 0.1.0)"
+    assert auto_contour_series(2, [model], nothing_sent).series_description == "UNAPPROVED auto-contour v2 (ctv-unet3d 0.1.0)"
     contoured(engine, tmp_path, second)
     (delivery,) = due_deliveries(engine)
     record_attempt(engine, delivery, classify_store_status(0x0000, "tps"), 0.1, POLICY)
@@ -303,7 +303,7 @@ def test_a_new_version_supersedes_only_a_version_that_was_delivered(engine, seri
     assert claim_next(engine, GONE_WORKER, 60) == third
     delivered = job_inputs(engine, third).supersedes
     assert delivered == 2
-    description = auto_contour_series(3, model, delivered).series_description
+    description = auto_contour_series(3, [model], delivered).series_description
     assert description == "UNAPPROVED auto-contour v3, supersedes v2 (ctv-unet3d 0.1.0)"
 
 
@@ -501,17 +501,15 @@ class Hold:
                 raise TimeoutError("the test never let worker A go on")
 
 
-class HeldSegmenter:
-    """The real model, held at the start of `predict`: a worker still computing. Its card names another
-    version, so a late worker's model would show in the job's row."""
+class HeldPredictor:
+    """The real model, held at the start of `predict`: a worker still computing."""
 
-    def __init__(self, segmenter, hold: Hold) -> None:
-        self.segmenter, self.hold = segmenter, hold
-        self.card = dataclasses.replace(segmenter.card, version="late")
+    def __init__(self, predictor, hold: Hold) -> None:
+        self.predictor, self.hold = predictor, hold
 
     def predict(self, volume):
         self.hold.here()
-        return self.segmenter.predict(volume)
+        return self.predictor.predict(volume)
 
 
 @pytest.mark.parametrize("held_while", ["computing", "about to write"])
@@ -524,21 +522,22 @@ def test_a_worker_fenced_mid_job_records_nothing_and_removes_its_own_folder(
     config, job_id = phantom_job(engine, database_url, tmp_path)
     worker_a, worker_b = WorkerIdentity("gpu-a", 101, "cpu"), WorkerIdentity("gpu-b", 202, "cpu")
     hold = Hold()
-    model = JobWorker(config, engine, worker_a).load_model()
+    (model,) = JobWorker(config, engine, worker_a).load_models()
+    model = dataclasses.replace(model, version="late")  # a late worker's model would show in the job's row
     if held_while == "computing":
-        model = HeldSegmenter(model, hold)
+        model = dataclasses.replace(model, predictor=HeldPredictor(model.predictor, hold))
     else:
-        write_outputs = node.worker.write_outputs
+        write_structure_set = node.worker.write_structure_set
 
-        def held_write_outputs(*args, **kwargs):
+        def held_write_structure_set(*args, **kwargs):
             hold.here()
-            return write_outputs(*args, **kwargs)
+            return write_structure_set(*args, **kwargs)
 
-        monkeypatch.setattr(node.worker, "write_outputs", held_write_outputs)
+        monkeypatch.setattr(node.worker, "write_structure_set", held_write_structure_set)
 
     class WorkerA(JobWorker):
-        def load_model(self):
-            return model
+        def load_models(self):
+            return [model]
 
     assert claim_next(engine, worker_a, 0.05) == job_id
     thread_a = threading.Thread(target=WorkerA(config, engine, worker_a).run_job, args=(job_id,), name=Hold.THREAD)

@@ -199,7 +199,7 @@ def contoured_job(engine, tmp_path: Path) -> tuple[int, Volume, np.ndarray, Path
     assert claim_next(engine, GONE_WORKER, 60) == job.id
     volume, auto = load_volume(datasets), ellipsoid((24, 64, 64), (8, 18, 14))
     paths = OutputPaths.in_directory(tmp_path / "jobs" / str(job.id), seg=False)
-    outputs = write_outputs(volume, auto, paths, MODEL, "CTV", auto_contour_series(1, MODEL))
+    outputs = write_outputs(volume, auto, paths, MODEL, "CTV", auto_contour_series(1, [MODEL]))
     set_model(engine, job.id, MODEL.name, MODEL.version)
     record_outputs(engine, job.id, outputs.paths, outputs.sop_instance_uids, {}, [TPS])
     return job.id, volume, auto, paths.rtstruct

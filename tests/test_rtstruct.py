@@ -19,7 +19,8 @@ from scipy.ndimage import binary_dilation, binary_erosion
 from node.imaging.dicomfile import save_dataset, strict_writing
 from node.imaging.metrics import dice
 from node.imaging.volume import Volume, load_series_dir
-from node.outputs import OutputPaths, write_outputs
+from node.outputs import FoundStructure, OutputPaths, write_outputs, write_structure_set
+from node.pipeline.structures import LabelMap, Structure
 from node.rtstruct.builder import (
     COPIED_FROM_CT,
     Algorithm,
@@ -29,8 +30,9 @@ from node.rtstruct.builder import (
 )
 from node.rtstruct.contours import EmptyMaskError, contours_from_mask
 from node.rtstruct.reader import read_masks
-from node.rtstruct.seg import build_seg
+from node.rtstruct.seg import Segment, build_seg
 from node.synth.ct_series import PatientStudy, SeriesGeometry, ct_datasets, uniform_positions, write_series
+from node.synth.phantom import make_phantom
 from tests.conftest import require_module, require_tool, shared_data
 
 ALGORITHM = Algorithm(name="ctv-unet3d", version="0.1.0")
@@ -292,7 +294,7 @@ def test_eclipse_structure_volumes_match_eclipse_dvh():
 
 def test_seg_is_valid_and_lossless(written, tmp_path):
     case, _ = written
-    seg = build_seg(case.volume, case.mask, ALGORITHM)
+    seg = build_seg(case.volume, [Segment("CTV", case.mask, ALGORITHM)])
     path = tmp_path / "seg.dcm"
     save_dataset(seg, path)
     result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
@@ -304,3 +306,134 @@ def test_seg_is_valid_and_lossless(written, tmp_path):
     )
     np.testing.assert_array_equal(frames[..., 0].astype(bool), case.mask)
     assert reread.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+
+
+# --- several structures of several models in one set ------------------------------------------------
+
+ORGAN_MODEL = Algorithm(name="pelvis-oar", version="2.1")
+CTV = Structure(1, "CTV", "CTV", (255, 0, 128))
+ORGANS = (
+    Structure(1, "Bladder", "ORGAN", (255, 255, 0)),
+    Structure(2, "Rectum", "ORGAN", (128, 64, 0)),
+    Structure(4, "Femur_L", "ORGAN", (0, 128, 255)),  # the fake model outputs none of it
+)
+
+
+@dataclass
+class ThreeStructures:
+    directory: Path
+    volume: Volume
+    masks: dict[str, np.ndarray]  # ROI name -> what was given
+    outputs: object
+    rtstruct: Path
+    seg: Path
+
+
+@pytest.fixture(scope="module")
+def three_structures(tmp_path_factory) -> ThreeStructures:
+    """A phantom's CTV by one model and two organs from a fake organ model's label map: one in front of the
+    CTV, one behind it, each overlapping it a little, and a label (3) no structure names."""
+    tmp_path = tmp_path_factory.mktemp("three")
+    phantom = make_phantom(seed=7)
+    directory = tmp_path / "ct"
+    write_series(ct_datasets(phantom.hu, phantom.geometry, phantom.patient), directory)
+    volume = load_series_dir(directory)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    labels[np.roll(phantom.ctv, -20, axis=1)] = 1  # anterior
+    labels[np.roll(phantom.ctv, 20, axis=1)] = 2  # posterior
+    labels[np.roll(phantom.ctv, 60, axis=2)] = 3
+    found = [FoundStructure(CTV, ALGORITHM, LabelMap(phantom.ctv.view(np.uint8)))]
+    found += [FoundStructure(structure, ORGAN_MODEL, LabelMap(labels)) for structure in ORGANS]
+    paths = OutputPaths(tmp_path / "rs.dcm", tmp_path / "mask.nii.gz", tmp_path / "seg.dcm", tmp_path / "qa.png")
+    with strict_writing():
+        outputs = write_structure_set(volume, found, paths)
+    masks = {"CTV": phantom.ctv, "Bladder": labels == 1, "Rectum": labels == 2}
+    return ThreeStructures(directory, volume, masks, outputs, paths.rtstruct, paths.seg)
+
+
+def test_three_structures_of_two_models_are_valid_and_rasterise_to_their_masks(three_structures, tmp_path):
+    case = three_structures
+    for path in (case.rtstruct, case.seg):
+        result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+        output = result.stdout + result.stderr
+        assert not [line for line in output.splitlines() if line.startswith("Error")], output
+    sitk = require_module("SimpleITK")
+    result = subprocess.run(
+        [
+            require_tool("plastimatch"), "convert", "--input", str(case.rtstruct), "--referenced-ct", str(case.directory),
+            "--output-prefix", str(tmp_path / "out"), "--prefix-format", "nrrd", "--xor-contours",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.nrrd")) == ["Bladder", "CTV", "Rectum"]
+    for name, mask in case.masks.items():
+        rasterised = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{name}.nrrd"))).astype(bool)
+        assert dice(rasterised, mask) >= 0.999, name
+
+
+def test_each_structure_is_named_coloured_typed_and_credited_to_its_model(three_structures):
+    case = three_structures
+    rs = dcmread(case.rtstruct)
+    assert rs.ApprovalStatus == "UNAPPROVED"
+    assert "ctv-unet3d 0.1.0, pelvis-oar 2.1" in rs.StructureSetDescription
+    rois = {roi.ROINumber: roi for roi in rs.StructureSetROISequence}
+    colors = {item.ReferencedROINumber: [int(v) for v in item.ROIDisplayColor] for item in rs.ROIContourSequence}
+    types = {item.ReferencedROINumber: item.RTROIInterpretedType for item in rs.RTROIObservationsSequence}
+    read_back = []
+    for number, roi in sorted(rois.items()):
+        (algorithm,) = roi.ROIDerivationAlgorithmIdentificationSequence
+        assert roi.ROIGenerationAlgorithm == "AUTOMATIC"
+        assert f"{algorithm.AlgorithmName} {algorithm.AlgorithmVersion}" in roi.ROIGenerationDescription
+        read_back.append((roi.ROIName, colors[number], types[number], algorithm.AlgorithmName, algorithm.AlgorithmVersion))
+    assert read_back == [
+        ("CTV", [255, 0, 128], "CTV", "ctv-unet3d", "0.1.0"),
+        ("Bladder", [255, 255, 0], "ORGAN", "pelvis-oar", "2.1"),
+        ("Rectum", [128, 64, 0], "ORGAN", "pelvis-oar", "2.1"),
+    ]
+    masks = {roi.name: roi.mask for roi in read_masks(rs, case.volume)}
+    for name, mask in case.masks.items():
+        np.testing.assert_array_equal(masks[name], mask)
+
+
+def test_the_job_log_gets_each_structure_and_what_was_left_out(three_structures):
+    case = three_structures
+    described = [s.to_json() for s in case.outputs.structures]
+    assert [(s["roi_name"], s["model"]["name"]) for s in described] == [
+        ("CTV", "ctv-unet3d"), ("Bladder", "pelvis-oar"), ("Rectum", "pelvis-oar")
+    ]
+    voxel_cm3 = np.prod(case.volume.spacing) / 1000
+    for structure in described:
+        mask = case.masks[structure["roi_name"]]
+        occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+        assert structure["volume_cm3"] == pytest.approx(mask.sum() * voxel_cm3, abs=1e-3)
+        assert (structure["first_slice"], structure["last_slice"]) == (occupied[0], occupied[-1])
+    assert case.outputs.not_found == (
+        "Femur_L: pelvis-oar 2.1 found nothing of it (label 4); left out of the structure set",
+    )
+
+
+def test_the_seg_copy_has_one_segment_per_structure(three_structures):
+    case = three_structures
+    seg = hd.seg.segread(case.seg)
+    assert [(s.SegmentLabel, s.SegmentAlgorithmType) for s in seg.SegmentSequence] == [
+        ("CTV", "AUTOMATIC"), ("Bladder", "AUTOMATIC"), ("Rectum", "AUTOMATIC")
+    ]
+    uids = [s.sop_instance_uid for s in case.volume.slices]
+    frames = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1, 2, 3], ignore_spatial_locations=True,
+        assert_missing_frames_are_empty=True,
+    )
+    for index, mask in enumerate(case.masks.values()):
+        np.testing.assert_array_equal(frames[..., index].astype(bool), mask)
+
+
+def test_all_structures_empty_is_nothing_found(three_structures, tmp_path):
+    case = three_structures
+    empty = LabelMap(np.zeros(case.volume.shape, dtype=np.uint8))
+    found = [FoundStructure(structure, ORGAN_MODEL, empty) for structure in ORGANS]
+    with pytest.raises(EmptyMaskError, match="the masks of all 3 structures are empty"):
+        write_structure_set(case.volume, found, OutputPaths(tmp_path / "rs.dcm"))
+    assert not (tmp_path / "rs.dcm").exists()

@@ -693,7 +693,7 @@ def test_uploads_over_the_size_limit_are_refused(tmp_path):
 # The keys of `rtnode jobs --json` and GET /api/jobs (README, "The job log"); `rtnode job ID --json` adds "events".
 JOB_KEYS = {"id", "series_instance_uid", "study_instance_uid", "patient_id", "version", "status", "error", "created_at",
             "started_at", "finished_at", "instances", "input_fingerprint", "model", "timings", "outputs", "outputs_removed_at",
-            "superseded_by", "deliveries", "reviews", "worker"}
+            "superseded_by", "deliveries", "reviews", "worker", "structures"}
 DELIVERY_KEYS = {"destination", "kind", "status", "attempts", "last_error", "next_attempt_at", "delivered_at", "sop_instance_uid"}
 EVENT_KEYS = {"at", "event", "detail"}
 
@@ -754,6 +754,7 @@ def test_the_job_log_json_is_the_jobs_as_made_with_the_documented_keys(site, tmp
         "started_at": None, "finished_at": None, "worker": None, "instances": len(paths),
         "input_fingerprint": hashlib.sha256(f"{len(uids)}\n{chr(10).join(uids)}".encode()).hexdigest(), "model": None,
         "timings": {}, "outputs": {}, "outputs_removed_at": None, "superseded_by": None, "deliveries": [], "reviews": [],
+        "structures": [],
     }
     assert finished == {
         "id": finished_id, "series_instance_uid": "1.2.826.0.1.3680043.10.7.1", "study_instance_uid": "1.2.826.0.1.3680043.10.7",
@@ -761,7 +762,7 @@ def test_the_job_log_json_is_the_jobs_as_made_with_the_documented_keys(site, tmp
         "started_at": at(2).isoformat(), "finished_at": at(3).isoformat(), "worker": "host-a:4242", "instances": 3,
         "input_fingerprint": "ab" * 32, "model": {"name": "ctv-unet", "version": "2026.1"},
         "timings": {"load": 0.5, "pass_1": 2.25}, "outputs": {"rtstruct": "/data/jobs/7/rtstruct.dcm"},
-        "outputs_removed_at": at(9).isoformat(), "superseded_by": None, "reviews": [],
+        "outputs_removed_at": at(9).isoformat(), "superseded_by": None, "reviews": [], "structures": [],
         "deliveries": [
             {"destination": "tps-done", "kind": "rtstruct", "status": "done", "attempts": 1, "last_error": None,
              "next_attempt_at": None, "delivered_at": at(4).isoformat(), "sop_instance_uid": "1.2.3.99"},

@@ -121,6 +121,8 @@ class Job(Base):
     model_version: Mapped[str] = mapped_column(String(64), default="")
     timings: Mapped[dict] = mapped_column(JSON, default=dict)  # stage -> seconds
     outputs: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> path
+    # The structure set's ROIs: name, type, colour, model and version, volume in cm3, first and last slice.
+    structures: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
     starts: Mapped[int] = mapped_column(Integer, default=0)  # how often a worker took it up
     superseded_by: Mapped[int | None] = mapped_column(Integer)
     # The worker that holds (or last held) this job, and until when its lease runs without a heartbeat.

@@ -307,16 +307,22 @@ def record_outputs(
     destinations: Sequence[Destination],
     held_by: str | None = None,
     simplified: Sequence[str] = (),
+    structures: Sequence[dict] = (),
+    not_found: Sequence[str] = (),
 ) -> None:
     """A contoured job: its files, one delivery per deliverable output and destination, and older
     versions of its series superseded (their pending sends cancelled). `simplified` names each contour
-    written with fewer points than traced, for the reviewer."""
+    written with fewer points than traced, for the reviewer; `structures` are the structure set's ROIs as
+    `rtnode job --json` shows them; `not_found` names each structure a model found nothing of."""
     with Session(engine) as session, session.begin():
         job = session.get(Job, job_id)
         _require_holder(job, held_by)
         job.outputs = {kind.value: str(path) for kind, path in outputs.items()}
         job.timings = _rounded(timings)
+        job.structures = list(structures)
         add_event(session, job, EventKind.CONTOURED, ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+        for sentence in not_found:
+            add_event(session, job, EventKind.STRUCTURE_NOT_FOUND, sentence)
         for sentence in simplified:
             add_event(session, job, EventKind.CONTOUR_SIMPLIFIED, sentence)
         for destination in destinations:

@@ -83,12 +83,14 @@ class Algorithm:
 
 @dataclass(frozen=True)
 class Roi:
-    """One structure to write: its contours and how it is presented."""
+    """One structure to write: its contours, how it is presented, and what made it (None: the structure
+    set's algorithm)."""
 
     name: str
     contours: ContourSet
     color: tuple[int, int, int] = (255, 0, 128)
     interpreted_type: str = "CTV"
+    algorithm: Algorithm | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]{1,64}", self.name) or not self.name.strip():
@@ -163,16 +165,28 @@ def _contour_items(volume: Volume, roi: Roi) -> list[Dataset]:
     return items
 
 
+def _made_by(rois: Sequence[Roi], algorithm: Algorithm | None) -> list[Algorithm]:
+    """Each ROI's algorithm, its own or the set's."""
+    made_by = [roi.algorithm or algorithm for roi in rois]
+    unnamed = [roi.name for roi, made in zip(rois, made_by, strict=True) if made is None]
+    if unnamed:
+        raise StructureSetInputError(f"ROIs {unnamed} name no algorithm, and the structure set none for them")
+    return made_by
+
+
 def build_rtstruct(
     volume: Volume,
     rois: Sequence[Roi],
-    algorithm: Algorithm,
+    algorithm: Algorithm | None = None,
     series: SeriesInfo = SeriesInfo(),
     now: datetime | None = None,
 ) -> Dataset:
-    """An RT Structure Set referencing exactly `volume`'s slices. Raises ValueError on bad input."""
+    """An RT Structure Set referencing exactly `volume`'s slices; `algorithm` made each ROI that names none
+    of its own. Raises ValueError on bad input."""
     if not rois:
         raise StructureSetInputError("an RT Structure Set needs at least one ROI")
+    made_by = _made_by(rois, algorithm)
+    made_by_label = ", ".join(dict.fromkeys(made.label for made in made_by))
     names = [roi.name for roi in rois]
     if len(set(names)) != len(names):
         raise StructureSetInputError(f"ROI names must be unique, got {names}")
@@ -198,7 +212,7 @@ def build_rtstruct(
     ds.ManufacturerModelName = "rtnode"
     ds.SoftwareVersions = __version__
     ds.SeriesDescription = (
-        series.series_description or f"UNAPPROVED automatic contour ({algorithm.label})"
+        series.series_description or f"UNAPPROVED automatic contour ({made_by_label})"
     )[:64]
     ds.OperatorsName = ""
     ds.SeriesInstanceUID = generate_uid()
@@ -206,20 +220,20 @@ def build_rtstruct(
     ds.InstanceNumber = 1
     ds.StructureSetLabel = series.structure_set_label
     ds.StructureSetName = "rtnode auto-contour"
-    ds.StructureSetDescription = f"Automatic contours by {algorithm.label}; not reviewed"[:1024]
+    ds.StructureSetDescription = f"Automatic contours by {made_by_label}; not reviewed"[:1024]
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([_referenced_frame(volume)])
 
     roi_items, contour_items, observation_items = [], [], []
-    for number, roi in enumerate(rois, start=1):
+    for number, (roi, made) in enumerate(zip(rois, made_by, strict=True), start=1):
         item = Dataset()
         item.ROINumber = number
         item.ReferencedFrameOfReferenceUID = volume.frame_of_reference_uid
         item.ROIName = roi.name
-        item.ROIDescription = f"automatic {roi.interpreted_type} by {algorithm.label}"[:64]
+        item.ROIDescription = f"automatic {roi.interpreted_type} by {made.label}"[:64]
         item.ROIGenerationAlgorithm = "AUTOMATIC"
-        item.ROIGenerationDescription = f"{algorithm.label} (rtnode {__version__}); UNAPPROVED"[:64]
+        item.ROIGenerationDescription = f"{made.label} (rtnode {__version__}); UNAPPROVED"[:64]
         item.ROIDerivationAlgorithmIdentificationSequence = hd.AlgorithmIdentificationSequence(
-            name=algorithm.name, family=codes.cid7162.ArtificialIntelligence, version=algorithm.version
+            name=made.name, family=codes.cid7162.ArtificialIntelligence, version=made.version
         )
         roi_items.append(item)
 
