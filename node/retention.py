@@ -166,7 +166,8 @@ def _existing_size(path: Path) -> int | None:
         return None
 
 
-def _tree_bytes(root: Path) -> int:
+def tree_bytes(root: Path) -> int:
+    """The bytes of the files under `root`, as max_storage_gb counts them."""
     return sum(_existing_size(Path(folder, name)) or 0 for folder, _, names in os.walk(root) for name in names)
 
 
@@ -266,7 +267,7 @@ def _plan(config: Config, series: list[_HeldSeries], outputs: list[_HeldOutputs]
     if policy.max_storage_gb is None:
         return plan
     ceiling = policy.max_storage_gb * GB
-    usage = _tree_bytes(config.node.data_dir) - leftovers.bytes - sum(r.bytes for r in [*plan.series, *plan.outputs])
+    usage = tree_bytes(config.node.data_dir) - leftovers.bytes - sum(r.bytes for r in [*plan.series, *plan.outputs])
     if usage <= ceiling:
         return plan
     target = TARGET * ceiling

@@ -54,6 +54,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Config
 from node.db.models import AssociationRejection, utcnow
+from node.imaging.dicomfile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.instance_check import StoreRefused
 from node.store import CallingPeer, InstanceStore
 from node.transport import POLL_SECONDS, Listeners, certificate_subject, hang_up, server_context, start_server
@@ -90,6 +91,9 @@ TRANSFER_SYNTAXES = [
     JPEG2000,
     RLELossless,
 ]
+
+# How long the SCP waits for the next DIMSE message of an established association.
+DIMSE_TIMEOUT_SECONDS = 60.0
 
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user, with the reason (PS3.8 9.3.4).
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -148,13 +152,15 @@ class StorageSCP:
     def _make_ae(self) -> AE:
         node = self._config.node
         ae = AE(ae_title=node.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID  # as in the files it writes: `rtnode doctor` knows it so
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = node.max_pdu_bytes
         ae.network_timeout = node.network_timeout_seconds
         # The ACSE (ARTIM) timer; pynetdicom's 30 s kept silent connections that long. Until an association is
         # negotiated, node.transport's negotiation guard runs it to the connection's deadline.
         ae.acse_timeout = node.negotiation_timeout_seconds
-        ae.dimse_timeout = 60
+        ae.dimse_timeout = DIMSE_TIMEOUT_SECONDS
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)

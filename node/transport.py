@@ -35,6 +35,8 @@ _YIELD_SECONDS = 0.02
 _LOG_INTERVAL_SECONDS = 60.0
 # TLS handshakes pending at once, per association allowed (`max_associations` from any one address).
 HANDSHAKES_PER_ASSOCIATION = 8
+# Both ways, as BCP 195 (RFC 9325) asks: nothing older than TLS 1.2.
+MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 
 
 class ListenerSettings(Protocol):
@@ -420,7 +422,7 @@ def server_context(tls: ServerTls) -> ssl.SSLContext:
     """The TLS listener's context: TLS 1.2 or later (BCP 195), the node's certificate, and client certificates
     checked against `ca_certificates` (required, or only checked when presented)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = MINIMUM_TLS_VERSION
     try:
         context.load_cert_chain(tls.certificate, tls.private_key)
     except OSError as exc:  # ssl.SSLError included
@@ -493,7 +495,7 @@ def client_context(tls: TlsFiles) -> _ClientContext:
     """TLS 1.2 or later (BCP 195); the destination's certificate checked against `ca_certificates` (the system's
     CAs without) and its host name; the node's certificate presented when it has one."""
     context = _ClientContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = MINIMUM_TLS_VERSION
     if tls.ca_certificates is not None:
         context.load_verify_locations(tls.ca_certificates)
     else:

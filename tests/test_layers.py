@@ -40,9 +40,10 @@ LAYERS: dict[str, int] = {
     "training": 5,
     # every job, delivery and review transition; what may be removed, and removing it; matching and measuring reviews
     **dict.fromkeys(["lifecycle", "retention", "review"], 6),
-    # instance_check: an incoming instance's bytes
-    **dict.fromkeys(["instance_check", "store", "completion", "scp", "worker", "sender", "joblog", "inventory"], 7),
-    **dict.fromkeys(["service", "harness", "demo"], 8),
+    # instance_check: an incoming instance's bytes; backup: the database, configuration and model digests, and restoring them
+    **dict.fromkeys(["instance_check", "store", "completion", "scp", "worker", "sender", "joblog", "inventory", "backup"], 7),
+    # doctor: checks every part of a configured node; conformance: the statement, from the SCP's and the sender's lists
+    **dict.fromkeys(["service", "harness", "demo", "doctor", "conformance"], 8),
     **dict.fromkeys(["cli", "web"], 9),  # web: the web app, run in its own process by `rtnode serve`
     "__main__": 10,
 }

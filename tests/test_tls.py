@@ -62,11 +62,13 @@ def _openssl(*args: str | Path) -> None:
 LOCAL_NAMES = f"IP:{LOOPBACK},DNS:localhost"
 
 
-def _issue(directory: Path, name: str, subject: str, ca: Identity | None, names: str = LOCAL_NAMES) -> Identity:
-    """An EC P-256 certificate valid for a day: self-signed (a CA) when `ca` is None, else a leaf naming `names`
+def _issue(
+    directory: Path, name: str, subject: str, ca: Identity | None, names: str = LOCAL_NAMES, days: int = 1
+) -> Identity:
+    """An EC P-256 certificate valid for `days`: self-signed (a CA) when `ca` is None, else a leaf naming `names`
     (its subjectAltName)."""
     identity = Identity(directory / f"{name}.key", directory / f"{name}.pem")
-    command = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"]
+    command = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", str(days)]
     command += ["-subj", subject, "-keyout", identity.key, "-out", identity.certificate]
     if ca is not None:
         command += ["-CA", ca.certificate, "-CAkey", ca.key]

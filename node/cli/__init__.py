@@ -18,7 +18,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from node import __version__
-from node.cli import accounts, configuration, job_log, models, processes, retention, reviews, structure_sets, training
+from node.cli import (
+    accounts,
+    backup,
+    configuration,
+    conformance,
+    doctor,
+    job_log,
+    models,
+    processes,
+    retention,
+    reviews,
+    structure_sets,
+    training,
+)
 from node.cli.command import CommandParser
 from node.errors import UserError
 
@@ -41,6 +54,10 @@ COMMANDS = (
     reviews.add_reviews, reviews.add_export_training,
     structure_sets.add_rtstruct, training.add_synth, training.add_train, training.add_evaluate,
     structure_sets.add_contour, structure_sets.add_mask, configuration.add_config, models.add_models,
+    doctor.add_doctor,
+    conformance.add_conformance,
+    backup.add_backup,
+    backup.add_restore,
 )
 
 

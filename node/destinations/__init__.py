@@ -2,7 +2,7 @@
 table. Each module holds its type's validated settings (a `Destination` subclass) and its send.
 
 A new type is one module: a `Destination` subclass with `type: Literal["name"] = "name"`, its settings as fields,
-its `address`, `send` and `orphan_detail` (`takes` and `warning` when it needs them); and its class in
+its `address`, `send`, `echo` and `orphan_detail` (`takes` and `warning` when it needs them); and its class in
 `register(...)` below. The configuration, the sender and the lifecycle need no change.
 """
 

@@ -46,6 +46,14 @@ class SendOutcome:
     detail: str
 
 
+@dataclass(frozen=True)
+class EchoOutcome:
+    """Whether a destination answered a check that it is there and would take outputs (`rtnode doctor`)."""
+
+    answered: bool
+    detail: str
+
+
 class _CallingNode(Protocol):
     ae_title: str
 
@@ -100,6 +108,10 @@ class Destination(BaseModel, ABC):
     @abstractmethod
     def send(self, config: SenderConfig, order: DeliveryOrder) -> SendOutcome:
         """One attempt to send `order`; it never raises: the outcome says whether waiting would help."""
+
+    @abstractmethod
+    def echo(self, config: SenderConfig) -> EchoOutcome:
+        """Whether it answers as a send would reach it, storing nothing; it never raises."""
 
     def takes(self, order: DeliveryOrder) -> bool:
         """Whether it can send `order`, queued under its name, perhaps when that name was another type's. Any, unless

@@ -16,7 +16,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 from node.addresses import is_loopback
-from node.destinations.base import DeliveryOrder, Destination, SenderConfig, SendOutcome
+from node.destinations.base import DeliveryOrder, Destination, EchoOutcome, SenderConfig, SendOutcome
 from node.transport import client_context
 
 # DICOM JSON keys of a STOW-RS response (PS3.18 10.5.3): Failed SOP Sequence, its items' SOP Instance UID and reason.
@@ -66,6 +66,9 @@ class StowRsDestination(Destination):
 
     def send(self, config: SenderConfig, order: DeliveryOrder) -> SendOutcome:
         return stow_rs(config, order, self)
+
+    def echo(self, config: SenderConfig) -> EchoOutcome:
+        return stow_rs_echo(config, self)
 
     @classmethod
     def orphan_detail(cls, order: DeliveryOrder) -> str | None:
@@ -146,21 +149,11 @@ def stow_rs(config: SenderConfig, order: DeliveryOrder, destination: StowRsDesti
         "Accept": "application/dicom+json",
         **_authorization(destination),
     }
-    url = urlsplit(destination.url)
-    timeout = destination.network_timeout_seconds
-    if url.scheme == "https":
-        try:
-            context = client_context(config.tls)
-        except OSError as exc:  # ssl.SSLError included
-            files = f"ca_certificates {config.tls.ca_certificates}, certificate {config.tls.certificate}"
-            return SendOutcome(False, True, f"cannot send to {destination.url}: [tls] {files} cannot be used: {exc}")
-        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
-            url.hostname, url.port, timeout=timeout, context=context
-        )
-    else:
-        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    connection = _connection(config, destination)
+    if isinstance(connection, SendOutcome):
+        return connection
     try:
-        connection.request("POST", f"{url.path}/studies", body, headers)
+        connection.request("POST", f"{urlsplit(destination.url).path}/studies", body, headers)
         response = connection.getresponse()
         answer = response.read()
     except (OSError, http.client.HTTPException) as exc:  # refused, unreachable, timed out, TLS handshake failed
@@ -168,3 +161,43 @@ def stow_rs(config: SenderConfig, order: DeliveryOrder, destination: StowRsDesti
     finally:
         connection.close()
     return classify_stow_response(response.status, answer, sop_instance_uid, order.destination)
+
+
+def _connection(config: SenderConfig, destination: StowRsDestination) -> http.client.HTTPConnection | SendOutcome:
+    """A connection to the URL's host, over TLS against [tls] ca_certificates for https; or why there is none."""
+    url = urlsplit(destination.url)
+    timeout = destination.network_timeout_seconds
+    if url.scheme == "http":
+        return http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    try:
+        context = client_context(config.tls)
+    except OSError as exc:  # ssl.SSLError included
+        files = f"ca_certificates {config.tls.ca_certificates}, certificate {config.tls.certificate}"
+        return SendOutcome(False, True, f"cannot send to {destination.url}: [tls] {files} cannot be used: {exc}")
+    return http.client.HTTPSConnection(url.hostname, url.port, timeout=timeout, context=context)
+
+
+def stow_rs_echo(config: SenderConfig, destination: StowRsDestination) -> EchoOutcome:
+    """A search for one study (QIDO-RS, `GET {url}/studies?limit=1`) with the credentials a send uses: any answer
+    but a refusal of the credentials, a missing resource or a server error shows the service is there (one that
+    searches nothing may answer 405)."""
+    connection = _connection(config, destination)
+    if isinstance(connection, SendOutcome):
+        return EchoOutcome(False, connection.detail)
+    search = "/studies?limit=1"
+    headers = {"Accept": "application/dicom+json", **_authorization(destination)}
+    try:
+        connection.request("GET", urlsplit(destination.url).path + search, headers=headers)
+        status = connection.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:  # refused, unreachable, timed out, TLS handshake failed
+        return EchoOutcome(False, f"GET {destination.url}{search} failed: {type(exc).__name__}: {exc}")
+    finally:
+        connection.close()
+    if status in (401, 403):
+        refused = f"{destination.url} refused the credentials (HTTP {status})"
+        return EchoOutcome(False, f"{refused}: check the destination's token, or its username and password")
+    if status == 404:
+        return EchoOutcome(False, f"no DICOMweb service at {destination.url} (GET {search}: HTTP 404): check its url")
+    if status >= 500:
+        return EchoOutcome(False, f"{destination.url} answered with a server error (HTTP {status})")
+    return EchoOutcome(True, f"{destination.url} answered (HTTP {status})")
