@@ -6,10 +6,13 @@ process where bytes on disk are measured."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import threading
 import time
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ from node.web.app import create_app
 from node.web.dependencies import MAX_ROW_ID
 from node.web.routes.api import MAX_JOBS_LISTED
 from node.web.security import CONTENT_SECURITY_POLICY, allowed_host_names, same_origin
+from node.web.upload import FileOutcome, UploadedFile, store_upload
 from tests.test_web_app import (  # noqa: F401 (site: a fixture)
     PASSWORD,
     FakeClock,
@@ -35,6 +39,7 @@ from tests.test_web_app import (  # noqa: F401 (site: a fixture)
     logged_in,
     make_config,
     site,
+    small_series,
     web_process,
 )
 
@@ -278,3 +283,28 @@ def test_the_same_origin_check_reads_the_allowed_hosts_not_the_requests_host():
     assert not same_origin(request("127.0.0.1:8443", "https://127.0.0.1:8443"), allowed)  # another scheme
     assert not same_origin(request("127.0.0.1:8443", "null"), allowed)
 
+
+
+def test_a_zip_member_beyond_max_instance_mb_is_refused_unread_and_memory_stays_bounded(tmp_path):
+    """Issue #24: a 190 kB zip whose one member unpacks to 190 MB cost the web process 388 MB. A member larger
+    than node.max_instance_mb (C-STORE's own bound) is now refused from its recorded size, never read; the
+    rest of the archive is stored."""
+    config = make_config(tmp_path, node="max_instance_mb = 8.0")
+    engine = open_database(config.node.database_url)
+    paths = small_series(tmp_path / "ct", slices=12)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("CD/bomb.dcm", b"\0" * (64 * 2**20))  # 64 kB packed
+        for path in paths:
+            archive.write(path, f"CD/DICOM/{path.name}")
+    buffer.seek(0)
+    tracemalloc.start()
+    try:
+        report = store_upload(engine, config, [UploadedFile("cd.zip", buffer)], LOOPBACK)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    refused = {f.name: f.reason for f in report.files if f.outcome == FileOutcome.REFUSED}
+    assert refused == {"cd.zip/CD/bomb.dcm": "64 MB: larger than node.max_instance_mb; not read"}
+    assert report.count(FileOutcome.STORED) == len(paths)
+    assert peak < 16 * 2**20, f"storing the upload allocated {peak / 2**20:.0f} MB at its peak"

@@ -8,10 +8,12 @@ whole before anything is stored: a corrupt or oversized zip stores nothing.
 
 from __future__ import annotations
 
+import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from io import BytesIO
 from typing import BinaryIO
 
@@ -29,6 +31,9 @@ from node.store import CallingPeer, InstanceStore
 # The calling AE title recorded for uploaded instances (instances.calling_ae_title).
 UPLOAD_AE_TITLE = "WEB-UPLOAD"
 _ZIP_MAGIC = b"PK\x03\x04"
+# One upload stored at a time per web process: with each file read whole (as C-STORE holds an instance) and
+# within node.max_instance_mb, the memory uploads take is bounded, however many arrive at once.
+_ONE_UPLOAD_AT_A_TIME = threading.Lock()
 
 
 class ArchiveRefused(UserError):
@@ -98,7 +103,22 @@ def _checked_archive(upload: UploadedFile, max_bytes: int) -> zipfile.ZipFile:
     return archive
 
 
-def _entries(uploads: list[UploadedFile], config: Config) -> Iterator[tuple[str, bytes]]:
+@dataclass(frozen=True)
+class _Entry:
+    """One file to store, read only once its size is known to be within node.max_instance_mb."""
+
+    name: str
+    size: int
+    read: Callable[[], bytes]
+
+
+def _stream_size(stream: BinaryIO) -> int:
+    size = stream.seek(0, 2)
+    stream.seek(0)
+    return size
+
+
+def _entries(uploads: list[UploadedFile], config: Config) -> Iterator[_Entry]:
     """Every file to store, archives unpacked; all archives are checked before the first file is given."""
     max_bytes = int(config.web.max_upload_mb * 1024 * 1024)
     archives = {id(u): _checked_archive(u, max_bytes) for u in uploads if _is_zip(u)}
@@ -110,11 +130,12 @@ def _entries(uploads: list[UploadedFile], config: Config) -> Iterator[tuple[str,
     for upload in uploads:
         archive = archives.get(id(upload))
         if archive is None:
-            yield upload.name, upload.stream.read()
+            yield _Entry(upload.name, _stream_size(upload.stream), upload.stream.read)
             continue
         for member in archive.infolist():
             if not member.is_dir():
-                yield f"{upload.name}/{member.filename}", archive.read(member)
+                # zipfile never gives more than a member's recorded size: a bomb cannot outgrow the check below.
+                yield _Entry(f"{upload.name}/{member.filename}", member.file_size, partial(archive.read, member))
 
 
 def _transfer_syntax(data: bytes) -> str:
@@ -137,22 +158,37 @@ def store_upload(engine: Engine, config: Config, uploads: list[UploadedFile], ad
     peer = CallingPeer(UPLOAD_AE_TITLE, address)
     report = UploadReport()
     touched: list[str] = []
-    for name, data in _entries(uploads, config):
-        try:
-            stored = store.save(data, _transfer_syntax(data), peer)
-        except ValueError as exc:
-            report.files.append(FileResult(name, FileOutcome.REFUSED, str(exc)))
-            continue
-        except StoreRefused as exc:
-            report.files.append(FileResult(name, FileOutcome.REFUSED, f"{exc} (status 0x{exc.status:04X})"))
-            continue
-        uid = stored.header.series_instance_uid
-        report.files.append(FileResult(name, FileOutcome.REPEATED if stored.duplicate else FileOutcome.STORED, "", uid))
-        if uid not in touched:
-            touched.append(uid)
+    max_instance_bytes = int(config.node.max_instance_mb * 1024 * 1024)
+    with _ONE_UPLOAD_AT_A_TIME:
+        for entry in _entries(uploads, config):
+            _store_entry(store, peer, entry, max_instance_bytes, report, touched)
     for uid in touched:
         report.series.append(_submit(engine, config, uid))
     return report
+
+
+def _store_entry(
+    store: InstanceStore, peer: CallingPeer, entry: _Entry, max_instance_bytes: int, report: UploadReport, touched: list[str]
+) -> None:
+    name = entry.name
+    if entry.size > max_instance_bytes:
+        report.files.append(
+            FileResult(name, FileOutcome.REFUSED, f"{entry.size / 2**20:.0f} MB: larger than node.max_instance_mb; not read")
+        )
+        return
+    data = entry.read()
+    try:
+        stored = store.save(data, _transfer_syntax(data), peer)
+    except ValueError as exc:
+        report.files.append(FileResult(name, FileOutcome.REFUSED, str(exc)))
+        return
+    except StoreRefused as exc:
+        report.files.append(FileResult(name, FileOutcome.REFUSED, f"{exc} (status 0x{exc.status:04X})"))
+        return
+    uid = stored.header.series_instance_uid
+    report.files.append(FileResult(name, FileOutcome.REPEATED if stored.duplicate else FileOutcome.STORED, "", uid))
+    if uid not in touched:
+        touched.append(uid)
 
 
 def _submit(engine: Engine, config: Config, series_instance_uid: str) -> SeriesSubmitted:
