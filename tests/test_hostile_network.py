@@ -169,3 +169,32 @@ def test_shutdown_hangs_up_connections_still_negotiating_without_an_error(node_f
         assert len(close_times(silent, until=time.monotonic() + 2)) == len(silent)
     finally:
         close_all(silent)
+
+
+def test_an_association_stalled_mid_pdu_is_dropped_within_the_negotiation_timeout(node_factory):
+    """An established association whose peer sends the start of a P-DATA-TF PDU and then nothing: the node's
+    reader waits for the rest, and the association's ACSE timer, which the node runs at
+    negotiation_timeout_seconds after negotiation (measured: 2.3 s with 2 s, 5.5 s with the default 5 s, whatever
+    network_timeout_seconds is), aborts it: the read ends and the association's slot is free again."""
+    node = node_factory(
+        # pynetdicom refuses the association that would reach max_associations: one stalled one holds the slot
+        extra_config="max_associations = 2\nnegotiation_timeout_seconds = 2\n",
+        network_timeout_seconds=30,
+        allowed_log_problems=(r"pynetdicom\.dul: The received PDU is shorter",),
+    ).start()
+    ae = AE(ae_title="STALLER")
+    ae.network_timeout = None
+    ae.add_requested_context(Verification)
+    stalled = ae.associate("127.0.0.1", node.port, ae_title="RTNODE")
+    assert stalled.is_established
+    try:
+        # A P-DATA-TF header promising 1000 bytes, then 4 of them.
+        stalled.dul.socket.socket.sendall(bytes([0x04, 0x00, 0x00, 0x00, 0x03, 0xE8, 0x00, 0x00, 0x00, 0x10]))
+        started = time.monotonic()
+        assert echo(node.port).returncode != 0  # the slot is held
+        while echo(node.port).returncode != 0 and time.monotonic() < started + 15:
+            time.sleep(0.5)
+        waited = time.monotonic() - started
+        assert waited < 2 + 4, f"the stalled association held the node's only slot for {waited:.1f} s"
+    finally:
+        stalled.abort()
