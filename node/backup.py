@@ -9,7 +9,6 @@ the command.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -28,7 +27,8 @@ from node import __version__
 from node.config import Config
 from node.db.engine import alembic_config, open_database
 from node.errors import UserError
-from node.pipeline.model_files import ModelFileError, model_digest
+from node.pipeline.model_files import ModelFileError, file_digest, model_digest
+from node.store import fsync_path
 
 MANIFEST = "manifest.json"
 DATABASE_COPY = "rtnode.sqlite3"
@@ -98,22 +98,6 @@ class Restore:
     upgraded_to: str | None  # the schema the restored database was brought to, when it was older
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _create_private(path: Path) -> int:
     """A new file of its owner's alone (it holds patient data, or passwords), from the start; an existing one
     is an error, never overwritten."""
@@ -122,8 +106,8 @@ def _create_private(path: Path) -> int:
 
 def _described(folder: Path, name: str) -> BackupFile:
     path = folder / name
-    _fsync(path)
-    return BackupFile(name, _sha256(path), path.stat().st_size)
+    fsync_path(path)
+    return BackupFile(name, file_digest(path), path.stat().st_size)
 
 
 def _empty_folder(out: Path) -> None:
@@ -188,8 +172,8 @@ def take_backup(config: Config, config_file: Path, out: Path) -> Backup:
     )  # fmt: skip
     with os.fdopen(_create_private(out / MANIFEST), "w", encoding="utf-8") as written:
         written.write(json.dumps(asdict(manifest), indent=2) + "\n")
-    _fsync(out / MANIFEST)
-    _fsync(out)
+    fsync_path(out / MANIFEST)
+    fsync_path(out)
     command = pg_dump_command(config.node.database_url, out) if database is None else None
     return Backup(out, manifest, command)
 
@@ -199,7 +183,7 @@ def _verify(folder: Path, manifest: Manifest) -> None:
         path = folder / file.name
         if not path.is_file():
             raise BackupError(f"the backup is incomplete: {path} is missing; nothing was restored")
-        actual = _sha256(path)
+        actual = file_digest(path)
         if actual != file.sha256:
             raise BackupError(
                 f"the backup is damaged: {path} hashes to sha256 {actual}, not the manifest's {file.sha256}; nothing was restored"
@@ -250,7 +234,7 @@ def restore_backup(config: Config, backup: Path) -> Restore:
             raise BackupError(f"{target} appeared while restoring: it was left as it is") from None
     finally:
         os.unlink(temporary)
-    _fsync(target.parent)
+    fsync_path(target.parent)
     engine = open_database(config.node.database_url, fsync=config.node.fsync)
     engine.dispose()
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()

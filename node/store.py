@@ -59,7 +59,8 @@ def _other_dataset(held_path: str, received: bytes) -> bool:
     return memoryview(held)[split_part10(held)[1] :] != memoryview(received)[split_part10(received)[1] :]
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so a rename or a new file in it survives a power cut)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -93,7 +94,7 @@ def write_durably(path: Path, data: bytes, *, fsync: bool, sync_folder: bool = T
         Path(temporary).unlink(missing_ok=True)
         raise
     if fsync and sync_folder:
-        _fsync_directory(path.parent)
+        fsync_path(path.parent)
 
 
 @dataclass(eq=False)
@@ -212,7 +213,7 @@ class InstanceStore:
         a row whose new study or series another writer (the web upload) inserted meanwhile finds it."""
         if self._fsync:
             for folder in {arrival.path.parent for arrival in group}:
-                _fsync_directory(folder)
+                fsync_path(folder)
         try:
             self._record(group)
         except SQLAlchemyError:

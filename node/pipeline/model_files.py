@@ -29,7 +29,8 @@ def digested_files(path: Path) -> list[Path]:
     return files
 
 
-def _file_digest(file: Path) -> str:
+def file_digest(file: Path) -> str:
+    """SHA-256 of one file, hex, read in chunks."""
     digest = hashlib.sha256()
     with file.open("rb") as stream:
         while chunk := stream.read(_CHUNK):
@@ -42,8 +43,8 @@ def model_digest(path: Path) -> str:
     relative to the folder and its own digest (`sha256sum`'s format, sorted)."""
     files = digested_files(path)
     if files == [path]:
-        return _file_digest(path)
-    manifest = "".join(f"{_file_digest(file)}  {file.relative_to(path).as_posix()}\n" for file in files)
+        return file_digest(path)
+    manifest = "".join(f"{file_digest(file)}  {file.relative_to(path).as_posix()}\n" for file in files)
     return hashlib.sha256(manifest.encode()).hexdigest()
 
 

@@ -8,7 +8,6 @@ other than the one its card describes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from node.errors import UserError
 from node.pipeline.model import Architecture, ResSEUNet3D
+from node.pipeline.model_files import file_digest
 from node.pipeline.preprocess import Preprocessing
 
 
@@ -74,20 +74,12 @@ def card_path(weights_path: Path) -> Path:
     return weights_path.with_suffix(".json")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_weights(model: ResSEUNet3D, card: ModelCard, path: Path) -> ModelCard:
     """Write `path` (safetensors) and its card; returns the card with the file's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(path), metadata={"name": card.name, "version": card.version})
-    final = ModelCard(**{**card.__dict__, "sha256": _sha256(path)})
+    final = ModelCard(**{**card.__dict__, "sha256": file_digest(path)})
     card_path(path).write_text(json.dumps(final.to_json(), indent=2) + "\n")
     return final
 
@@ -106,7 +98,7 @@ def load_weights(path: Path, device: torch.device | str = "cpu") -> tuple[ResSEU
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist (train with `rtnode train` or set model.weights)")
     card = read_card(path)
-    actual = _sha256(path)
+    actual = file_digest(path)
     if actual != card.sha256:
         raise WeightsError(f"weights {path} do not match their model card: sha256 {actual[:12]}... vs card {card.sha256[:12]}...")
     try:
