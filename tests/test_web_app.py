@@ -26,6 +26,7 @@ import pytest
 from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
+from PIL import Image
 from pydicom import dcmread
 from sqlalchemy import create_engine, func, select, update
 from sqlalchemy.orm import Session
@@ -34,7 +35,11 @@ from node.config import parse_config
 from node.db.engine import open_database
 from node.db.models import AuditEvent, Delivery, Instance, Job, JobEvent, Series, Study, User, WorkerRecord, utcnow
 from node.harness import LOOPBACK, destination_toml, free_port, wait_for_port
+from node.imaging.volume import load_series_dir
 from node.lifecycle.workers import WorkerIdentity, heartbeat, register_worker, report_unusable_model
+from node.outputs import FoundStructure, OutputPaths, write_structure_set
+from node.pipeline.structures import LabelMap, Structure
+from node.rtstruct.builder import Algorithm
 from node.scp import StorageSCP
 from node.service import WebProcess
 from node.store import InstanceStore
@@ -607,6 +612,56 @@ def test_downloads_only_what_the_job_recorded_under_its_folder(site, tmp_path):
     assert ("viewer", "download") in audit_actions(engine)
     with Session(engine) as session:
         assert session.scalar(select(AuditEvent.patient_id).where(AuditEvent.action == "download")) == "P1"
+
+
+def test_the_viewer_shows_every_structure_of_the_sent_set_though_the_job_names_none(tmp_path):
+    """A job whose record names no structure (as every job before several structures) is viewed from
+    its RT Structure Set: each ROI with its colour and slices, its outlines, the reformats without the
+    hidden ones; the view audited."""
+    config = make_config(tmp_path)
+    engine = open_database(config.node.database_url, fsync=False)
+    add_user(engine, "vic", Role.VIEWER, PASSWORD)
+    add_user(engine, "ada", Role.ADMIN, PASSWORD)
+    admin, csrf = logged_in(config, engine, "ada")
+    paths = small_series(tmp_path / "ct")
+    upload = admin.post("/api/upload", files=[("files", ("cd.zip", zipped(paths)))], headers={"X-CSRF-Token": csrf})
+    (job_id,) = [series["job_id"] for series in upload.json()["series"]]
+    volume = load_series_dir(tmp_path / "ct")
+    boxes = {"CTV": (slice(2, 8), (255, 0, 128)), "Bladder": (slice(5, 10), (0, 255, 0)), "Rectum": (slice(6, 11), (0, 0, 255))}
+    found = []
+    for name, (slices, color) in boxes.items():
+        mask = np.zeros(volume.shape, dtype=np.uint8)
+        mask[slices, 10:22, 10:22] = 1
+        found.append(FoundStructure(Structure(1, name, "ORGAN", color), Algorithm("oar", "1"), LabelMap(mask)))
+    rtstruct = config.jobs_dir / str(job_id) / "rtstruct.dcm"
+    rtstruct.parent.mkdir(parents=True)
+    write_structure_set(volume, found, OutputPaths(rtstruct=rtstruct))
+    with Session(engine) as session, session.begin():
+        session.execute(update(Job).where(Job.id == job_id).values(outputs={"rtstruct": str(rtstruct)}))
+    viewer, _ = logged_in(config, engine, "vic")
+    assert viewer.get(f"/api/jobs/{job_id}").json()["structures"] == []
+
+    info = viewer.get(f"/api/jobs/{job_id}/slices").json()
+    assert [(s["roi_name"], s["color"], s["first_contour_slice"], s["last_contour_slice"]) for s in info["structures"]] == [
+        ("CTV", [255, 0, 128], 2, 7), ("Bladder", [0, 255, 0], 5, 9), ("Rectum", [0, 0, 255], 6, 10)
+    ]
+    outline = viewer.get(f"/api/jobs/{job_id}/slices/6/outline").json()
+    assert [drawn["structure"] for drawn in outline["structures"]] == [0, 1, 2]
+
+    def colours(response: httpx.Response) -> set[tuple[int, int, int]]:
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        pixels = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")).reshape(-1, 3)
+        return {tuple(int(v) for v in pixel) for pixel in np.unique(pixels, axis=0) if len(set(pixel)) > 1}
+
+    reformat = f"/api/jobs/{job_id}/reformat/coronal.png"
+    assert colours(viewer.get(reformat)) <= {(255, 0, 128), (0, 255, 0), (0, 0, 255)}
+    assert (0, 0, 255) in colours(viewer.get(reformat))  # the last drawn over the others where they meet
+    assert colours(viewer.get(reformat, params=[("hide", 2)])) == {(255, 0, 128), (0, 255, 0)}
+    assert colours(viewer.get(reformat, params=[("hide", 0), ("hide", 1), ("hide", 2)])) == set()
+    assert viewer.get(reformat, params={"hide": 3}).status_code == 404
+    with Session(engine) as session:
+        viewed = session.scalars(select(AuditEvent.target).where(AuditEvent.username == "vic", AuditEvent.action == "view"))
+        assert f"slices of job {job_id}" in viewed.all()
 
 
 def test_roles_and_csrf_guard_every_change(site):

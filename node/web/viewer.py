@@ -1,10 +1,13 @@
-"""The review viewer's pictures: a job's CT slice by slice with the CTV outline, and coronal and
-sagittal views through the CTV, as the routes under /api/jobs/{id}/ serve them.
+"""The review viewer's pictures: a job's CT slice by slice with the outline of every structure in
+its colour, and coronal and sagittal views through the first structure (the CTV), as the routes
+under /api/jobs/{id}/ serve them.
 
-The outline is read back from the RT Structure Set the job sent (node.rtstruct.reader), not
-taken from the job's mask, so the reviewer sees exactly what the planning system got. The CT
-and the structure set are loaded once per job (`viewer_for` keeps the last few), so paging a
-slice costs a window lookup, a fast PNG encode and a trace of one mask slice: a few
+The structures are read back from the RT Structure Set the job sent (node.rtstruct.reader): their
+names, their ROI Display Colors and their contours, not taken from the job's masks or its
+database record, so the reviewer sees exactly what the planning system got, and a job from before
+several structures (its record names none) shows its one ROI the same way. The CT and the
+structure set are loaded once per job (`viewer_for` keeps the last few), so paging a slice costs a
+window lookup, a fast PNG encode and a trace of the mask slices of the structures on it: a few
 milliseconds for 512x512 (bench/bench_viewer.py).
 """
 
@@ -14,13 +17,13 @@ import dataclasses
 import io
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
@@ -30,7 +33,7 @@ from node.rtstruct.contours import trace_slice
 from node.rtstruct.reader import RoiMask, StructureSetError, read_masks
 
 PNG_COMPRESS_LEVEL = 1  # speed over size: a 512x512 slice encodes in a few ms, served on the local network
-OUTLINE_RGB = (255, 48, 48)
+DEFAULT_RGB = (255, 48, 48)  # for an ROI whose ROI Display Color is missing or not three numbers 0-255
 OUTLINE_PIXELS = 2  # width of the outline burned into a reformat, in output pixels
 # Each cached viewer holds its CT as int16: about 50 MB per 100 slices of 512x512.
 VIEWER_CACHE_SIZE = 4
@@ -78,6 +81,10 @@ class UnknownPlaneError(ViewerRequestError):
     pass
 
 
+class UnknownStructureError(ViewerRequestError):
+    pass
+
+
 class ViewerSourceError(UserError):
     """The job's CT or RT Structure Set is gone (retention) or unreadable: nothing to show."""
 
@@ -92,6 +99,18 @@ class CtvCentre:
 
 
 @dataclass(frozen=True)
+class StructureInfo:
+    """One ROI of the structure set as the legend shows it. Slices count from 0 here, as the API's
+    indices do; the page shows them from 1, as it shows the slice number."""
+
+    index: int  # its place in the structure set: what outlines and a reformat's `hide` call it
+    roi_name: str
+    color: tuple[int, int, int]  # its ROI Display Color, checked to be three integers 0-255
+    first_contour_slice: int | None  # None: the ROI has no contour on this CT
+    last_contour_slice: int | None
+
+
+@dataclass(frozen=True)
 class SliceInfo:
     """What the page needs once, before it asks for any slice (served as JSON)."""
 
@@ -102,11 +121,11 @@ class SliceInfo:
     slice_thickness_mm: float  # SliceThickness of the series, else the spacing
     slice_spacing_mm: float
     z_positions_mm: list[float]  # patient z of each slice, in the viewer's (API's) index order
-    roi_name: str
-    contour_slices: list[int]
+    structures: list[StructureInfo]  # in the structure set's order
+    contour_slices: list[int]  # the slices with a contour of any structure
     first_contour_slice: int | None
     last_contour_slice: int | None
-    ctv_centre: CtvCentre | None
+    ctv_centre: CtvCentre | None  # the first contoured structure's: rtnode writes the target model's structures first
     presets: list[WindowPreset]
     default_preset: str
     planes: tuple[str, ...]
@@ -114,23 +133,75 @@ class SliceInfo:
 
 
 @dataclass(frozen=True)
-class Outline:
-    """The CTV on one slice as closed polygons of [x, y] points in image pixels: x along a row
-    (column), y down a column (row), (0, 0) the top-left corner of the first pixel, so an SVG
+class StructureOutline:
+    """One structure on one slice as closed polygons of [x, y] points in image pixels: x along a
+    row (column), y down a column (row), (0, 0) the top-left corner of the first pixel, so an SVG
     with viewBox "0 0 columns rows" lays them on the image. Holes are separate polygons: draw
     them with fill-rule evenodd."""
+
+    structure: int  # StructureInfo.index
+    polygons: list[list[list[float]]]
+
+
+@dataclass(frozen=True)
+class Outline:
+    """Every structure with a contour on one slice, in the structure set's order: one request per
+    slice whatever the number of structures, and the page shows or hides each without asking again."""
 
     index: int
     rows: int
     columns: int
-    polygons: list[list[list[float]]]
+    structures: list[StructureOutline]
+
+
+class CroppedStructure:
+    """One ROI's mask kept as its bounding box and what lies in it: a structure fills a small part
+    of a CT, and the viewer keeps only that part of each."""
+
+    def __init__(self, index: int, roi: RoiMask, color: tuple[int, int, int]):
+        self.index, self.roi_name, self.color = index, roi.name, color
+        self.box, self.crop = _crop(roi.mask)
+
+    def polygons(self, k: int) -> list[list[list[float]]]:
+        """The outline on slice `k` as [x, y] polygons (see StructureOutline)."""
+        if self.box is None or not self.box[0].start <= k < self.box[0].stop:
+            return []
+        _, row_box, column_box = self.box
+        return [
+            (polygon[:, ::-1] + (column_box.start, row_box.start)).tolist()  # (row, column) -> [x, y]
+            for polygon in trace_slice(self.crop[k - self.box[0].start])
+        ]
+
+    def plane(self, shape: tuple[int, int], axis: int, index: int) -> np.ndarray:
+        """The mask on the plane `index` of array axis 1 (a row) or 2 (a column), full size."""
+        plane = np.zeros(shape, dtype=bool)
+        if self.box is not None and self.box[axis].start <= index < self.box[axis].stop:
+            others = tuple(box for a, box in enumerate(self.box) if a != axis)
+            plane[others] = np.take(self.crop, index - self.box[axis].start, axis=axis)
+        return plane
+
+    def contour_slices(self) -> list[int]:
+        if self.box is None:
+            return []
+        return (np.flatnonzero(self.crop.any(axis=(1, 2))) + self.box[0].start).tolist()
+
+    def centre(self) -> CtvCentre | None:
+        if self.box is None:
+            return None
+        local = ndimage.center_of_mass(self.crop)
+        return CtvCentre(*(int(round(c)) + box.start for c, box in zip(local, self.box, strict=True)))
+
+    def info(self) -> StructureInfo:
+        slices = self.contour_slices()
+        return StructureInfo(
+            self.index, self.roi_name, self.color, slices[0] if slices else None, slices[-1] if slices else None
+        )
 
 
 class JobViewer:
-    """One job's CT and its sent structure set's CTV, ready to page through."""
+    """One job's CT and every structure of its sent structure set, ready to page through."""
 
-    def __init__(self, ct_paths: Sequence[Path], rtstruct_path: Path, roi_name: str | None = None):
-        """`roi_name` None: the structure set's first ROI (a structure set rtnode sends has one)."""
+    def __init__(self, ct_paths: Sequence[Path], rtstruct_path: Path):
         self.rtstruct_path = Path(rtstruct_path)
         missing = [path for path in map(Path, ct_paths) if not path.is_file()]
         if missing or not ct_paths or not self.rtstruct_path.is_file():
@@ -145,9 +216,13 @@ class JobViewer:
             rtstruct = dcmread(self.rtstruct_path)
         except (InvalidDicomError, OSError) as exc:
             raise ViewerSourceError(f"cannot read the RT Structure Set {self.rtstruct_path}: {exc}") from exc
-        roi = _chosen_roi(read_masks(rtstruct, self.volume), roi_name, self.rtstruct_path)
-        self.roi_name = roi.name
-        self._mask_box, self._mask_crop = _crop(roi.mask)
+        rois = read_masks(rtstruct, self.volume)
+        if not rois:
+            raise StructureSetError(f"the RT Structure Set {self.rtstruct_path} holds no ROI")
+        colors = _display_colors(rtstruct)
+        self.structures = [
+            CroppedStructure(index, roi, colors.get(roi.number, DEFAULT_RGB)) for index, roi in enumerate(rois)
+        ]
         self._info = self._describe()
 
     @property
@@ -163,35 +238,34 @@ class JobViewer:
     def outline(self, index: int) -> dict:
         k = self._checked(index)
         rows, columns = self.volume.shape[1:]
-        polygons: list[list[list[float]]] = []
-        if self._mask_box is not None and self._mask_box[0].start <= k < self._mask_box[0].stop:
-            _, row_box, column_box = self._mask_box
-            for polygon in trace_slice(self._mask_crop[k - self._mask_box[0].start]):
-                points = polygon[:, ::-1] + (column_box.start, row_box.start)  # (row, column) -> [x, y]
-                polygons.append(points.tolist())
-        return dataclasses.asdict(Outline(k, rows, columns, polygons))
+        drawn = [StructureOutline(s.index, polygons) for s in self.structures if (polygons := s.polygons(k))]
+        return dataclasses.asdict(Outline(k, rows, columns, drawn))
 
-    def reformat_png(self, plane: str, preset: str) -> bytes:
-        """Coronal or sagittal plane through the CTV centre, the CTV outline burned in, stretched
-        so that a millimetre is as long across as down (slices are thicker than pixels are wide)."""
+    def reformat_png(self, plane: str, preset: str, hidden: Collection[int] = ()) -> bytes:
+        """Coronal or sagittal plane through the CTV centre, the outline of each structure but the
+        `hidden` ones burned in its colour (a later structure over an earlier one), stretched so that
+        a millimetre is as long across as down (slices are thicker than pixels are wide)."""
         window = _preset(preset)
         if plane not in PLANES:
             raise UnknownPlaneError(f"no plane {plane!r}; planes are {', '.join(PLANES)}")
+        unknown = sorted(set(hidden) - {s.index for s in self.structures})
+        if unknown:
+            raise UnknownStructureError(f"no structure {unknown[0]}; structures are 0 to {len(self.structures) - 1}")
         centre = self._info.ctv_centre or CtvCentre(self.slice_count // 2, self.volume.shape[1] // 2, self.volume.shape[2] // 2)
-        if plane == "coronal":  # a row of every slice; across it run the columns
-            hu, mask = self.volume.hu[:, centre.row, :], self._mask_plane(1, centre.row)
-            across_mm = self.volume.pixel_spacing[1]
-        else:
-            hu, mask = self.volume.hu[:, :, centre.column], self._mask_plane(2, centre.column)
-            across_mm = self.volume.pixel_spacing[0]
-        if self._info.last_slice_on_top:
-            hu, mask = hu[::-1], mask[::-1]
+        axis, index = (1, centre.row) if plane == "coronal" else (2, centre.column)  # a row of every slice, or a column
+        hu = np.take(self.volume.hu, index, axis=axis)
+        across_mm = self.volume.pixel_spacing[1] if plane == "coronal" else self.volume.pixel_spacing[0]
+        flip = slice(None, None, -1 if self._info.last_slice_on_top else 1)
         width = hu.shape[1]
         height = max(1, round(hu.shape[0] * self.volume.slice_spacing / across_mm))
-        grey = Image.fromarray(_windowed(hu, window)).resize((width, height), Image.Resampling.BILINEAR)
-        inside = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+        grey = Image.fromarray(_windowed(hu[flip], window)).resize((width, height), Image.Resampling.BILINEAR)
         rgb = np.repeat(np.asarray(grey)[..., None], 3, axis=2)
-        rgb[inside & ~ndimage.binary_erosion(inside, iterations=OUTLINE_PIXELS)] = OUTLINE_RGB
+        for structure in self.structures:
+            mask = structure.plane(hu.shape, axis, index)
+            if structure.index in hidden or not mask.any():
+                continue
+            inside = np.asarray(Image.fromarray(mask[flip]).resize((width, height), Image.Resampling.NEAREST))
+            rgb[inside & ~ndimage.binary_erosion(inside, iterations=OUTLINE_PIXELS)] = structure.color
         return _png(rgb)
 
     def _checked(self, index: int) -> int:
@@ -199,24 +273,9 @@ class JobViewer:
             raise SliceIndexError(f"no slice {index!r}: this series has slices 0 to {self.slice_count - 1}")
         return int(index)
 
-    def _mask_plane(self, axis: int, index: int) -> np.ndarray:
-        """The CTV mask on the plane `index` of array axis 1 (a row) or 2 (a column), full size."""
-        shape = [n for a, n in enumerate(self.volume.shape) if a != axis]
-        plane = np.zeros(shape, dtype=bool)
-        if self._mask_box is not None and self._mask_box[axis].start <= index < self._mask_box[axis].stop:
-            others = tuple(box for a, box in enumerate(self._mask_box) if a != axis)
-            plane[others] = np.take(self._mask_crop, index - self._mask_box[axis].start, axis=axis)
-        return plane
-
     def _describe(self) -> SliceInfo:
         volume = self.volume
-        contour_slices: list[int] = []
-        centre = None
-        if self._mask_box is not None:
-            occupied = np.flatnonzero(self._mask_crop.any(axis=(1, 2))) + self._mask_box[0].start
-            contour_slices = occupied.tolist()
-            local = ndimage.center_of_mass(self._mask_crop)
-            centre = CtvCentre(*(int(round(c)) + box.start for c, box in zip(local, self._mask_box, strict=True)))
+        contour_slices = sorted({k for structure in self.structures for k in structure.contour_slices()})
         thickness = volume.headers[0].get("SliceThickness")
         return SliceInfo(
             slice_count=volume.shape[0],
@@ -226,11 +285,11 @@ class JobViewer:
             slice_thickness_mm=float(thickness) if thickness not in (None, "") else round(volume.slice_spacing, 4),
             slice_spacing_mm=round(volume.slice_spacing, 4),
             z_positions_mm=[round(float(z), 3) for z in volume.positions[:, 2]],
-            roi_name=self.roi_name,
+            structures=[structure.info() for structure in self.structures],
             contour_slices=contour_slices,
             first_contour_slice=contour_slices[0] if contour_slices else None,
             last_contour_slice=contour_slices[-1] if contour_slices else None,
-            ctv_centre=centre,
+            ctv_centre=next(filter(None, (structure.centre() for structure in self.structures)), None),
             presets=list(PRESETS.values()),
             default_preset=DEFAULT_PRESET,
             planes=PLANES,
@@ -238,21 +297,21 @@ class JobViewer:
         )
 
 
-def _chosen_roi(masks: list[RoiMask], roi_name: str | None, path: Path) -> RoiMask:
-    if not masks:
-        raise StructureSetError(f"the RT Structure Set {path} holds no ROI")
-    if roi_name is None:
-        return masks[0]
-    for match in (lambda m: m.name == roi_name, lambda m: m.name.lower() == roi_name.lower()):
-        found = [m for m in masks if match(m)]
-        if found:
-            return found[0]
-    raise StructureSetError(f"no ROI named {roi_name!r} in {path}; it has {', '.join(repr(m.name) for m in masks)}")
+def _display_colors(rtstruct: Dataset) -> dict[int, tuple[int, int, int]]:
+    """Each ROI's ROI Display Color by ROI Number, only where it is three integers 0-255: the page
+    writes a colour into a style, so nothing but three such numbers ever reaches it."""
+    colors = {}
+    for item in rtstruct.get("ROIContourSequence", []):
+        try:
+            number, values = int(item.ReferencedROINumber), [float(v) for v in item.get("ROIDisplayColor") or []]
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if len(values) == 3 and all(v.is_integer() and 0 <= v <= 255 for v in values):
+            colors[number] = (int(values[0]), int(values[1]), int(values[2]))
+    return colors
 
 
 def _crop(mask: np.ndarray) -> tuple[tuple[slice, slice, slice] | None, np.ndarray]:
-    """The mask's bounding box and what lies in it: a CTV fills a small part of a CT, and the
-    viewer keeps only that part."""
     if not mask.any():
         return None, np.zeros((0, 0, 0), dtype=bool)
     box = ndimage.find_objects(mask.astype(np.uint8))[0]

@@ -4,9 +4,9 @@ Paging is a person at work, so these requests keep the session alive."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from node.joblog import describe_job
@@ -46,7 +46,7 @@ def viewer_page(request: Request, identity: User, job_id: RowId) -> HTMLResponse
 
 @router.get("/api/jobs/{job_id}/slices")
 def api_slices(request: Request, web: Web, identity: User, job_id: RowId) -> dict:
-    """Slice count, z positions and thickness, and the slices with contour."""
+    """Slice count, z positions and thickness, each structure's name, colour and slices, and the slices with contour."""
     result = _pictured(lambda: _job_viewer(web, job_id).slice_info())
     audit_request(request, identity, AuditAction.VIEW, f"slices of job {job_id}", job_patient(request, job_id))
     return result
@@ -63,6 +63,9 @@ def api_slice_outline(web: Web, identity: User, job_id: RowId, index: int) -> di
 
 
 @router.get("/api/jobs/{job_id}/reformat/{plane}.png")
-def api_reformat(web: Web, identity: User, job_id: RowId, plane: str, preset: str = viewer.DEFAULT_PRESET) -> Response:
-    png = _pictured(lambda: _job_viewer(web, job_id).reformat_png(plane, preset))
+def api_reformat(
+    web: Web, identity: User, job_id: RowId, plane: str, preset: str = viewer.DEFAULT_PRESET,
+    hide: Annotated[list[int] | None, Query(description="a structure's index, its outline left out; repeated")] = None,
+) -> Response:
+    png = _pictured(lambda: _job_viewer(web, job_id).reformat_png(plane, preset, hide or ()))
     return Response(png, media_type="image/png")

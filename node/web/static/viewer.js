@@ -1,5 +1,7 @@
-// The review viewer: a job's CT slice by slice with the CTV outline the planning system got,
-// paged by keyboard or autoplay, and coronal and sagittal views through the CTV.
+// The review viewer: a job's CT slice by slice with the outline of each structure the planning
+// system got, in its colour, paged by keyboard or autoplay, and coronal and sagittal views
+// through the CTV. A legend lists the structures: each is shown or hidden without a reload, and
+// its first slice is a click away.
 // Loaded as a file (the Content-Security-Policy allows no inline script); the job id comes
 // from the page's data-job-id. The slice number, z and image always change together, so the
 // number shown is the number of the image shown.
@@ -19,8 +21,8 @@
 
   const el = (id) => document.getElementById(id);
   const image = el("slice-image");
-  const outlinePath = el("outline-path");
   const outlineSvg = el("outline");
+  const outlinePaths = []; // one SVG path per structure, by its index
 
   const state = {
     info: null,
@@ -28,6 +30,8 @@
     shown: -1, // the slice on screen
     preset: "soft",
     timer: null,
+    outline: null, // the outlines of the slice on screen
+    hidden: new Set(), // the indices of the structures not drawn
   };
   const slices = new Map(); // `${preset}/${index}` -> Promise<{url, outline}>, oldest use first
 
@@ -90,6 +94,20 @@
     return polygons.map((points) => "M" + points.map(([x, y]) => `${x} ${y}`).join("L") + "Z").join("");
   }
 
+  // A structure's colour as CSS, from its three numbers only (the server checks them too), so
+  // nothing but numbers ever reaches a style.
+  function rgb(color) {
+    const [r, g, b] = color.map((value) => Math.max(0, Math.min(255, Math.round(Number(value)) || 0)));
+    return `rgb(${r}, ${g}, ${b})`;
+  }
+
+  function drawOutlines(outline) {
+    const onSlice = new Map(outline.structures.map((drawn) => [drawn.structure, drawn.polygons]));
+    outlinePaths.forEach((path, index) => path.setAttribute("d", pathOf(onSlice.get(index) || [])));
+    const named = state.info.structures.filter((s) => onSlice.has(s.index) && !state.hidden.has(s.index));
+    el("has-contour").textContent = named.length ? `${named.map((s) => s.roi_name).join(", ")} on this slice` : "";
+  }
+
   function formatMm(value) {
     return `${Number(value).toFixed(1)} mm`;
   }
@@ -110,13 +128,13 @@
     }
     const info = state.info;
     image.src = loaded.url;
-    outlinePath.setAttribute("d", pathOf(loaded.outline.polygons));
+    state.outline = loaded.outline;
+    drawOutlines(loaded.outline);
     image.dataset.index = String(index);
     image.dataset.preset = preset;
     image.alt = `Axial CT slice ${index + 1} of ${info.slice_count}, ${preset} window`;
     el("slice-number").textContent = String(index + 1);
     el("z-position").textContent = formatMm(info.z_positions_mm[index]);
-    el("has-contour").textContent = loaded.outline.polygons.length ? `${info.roi_name} on this slice` : "";
     el("slice-slider").value = String(index);
     state.shown = index;
     markReformats(index);
@@ -148,15 +166,37 @@
     }
   }
 
+  // The reformats have the outlines burned in: the hidden structures are left out by the server.
+  function loadReformats() {
+    const query = new URLSearchParams({ preset: state.preset });
+    for (const index of state.hidden) {
+      query.append("hide", String(index));
+    }
+    for (const plane of state.info.planes) {
+      el(plane).src = `${api}/reformat/${plane}.png?${query}`;
+    }
+  }
+
   function setPreset(name) {
     state.preset = name;
     for (const button of document.querySelectorAll("[data-preset]")) {
       button.setAttribute("aria-pressed", String(button.dataset.preset === name));
     }
-    for (const plane of state.info.planes) {
-      el(plane).src = `${api}/reformat/${plane}.png?preset=${encodeURIComponent(name)}`;
-    }
+    loadReformats();
     show(state.index);
+  }
+
+  function setShown(index, shown) {
+    if (shown) {
+      state.hidden.delete(index);
+    } else {
+      state.hidden.add(index);
+    }
+    outlinePaths[index].classList.toggle("structure-hidden", !shown);
+    if (state.outline) {
+      drawOutlines(state.outline); // the names under the slice
+    }
+    loadReformats();
   }
 
   function startAutoplay() {
@@ -248,7 +288,15 @@
     outlineSvg.setAttribute("viewBox", `0 0 ${info.columns} ${info.rows}`);
     el("slice-count").textContent = String(info.slice_count);
     el("thickness").textContent = formatMm(info.slice_thickness_mm);
-    el("roi-name").textContent = info.roi_name;
+    for (const structure of info.structures) {
+      const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
+      path.dataset.structure = String(structure.index);
+      path.setAttribute("fill-rule", "evenodd");
+      path.style.stroke = rgb(structure.color);
+      outlineSvg.append(path);
+      outlinePaths[structure.index] = path;
+      el("legend").append(legendItem(structure));
+    }
     const slider = el("slice-slider");
     slider.max = String(info.slice_count - 1);
     const hasContour = info.first_contour_slice !== null;
@@ -257,6 +305,44 @@
     if (!hasContour) {
       el("has-contour").textContent = "The structure set has no contour.";
     }
+  }
+
+  // A structure's line in the legend: its box to show it, colour, name (DICOM text: set as text),
+  // the slices it is on, numbered from 1 as the slice number is, and a button to its first slice.
+  function legendItem(structure) {
+    const item = document.createElement("li");
+    item.dataset.structure = String(structure.index);
+    const label = document.createElement("label");
+    const shown = document.createElement("input");
+    shown.type = "checkbox";
+    shown.checked = true;
+    shown.id = `structure-${structure.index}-shown`;
+    shown.addEventListener("change", () => setShown(structure.index, shown.checked));
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.backgroundColor = rgb(structure.color);
+    const name = document.createElement("span");
+    name.className = "structure-name";
+    name.textContent = structure.roi_name;
+    label.append(shown, swatch, name);
+    const slices = document.createElement("span");
+    slices.className = "structure-slices";
+    const first = document.createElement("button");
+    first.type = "button";
+    first.id = `structure-${structure.index}-first`;
+    first.textContent = "First slice";
+    if (structure.first_contour_slice === null) {
+      slices.textContent = "no contour";
+      first.disabled = true;
+    } else {
+      slices.textContent = `slices ${structure.first_contour_slice + 1}–${structure.last_contour_slice + 1}`;
+      first.addEventListener("click", () => {
+        stopAutoplay();
+        go(structure.first_contour_slice);
+      });
+    }
+    item.append(label, slices, first);
+    return item;
   }
 
   function wire() {
