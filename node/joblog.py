@@ -145,6 +145,7 @@ def review_json(review: Review) -> dict:
         "roi_name": review.roi_name or None,
         "calling_ae_title": review.calling_ae_title,
         **{name: getattr(review, name) for name in REVIEW_FIGURES},
+        "structures": review.structures,
         "model": {"name": job.model_name, "version": job.model_version} if job and job.model_name else None,
         "received_at": _iso(review.received_at),
         "measured_at": _iso(review.measured_at),
@@ -196,6 +197,14 @@ def model_summaries(reviews: list[dict], minor_edit_surface_dice: float) -> list
     ]
 
 
+def structure_figures_line(structure: dict) -> str:
+    """One auto structure of a review against the reviewed ROI of its name, in words."""
+    return (
+        f"{structure['roi_name']}: Dice {structure['dice']:.3f}, HD95 {structure['hd95_mm']:.1f} mm, surface Dice "
+        f"{structure['surface_dice']:.3f}, +{structure['added_cm3']:.1f} cm3, -{structure['removed_cm3']:.1f} cm3"
+    )
+
+
 def review_lines(reviews: list[dict], minor_edit_surface_dice: float) -> list[str]:
     """`rtnode reviews` as text: per job the latest review, the other structure sets, a summary per model version."""
     if not reviews:
@@ -211,6 +220,7 @@ def review_lines(reviews: list[dict], minor_edit_surface_dice: float) -> list[st
             f"{r['reviewed_volume_cm3']:.1f} cm3 (+{r['added_cm3']:.1f}, -{r['removed_cm3']:.1f})"
             + (f" [{count} reviews]" if count > 1 else "")
         )
+        lines += [f"    {structure_figures_line(structure)}" for structure in r["structures"]]
     others = [r for r in reviews if r["kind"] != ReviewKind.REVIEW]
     lines += ["other structure sets received:"] if others else []
     for r in others:

@@ -7,8 +7,11 @@ Matching goes through the CT series and Frame of Reference the structure set ref
 the CT images it names: the newest job of that series made before it arrived, whose inputs hold
 every referenced image, when the structure set has that series' Patient ID and Study Instance UID.
 The auto-contour is read back from the job's rtstruct.dcm with the same reader as the review, so
-both masks lie on the job's CT by the same rules (mask -> RT Structure Set -> mask is exact). Runs
-in the worker process: the receiving side only records that a structure set came
+both masks lie on the job's CT by the same rules (mask -> RT Structure Set -> mask is exact). The
+target ROI (`feedback.target_roi_patterns`) is compared with the auto structure of its name, else
+the first the patterns match, else the first; and every auto structure with the reviewed ROI of its name
+(case-insensitive), so an edit of an organ at risk is measured as well as one of the CTV. Runs in
+the worker process: the receiving side only records that a structure set came
 (`lifecycle.reviews.submit_reviews`).
 """
 
@@ -31,10 +34,10 @@ from sqlalchemy.orm import Session
 from node.config import Config, FeedbackSection
 from node.db.models import Delivery, Job, Review, Series
 from node.imaging.metrics import dice, hd95, surface_dice
-from node.imaging.volume import SeriesError, load_volume, read_datasets
+from node.imaging.volume import SeriesError, Volume, load_volume, read_datasets
 from node.lifecycle.jobs import job_inputs
-from node.lifecycle.reviews import ReviewFigures, ReviewFinding, next_pending_review, record_review
-from node.rtstruct.reader import StructureSetError, read_masks, roi_names
+from node.lifecycle.reviews import ReviewFigures, ReviewFinding, StructureFigures, next_pending_review, record_review
+from node.rtstruct.reader import RoiMask, StructureSetError, read_masks, roi_names
 from node.vocabulary import OutputKind, ReviewKind
 
 log = logging.getLogger(__name__)
@@ -103,7 +106,7 @@ def _judge(engine: Engine, feedback: FeedbackSection, ds: Dataset, sop_instance_
         status = approval or "without ApprovalStatus"
         reason = f"ROI {targets[0].name!r} was generated AUTOMATIC and the structure set is {status}: not a human's review"
         return ReviewFinding(ReviewKind.NOT_A_REVIEW, reason, job.id, roi_name=targets[0].name)
-    return _measure(engine, job.id, ds, human[0], feedback.surface_tolerance_mm)
+    return _measure(engine, job.id, ds, human[0], feedback)
 
 
 def _references(ds: Dataset) -> tuple[dict[str, str], set[str]]:
@@ -168,7 +171,7 @@ def target_rois(ds: Dataset, patterns: list[str]) -> list[TargetRoi]:
 
 
 def _only(ds: Dataset, number: int) -> Dataset:
-    """The structure set reduced to one ROI: another ROI's bad contour must not spoil the target's reading."""
+    """The structure set reduced to one ROI: another ROI's bad contour must not spoil this one's reading."""
     subset = Dataset()
     subset.SOPClassUID = ds.SOPClassUID
     subset.StructureSetROISequence = DicomSequence([i for i in ds.StructureSetROISequence if int(i.ROINumber) == number])
@@ -178,7 +181,7 @@ def _only(ds: Dataset, number: int) -> Dataset:
     return subset
 
 
-def _measure(engine: Engine, job_id: int, ds: Dataset, target: TargetRoi, tolerance_mm: float) -> ReviewFinding:
+def _measure(engine: Engine, job_id: int, ds: Dataset, target: TargetRoi, feedback: FeedbackSection) -> ReviewFinding:
     def unreadable(reason: str) -> ReviewFinding:
         return ReviewFinding(ReviewKind.UNREADABLE, reason, job_id, roi_name=target.name)
 
@@ -192,17 +195,70 @@ def _measure(engine: Engine, job_id: int, ds: Dataset, target: TargetRoi, tolera
         return unreadable(f"the auto-contour of job {job_id} was removed on {removed_at:%Y-%m-%d} by retention")
     try:
         volume = load_volume(read_datasets(inputs.paths))
-        auto = read_masks(dcmread(auto_path), volume)[0].mask
+        auto_structures = read_masks(dcmread(auto_path), volume)
     except (SeriesError, StructureSetError, InvalidDicomError, OSError) as exc:
         return unreadable(f"the CT or auto-contour of job {job_id} cannot be read: {exc}")
+    reviewed = _reviewed_mask(ds, target.number, target.name, volume, job_id)
+    if isinstance(reviewed, str):
+        return unreadable(reviewed)
+    edited = _edited_auto_structure(auto_structures, target.name, feedback.target_roi_patterns)
+    figures = _figures(edited.mask, reviewed, volume, feedback.surface_tolerance_mm)
+    structures, not_measured = [], []
+    for auto, number in _same_names(auto_structures, ds):
+        if auto is edited and number == target.number:
+            found = figures  # the target, measured above
+        else:
+            mask = _reviewed_mask(ds, number, auto.name, volume, job_id)
+            if isinstance(mask, str):
+                not_measured.append(f"not measured: {mask}")
+                continue
+            found = _figures(auto.mask, mask, volume, feedback.surface_tolerance_mm)
+        structures.append(StructureFigures.of(auto.name, found))
+    reason = "; ".join([
+        f"ROI {target.name!r} against the auto-contour {edited.name!r} of job {job_id} (v{version})",
+        f"structures measured by name: {', '.join(repr(s.roi_name) for s in structures) or 'none'}",
+        *not_measured,
+    ])
+    return ReviewFinding(ReviewKind.REVIEW, reason, job_id, roi_name=target.name, figures=figures, structures=tuple(structures))
+
+
+def _edited_auto_structure(auto_structures: list[RoiMask], reviewed_name: str, target_patterns: list[str]) -> RoiMask:
+    """The auto structure a reviewed target ROI is an edit of: the one of its name (case-insensitive), else the
+    first the target patterns match, else the first: a dosimetrist may save the CTV as "CTV_edited"."""
+    regexes = [re.compile(p, re.IGNORECASE) for p in target_patterns]
+    by_name = [auto for auto in auto_structures if _same_name(auto.name) == _same_name(reviewed_name)]
+    by_pattern = [auto for auto in auto_structures if any(r.search(auto.name) for r in regexes)]
+    return (by_name or by_pattern or auto_structures)[0]
+
+
+def _same_name(roi_name: str) -> str:
+    """What ROI names are compared by: the case of a name says nothing about the structure."""
+    return roi_name.strip().lower()
+
+
+def _same_names(auto_structures: list[RoiMask], ds: Dataset) -> list[tuple[RoiMask, int]]:
+    """Each auto structure the reviewed set has an ROI of the same name for, with that ROI's number (the
+    first, when two share the name), in the auto structure set's order."""
+    numbers: dict[str, int] = {}
+    for item in ds.get("StructureSetROISequence", []):
+        numbers.setdefault(_same_name(str(item.get("ROIName", ""))), int(item.ROINumber))
+    return [(auto, numbers[_same_name(auto.name)]) for auto in auto_structures if _same_name(auto.name) in numbers]
+
+
+def _reviewed_mask(ds: Dataset, number: int, name: str, volume: Volume, job_id: int) -> np.ndarray | str:
+    """A reviewed ROI's mask on the job's CT, read alone, else why it cannot be measured."""
     try:
-        masks = read_masks(_only(ds, target.number), volume)
+        masks = read_masks(_only(ds, number), volume)
     except StructureSetError as exc:
-        return unreadable(f"it cannot be read on the CT of job {job_id}: {exc}")
+        return f"it cannot be read on the CT of job {job_id}: {exc}"
     if not masks or not masks[0].voxel_count:
-        return unreadable(f"ROI {target.name!r} has no contour on the CT of job {job_id}")
-    reviewed, cm3 = masks[0].mask, float(np.prod(volume.spacing)) / 1000
-    figures = ReviewFigures(
+        return f"ROI {name!r} has no contour on the CT of job {job_id}"
+    return masks[0].mask
+
+
+def _figures(auto: np.ndarray, reviewed: np.ndarray, volume: Volume, tolerance_mm: float) -> ReviewFigures:
+    cm3 = float(np.prod(volume.spacing)) / 1000
+    return ReviewFigures(
         dice=dice(auto, reviewed),
         hd95_mm=hd95(auto, reviewed, volume.spacing),
         surface_dice=surface_dice(auto, reviewed, volume.spacing, tolerance_mm),
@@ -212,8 +268,6 @@ def _measure(engine: Engine, job_id: int, ds: Dataset, target: TargetRoi, tolera
         added_cm3=float((reviewed & ~auto).sum()) * cm3,
         removed_cm3=float((auto & ~reviewed).sum()) * cm3,
     )
-    reason = f"ROI {target.name!r} against the auto-contour of job {job_id} (v{version})"
-    return ReviewFinding(ReviewKind.REVIEW, reason, job_id, roi_name=target.name, figures=figures)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from tests.conftest import new_postgres_database
 from tests.test_loop import Receiver
 from tests.test_stow import PASSWORD, USER, pacs  # noqa: F401 (a fixture)
 
-NEWEST_MIGRATION = "0010"
-OLDER_MIGRATION = "0009"
+NEWEST_MIGRATION = "0011"
+OLDER_MIGRATION = "0010"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from node.imaging.volume import Volume, load_series_dir, load_volume
 from node.joblog import describe_job, list_reviews, review_lines
 from node.lifecycle.jobs import claim_next, record_outputs, series_needing_jobs, set_model, submit_series
 from node.lifecycle.reviews import submit_reviews
-from node.outputs import OutputPaths, auto_contour_series, write_outputs
+from node.outputs import FoundStructure, OutputPaths, auto_contour_series, write_outputs, write_structure_set
+from node.pipeline.structures import LabelMap, Structure
 from node.review import export_training, measure_next
 from node.rtstruct.builder import Algorithm, Roi, SeriesInfo, build_rtstruct
 from node.rtstruct.contour_data import format_ds
@@ -80,9 +81,10 @@ def independent_figures(auto: np.ndarray, reviewed: np.ndarray, spacing, toleran
     }
 
 
-def ellipsoid(shape: tuple[int, int, int], radii: tuple[float, float, float]) -> np.ndarray:
+def ellipsoid(shape: tuple[int, int, int], radii: tuple[float, float, float], centre: tuple[float, ...] = ()) -> np.ndarray:
+    """An ellipsoid mask, centred in the grid unless `centre` says where."""
     grid = np.indices(shape).astype(float)
-    centre = [(n - 1) / 2 for n in shape]
+    centre = centre or tuple((n - 1) / 2 for n in shape)
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) < 1
 
 
@@ -293,6 +295,133 @@ def test_a_structure_set_whose_file_cannot_be_read_is_unreadable_with_a_sentence
     assert measure_next(engine, Config()) and not measure_next(engine, Config())
     (result,) = list_reviews(engine)
     assert result["kind"] == "unreadable" and result["reason"].startswith("the file cannot be read: ")
+
+
+# --- every structure of a job with several ----------------------------------------------------
+
+ORGANS = Algorithm("pelvis-oars", "2.0")
+STRUCTURES = (  # the first is no CTV: the target must be compared with the structure it edited, not the first
+    Structure(1, "Bladder", "ORGAN", (255, 255, 0)),
+    Structure(2, "CTV", "CTV", (255, 0, 128)),
+    Structure(3, "Rectum", "ORGAN", (128, 64, 0)),
+)
+FIGURE_KEYS = {"roi_name", "dice", "hd95_mm", "surface_dice", "added_cm3", "removed_cm3"}
+
+
+def job_of_three_structures(engine, tmp_path: Path) -> tuple[int, Volume, Path]:
+    """A small CT received and contoured with Bladder, CTV and Rectum in one structure set, written by the
+    node's own writer: (job id, CT, its rtstruct.dcm)."""
+    shape = (24, 64, 64)
+    geometry = SeriesGeometry(pixel_spacing=(1.5, 1.5), slice_positions=uniform_positions(24, 2.5), origin=(-48, -48, -30))
+    datasets = ct_datasets(np.zeros(shape), geometry)
+    store(engine, tmp_path, datasets)
+    job = submit_series(engine, datasets[0].SeriesInstanceUID, lambda s, i: eligibility(s, i, min_slices=5))
+    assert claim_next(engine, GONE_WORKER, 60) == job.id
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[ellipsoid(shape, (5, 7, 10), (12, 17, 32))] = 1
+    labels[ellipsoid(shape, (7, 8, 12), (12, 35, 32))] = 2
+    labels[ellipsoid(shape, (6, 5, 5), (12, 51, 32))] = 3
+    volume, label_map = load_volume(datasets), LabelMap(labels)
+    paths = OutputPaths.in_directory(tmp_path / "jobs" / str(job.id), seg=False)
+    outputs = write_structure_set(
+        volume, [FoundStructure(s, ORGANS, label_map) for s in STRUCTURES], paths, auto_contour_series(1, [ORGANS])
+    )
+    set_model(engine, job.id, ORGANS.name, ORGANS.version)
+    record_outputs(engine, job.id, outputs.paths, outputs.sop_instance_uids, {}, [TPS])
+    return job.id, volume, paths.rtstruct
+
+
+def roi_number(ds: Dataset, name: str) -> int:
+    return next(int(item.ROINumber) for item in ds.StructureSetROISequence if item.ROIName == name)
+
+
+def renamed(ds: Dataset, old: str, new: str) -> None:
+    next(item for item in ds.StructureSetROISequence if item.ROIName == old).ROIName = new
+
+
+def without_roi(ds: Dataset, name: str) -> None:
+    number = roi_number(ds, name)
+    for keyword, reference in (("StructureSetROISequence", "ROINumber"), ("ROIContourSequence", "ReferencedROINumber"),
+                               ("RTROIObservationsSequence", "ReferencedROINumber")):
+        setattr(ds, keyword, [item for item in ds[keyword].value if int(item[reference].value) != number])
+
+
+def with_human_roi(ds: Dataset, name: str, like: str) -> None:
+    """A new ROI a dosimetrist drew (here: the contours of `like`, under another name and number)."""
+    number, source = max(int(item.ROINumber) for item in ds.StructureSetROISequence) + 1, roi_number(ds, like)
+    roi = copy.deepcopy(next(item for item in ds.StructureSetROISequence if int(item.ROINumber) == source))
+    roi.ROINumber, roi.ROIName, roi.ROIGenerationAlgorithm = number, name, "MANUAL"
+    contours = copy.deepcopy(next(item for item in ds.ROIContourSequence if int(item.ReferencedROINumber) == source))
+    contours.ReferencedROINumber = number
+    ds.StructureSetROISequence.append(roi)
+    ds.ROIContourSequence.append(contours)
+
+
+def without_slice(ds: Dataset, name: str, sop_instance_uid: str) -> None:
+    """The ROI's contours on one CT image deleted, as a dosimetrist shortens a structure by a slice."""
+    contours = next(item for item in ds.ROIContourSequence if int(item.ReferencedROINumber) == roi_number(ds, name))
+    kept = [c for c in contours.ContourSequence if c.ContourImageSequence[0].ReferencedSOPInstanceUID != sop_instance_uid]
+    assert len(kept) < len(contours.ContourSequence)
+    contours.ContourSequence = kept
+
+
+def test_every_auto_structure_is_measured_against_the_reviewed_roi_of_its_name(engine, database_url, tmp_path):
+    job_id, volume, own_path = job_of_three_structures(engine, tmp_path)
+    auto_set = dcmread(own_path)
+    auto_ctv = read_mask(auto_set, volume, "CTV")
+    cranial = int(np.flatnonzero(auto_ctv.any(axis=(1, 2)))[-1])
+    reviewed_ctv = auto_ctv.copy()
+    reviewed_ctv[cranial] = False
+
+    # The planning system sends the set back: the CTV a slice shorter, Bladder as it was, Rectum deleted, a
+    # new ROI drawn; names in other cases, as a TPS may write them.
+    review = renewed(auto_set)
+    review.ApprovalStatus = "APPROVED"
+    without_slice(review, "CTV", volume.slices[cranial].sop_instance_uid)
+    renamed(review, "CTV", "ctv")
+    renamed(review, "Bladder", "BLADDER")
+    without_roi(review, "Rectum")
+    with_human_roi(review, "Bowel_human", like="BLADDER")
+    # A re-save with the CTV renamed: the target is still an edit of the CTV, not of the first structure.
+    saved_as = renewed(review)
+    renamed(saved_as, "ctv", "CTV_edited")
+    with_human_roi(saved_as, "rectum", like="BLADDER")  # a placeholder without contours, as a TPS template leaves one
+    saved_as.ROIContourSequence[-1].ContourSequence = []
+    measure_all(engine, [review, saved_as], tmp_path)
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "node"}"\ndatabase_url = "{database_url}"\n')
+    result = rtnode("--config", config, "reviews", "--json")
+    assert result.returncode == 0, result.stderr
+    reviews = {r["sop_instance_uid"]: r for r in json.loads(result.stdout)}
+    measured, measured_saved_as = reviews[review.SOPInstanceUID], reviews[saved_as.SOPInstanceUID]
+    assert (measured["kind"], measured["job_id"], measured["roi_name"]) == ("review", job_id, "ctv"), measured
+
+    structures = measured["structures"]
+    assert [s["roi_name"] for s in structures] == ["Bladder", "CTV"]  # the auto set's names, in its order
+    assert all(set(s) == FIGURE_KEYS for s in structures)
+    bladder, ctv = structures
+    assert (bladder["dice"], bladder["hd95_mm"], bladder["surface_dice"]) == (1.0, 0.0, 1.0)
+    assert (bladder["added_cm3"], bladder["removed_cm3"]) == (0.0, 0.0)
+    cm3 = np.prod(volume.spacing) / 1000
+    expected = independent_figures(auto_ctv, reviewed_ctv, volume.spacing, 2.0)
+    assert ctv["dice"] == pytest.approx(expected["dice"], abs=1e-3) and ctv["dice"] < 1
+    assert ctv["hd95_mm"] == pytest.approx(expected["hd95_mm"], abs=0.1)
+    assert ctv["surface_dice"] == pytest.approx(expected["surface_dice"], abs=1e-3)
+    assert ctv["removed_cm3"] == pytest.approx(auto_ctv[cranial].sum() * cm3) and ctv["removed_cm3"] > 0
+    assert ctv["added_cm3"] == 0.0
+    # The target's fields as before: the reviewed CTV against the auto CTV.
+    assert {key: measured[key] for key in FIGURE_KEYS - {"roi_name"}} == {key: ctv[key] for key in FIGURE_KEYS - {"roi_name"}}
+    assert measured["auto_volume_cm3"] == pytest.approx(auto_ctv.sum() * cm3)
+    assert measured["reviewed_volume_cm3"] == pytest.approx(reviewed_ctv.sum() * cm3)
+
+    assert measured_saved_as["roi_name"] == "CTV_edited" and measured_saved_as["dice"] == ctv["dice"]
+    assert [s["roi_name"] for s in measured_saved_as["structures"]] == ["Bladder"]
+    assert "structures measured by name: 'Bladder', 'CTV'" in measured["reason"]
+    assert "not measured: ROI 'Rectum' has no contour on the CT of job" in measured_saved_as["reason"]
+    assert describe_job(engine, job_id)["reviews"][0]["structures"] == structures
+    text = "\n".join(review_lines(list(reviews.values()), 0.95))
+    assert "    Bladder: Dice 1.000, HD95 0.0 mm, surface Dice 1.000, +0.0 cm3, -0.0 cm3" in text
 
 
 # --- the whole loop ---------------------------------------------------------------------------

@@ -258,6 +258,8 @@ class Review(Base):
     reviewed_volume_cm3: Mapped[float | None] = mapped_column(Float)
     added_cm3: Mapped[float | None] = mapped_column(Float)
     removed_cm3: Mapped[float | None] = mapped_column(Float)
+    # Each auto structure found by name in the reviewed set: roi_name, dice, hd95_mm, surface_dice, added_cm3, removed_cm3.
+    structures: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     measured_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 

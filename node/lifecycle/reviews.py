@@ -70,6 +70,23 @@ class ReviewFigures:
 
 
 @dataclass(frozen=True)
+class StructureFigures:
+    """One auto structure against the ROI of the same name (case-insensitive) in the reviewed set: what the
+    clinic changed of each organ and target, not only of the one target ROI."""
+
+    roi_name: str  # as the auto structure set names it
+    dice: float
+    hd95_mm: float
+    surface_dice: float
+    added_cm3: float
+    removed_cm3: float
+
+    @classmethod
+    def of(cls, roi_name: str, figures: ReviewFigures) -> StructureFigures:
+        return cls(roi_name, figures.dice, figures.hd95_mm, figures.surface_dice, figures.added_cm3, figures.removed_cm3)
+
+
+@dataclass(frozen=True)
 class ReviewFinding:
     """What the worker found a received structure set to be."""
 
@@ -81,6 +98,7 @@ class ReviewFinding:
     structure_set_date: str = ""
     roi_name: str = ""
     figures: ReviewFigures | None = None
+    structures: tuple[StructureFigures, ...] = ()  # in the auto structure set's ROI order
 
 
 def record_review(engine: Engine, review_id: int, finding: ReviewFinding) -> None:
@@ -96,6 +114,7 @@ def record_review(engine: Engine, review_id: int, finding: ReviewFinding) -> Non
         if finding.figures is not None:
             for name, value in asdict(finding.figures).items():
                 setattr(review, name, value)
+        review.structures = [asdict(structure) for structure in finding.structures]
         detail = f"{finding.kind}: {finding.figures.summary() if finding.figures else finding.reason}"
         if finding.job_id is None:
             log.info("structure set %s: %s", review.sop_instance_uid, detail)
