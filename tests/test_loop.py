@@ -62,12 +62,13 @@ def tps(tmp_path):
 
 @pytest.fixture
 def loop_node(node_factory, tps):
-    def make(allowed_log_problems: tuple[str, ...] = (), **completion) -> NodeProcess:
+    def make(allowed_log_problems: tuple[str, ...] = (), models: str = "", **completion) -> NodeProcess:
+        """`models`: [[models]] entries (TOML) in place of the built-in model alone."""
         settings = {"quiet_seconds": QUIET, "min_slices": 10, "release_grace_seconds": 1.0, **completion}
         sections = "[completion]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
         sections += "[delivery]\nfirst_retry_seconds = 1.0\nmax_retry_seconds = 2.0\n"
         sections += f'[[destinations]]\nname = "tps"\nae_title = "TPS"\nhost = "127.0.0.1"\nport = {tps.port}\n'
-        return node_factory(sections=sections, allowed_log_problems=allowed_log_problems)
+        return node_factory(sections=sections + models, allowed_log_problems=allowed_log_problems)
 
     return make
 

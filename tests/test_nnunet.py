@@ -6,6 +6,9 @@ FFS and HFP, one with rows != columns and row spacing != column spacing, and a m
 images to RAS. With test-time mirroring over every axis (this model's default) nnU-Net's label map is the
 same whichever way an axis runs, which would hide a reversed axis: those comparisons run without it
 (a reversed axis then costs this model's bone 0.09 to 0.14 of Dice), and one with it checks the default.
+What the clinic sees is the RT Structure Set: the label map written as the worker writes it, read back and
+rasterised by the node's reader and by plastimatch, holds each label as nnU-Net predicts it, on each series
+and through a running node that sends the built-in CTV model's ROI and this model's in one set.
 And a checkpoint is code: a wrong digest is refused before anything is unpickled."""
 
 from __future__ import annotations
@@ -22,17 +25,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 
+from node.config import Config, load_config, parse_config
 from node.imaging.metrics import dice
 from node.imaging.volume import Volume, load_series_dir
+from node.outputs import FoundStructure, OutputPaths, auto_contour_series, write_structure_set
+from node.pipeline.loading import LoadedModel, load_model
 from node.pipeline.model_files import ModelFileError, model_digest
 from node.pipeline.nnunet import NnUNetModel, NnUNetModelError
-from tests.conftest import require_module
+from node.pipeline.registry import structures_of
+from node.pipeline.structures import Structure
+from node.rtstruct.builder import Algorithm
+from node.rtstruct.reader import read_mask, read_masks
+from tests.conftest import require_module, require_tool
 from tests.nnunet_model import DATASET_ID, LABELS, coarse_phantom, nnunet_results, trained_model_folder, write_ct_series
+from tests.test_loop import jobs, loop_node, push, settled, tps, wait_for  # noqa: F401 (fixtures)
+from tests.test_models import model_toml
 
 TEST_SEED = 62_000  # not one of the training phantoms
 TOOLS = Path(sys.executable).parent
 CASES = ("hfs", "ffs", "hfp", "nonsquare")
+# The model's structures as a clinic would configure them: its labels as `[[models.structures]]`.
+CTV = Structure(LABELS["ctv"], "CTV", "CTV", (255, 0, 128))
+BONE = Structure(LABELS["bone"], "Bone", "ORGAN", (230, 230, 170))
+MIN_DICE = 0.99
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +127,16 @@ def on_volume_grid(prediction: Path, volume: Volume) -> np.ndarray:
     return sitk.GetArrayFromImage(image)
 
 
-def assert_same_labels(ours: np.ndarray, theirs: np.ndarray, labels: dict[str, int]) -> None:
+def assert_same_mask(ours: np.ndarray, theirs: np.ndarray, name: str) -> None:
     assert ours.shape == theirs.shape
+    assert theirs.sum() >= 20, f"nnU-Net finds almost no {name}: the comparison would prove nothing"
+    measured = dice(ours, theirs)
+    assert measured >= MIN_DICE, f"{name}: Dice {measured:.4f}"
+
+
+def assert_same_labels(ours: np.ndarray, theirs: np.ndarray, labels: dict[str, int]) -> None:
     for name, value in labels.items():
-        assert (theirs == value).sum() >= 20, f"nnU-Net finds almost no {name}: the comparison would prove nothing"
-        assert dice(ours == value, theirs == value) >= 0.99, name
+        assert_same_mask(ours == value, theirs == value, name)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -133,6 +155,114 @@ def test_label_map_with_test_time_mirroring_is_the_one_nnunet_predicts(model, se
     reference = nnunet_predictions(model.folder, {"hfp": series["hfp"]}, tmp_path, mirroring=True)
     volume = load_series_dir(series["hfp"])
     assert_same_labels(model.predict(volume).labels, on_volume_grid(reference["hfp"], volume), model.labels)
+
+
+def nnunet_model_toml(folder: Path, structures: tuple[Structure, ...]) -> str:
+    """The phantom model as a `[[models]]` entry writing `structures`, without test-time mirroring (see above)."""
+    entry = (
+        f'[[models]]\nname = "phantom-nnunet"\ntype = "nnunetv2"\npath = "{folder}"\nversion = "0.1"\n'
+        f'sha256 = "{model_digest(folder)}"\nmirroring = false\n'
+    )
+    return entry + "".join(
+        f'[[models.structures]]\nlabel = {s.label}\nroi_name = "{s.roi_name}"\ninterpreted_type = "{s.interpreted_type}"\n'
+        f"color = {list(s.color)}\n"
+        for s in structures
+    )
+
+
+@pytest.fixture(scope="module")
+def configured(model_folder) -> Config:
+    """A configuration naming both of the model's labels: 1 as CTV, 2 as Bone."""
+    return parse_config(nnunet_model_toml(model_folder, (CTV, BONE)))
+
+
+@pytest.fixture(scope="module")
+def configured_model(configured) -> LoadedModel:
+    """The model as the worker loads it from its `[[models]]` entry."""
+    return load_model(configured.models[0], "cpu")
+
+
+def configured_rois(config: Config) -> list[tuple]:
+    """The ROIs a configuration's models write, as `written_rois` reads them back."""
+    return [
+        (s.roi_name, s.color, s.interpreted_type, entry.name, entry.version)
+        for entry in config.models
+        for s in structures_of(entry)
+    ]
+
+
+def written_rois(rtstruct) -> list[tuple]:
+    """Each ROI as a planning system shows it: name, colour, interpreted type, and the model and version that
+    made it; each AUTOMATIC, and its generation description naming the same model."""
+    colors = {item.ReferencedROINumber: tuple(map(int, item.ROIDisplayColor)) for item in rtstruct.ROIContourSequence}
+    types = {item.ReferencedROINumber: item.RTROIInterpretedType for item in rtstruct.RTROIObservationsSequence}
+    rois = []
+    for roi in rtstruct.StructureSetROISequence:
+        (algorithm,) = roi.ROIDerivationAlgorithmIdentificationSequence
+        model, version = algorithm.AlgorithmName, algorithm.AlgorithmVersion
+        assert roi.ROIGenerationAlgorithm == "AUTOMATIC"
+        assert roi.ROIGenerationDescription.startswith(f"{model} {version} (rtnode ")
+        assert roi.ROIGenerationDescription.endswith("; UNAPPROVED")
+        rois.append((roi.ROIName, colors[roi.ROINumber], types[roi.ROINumber], model, version))
+    return rois
+
+
+def plastimatch_masks(rtstruct: Path, ct: Path, out: Path) -> dict[str, Path]:
+    """Each ROI rasterised by plastimatch on the CT's grid, as `ROI name.nrrd`: a reader that is not the node's."""
+    command = [
+        require_tool("plastimatch"), "convert", "--input", rtstruct, "--referenced-ct", ct, "--output-prefix", out,
+        "--prefix-format", "nrrd", "--xor-contours",
+    ]
+    result = subprocess.run([str(part) for part in command], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {path.stem: path for path in out.glob("*.nrrd")}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_structure_set_read_back_holds_what_nnunet_predicts(
+    configured, configured_model, series, unmirrored_reference, case, tmp_path
+):
+    """What the planning system gets is contours, not the label map: written as the worker writes them, read
+    back by the node's reader and by plastimatch, each configured label must lie where nnU-Net's does."""
+    volume = load_series_dir(series[case])
+    algorithm = Algorithm(configured_model.name, configured_model.version)
+    label_map = configured_model.predict(volume)
+    found = [FoundStructure(structure, algorithm, label_map) for structure in configured_model.structures]
+    path = tmp_path / "rtstruct.dcm"
+    write_structure_set(volume, found, OutputPaths(path), auto_contour_series(1, [algorithm]))
+
+    rtstruct = dcmread(path)
+    assert rtstruct.ApprovalStatus == "UNAPPROVED"
+    assert written_rois(rtstruct) == configured_rois(configured)
+    theirs = on_volume_grid(unmirrored_reference[case], volume)
+    read_back = {roi.name: roi.mask for roi in read_masks(rtstruct, volume)}
+    rasterised = plastimatch_masks(path, series[case], tmp_path / "plastimatch")
+    for structure in configured_model.structures:
+        name = structure.roi_name
+        assert_same_mask(read_back[name], theirs == structure.label, name)
+        assert_same_mask(on_volume_grid(rasterised[name], volume) > 0, theirs == structure.label, f"{name} (plastimatch)")
+
+
+def test_node_sends_the_built_in_ctv_and_nnunets_bone_in_one_structure_set(
+    loop_node, tps, model_folder, series, unmirrored_reference  # noqa: F811
+):
+    """The loop as a clinic would run it: the built-in CTV model and an nnU-Net organ model side by side, a CT
+    pushed, one structure set at the planning system with both models' ROIs, its Bone the label nnU-Net
+    predicts. The nnU-Net model's label 1 is named by no structure (its CTV would clash), so it is not written."""
+    node = loop_node(models=model_toml("ctv", "CTV") + nnunet_model_toml(model_folder, (BONE,))).start()
+    tps.start()
+    push(node, series["hfs"], "+sd")
+    wait_for(node, settled, timeout=300, what="the job to finish")
+
+    (job,) = jobs(node)
+    assert job["status"] == "done", job
+    (received,) = tps.files()
+    rtstruct = dcmread(received)
+    assert rtstruct.ApprovalStatus == "UNAPPROVED"
+    assert written_rois(rtstruct) == configured_rois(load_config(node.config_path))
+    volume = load_series_dir(series["hfs"])
+    theirs = on_volume_grid(unmirrored_reference["hfs"], volume)
+    assert_same_mask(read_mask(rtstruct, volume, BONE.roi_name), theirs == BONE.label, BONE.roi_name)
 
 
 # ImageOrientationPatient of series that are not axial: their Volume axes are not nnU-Net's RAS axes.
