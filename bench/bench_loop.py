@@ -112,10 +112,12 @@ def main() -> None:
     ((uid, latency),) = single.items()
     stages = timings[uid]
     model = sum(stages.get(s, 0.0) for s in MODEL_STAGES)
-    print("one 100-slice 512x512 series, bundled weights, default completion settings (release grace 1 s):")
+    print("one 100-slice 512x512 series, bundled weights, default completion settings:")
     print(f"  latency {latency:.2f} s (last slice acknowledged -> RTSTRUCT stored at storescp)")
     print("  job stages: " + "  ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     print(f"  model (preprocess + passes + postprocess) {model:.2f} s; overhead outside the model {latency - model:.2f} s")
+    print(f"  outside the job's own stages (completion, waking the worker, the sender, storescp): "
+          f"{latency - sum(stages.values()):.2f} s")
     values = list(many.values())
     print(f"{args.parallel} series pushed at once: latency mean {statistics.mean(values):.2f} s, max {max(values):.2f} s "
           f"(one worker, jobs in arrival order)")

@@ -24,34 +24,20 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from node.config import Config
 from node.db.models import Instance, Series
 from node.db.outage import DATABASE_AWAY, describe
-from node.lifecycle.jobs import Eligibility, settle_quiet_series
+from node.lifecycle.jobs import settle_quiet_series
+from node.routing import configured_rule
+from node.vocabulary import JobStatus
+from node.wakeup import wake_workers
 
 log = logging.getLogger(__name__)
 
 OUTAGE_RETRY_SECONDS = 5.0  # a quiet series whose decision the database could not take is tried again this often
-
-
-def eligibility(series: Series, instances: list[Instance], min_slices: int) -> Eligibility:
-    uid = series.series_instance_uid
-    classes = {i.sop_class_uid for i in instances}
-    if classes != {CTImageStorage}:
-        kind = series.modality or "not CT"
-        return Eligibility(False, f"series {uid} is {kind} (SOP class {', '.join(sorted(classes))}), not CT Image: not contoured")
-    image_type = dcmread(instances[0].path, stop_before_pixels=True, specific_tags=["ImageType"]).get("ImageType", [])
-    if "LOCALIZER" in [str(v).upper() for v in image_type]:
-        return Eligibility(False, f"series {uid} is a localizer (scout) series: not contoured")
-    if len(instances) < min_slices:
-        return Eligibility(
-            False, f"series {uid} has {len(instances)} slices, fewer than completion.min_slices = {min_slices}: not contoured"
-        )
-    return Eligibility(True)
 
 
 def looks_complete(paths: list[str], min_slices: int) -> bool:
@@ -156,7 +142,9 @@ class CompletionTracker:
             if remaining > 0:  # slices arrived after the timer was set
                 self.arm(series_uid, remaining)
                 return
-            settle_quiet_series(self._engine, series_uid, lambda s, i: eligibility(s, i, self._config.completion.min_slices))
+            settled = settle_quiet_series(self._engine, series_uid, configured_rule(self._config))
+            if settled.job is not None and settled.job.status == JobStatus.QUEUED:
+                wake_workers(self._config.wake_dir)
         except DATABASE_AWAY as error:
             log.warning(
                 "series %s: the database is unreachable (%s): deciding it again in %.0f s",

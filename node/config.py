@@ -136,8 +136,9 @@ class TlsSection(_Section):
 class CompletionSection(_Section):
     quiet_seconds: Annotated[float, Field(gt=0)] = 10.0
     min_slices: Annotated[int, Field(ge=2)] = 20
-    # After an association is released with a geometrically complete series, start this soon.
-    release_grace_seconds: Annotated[float, Field(ge=0)] = 1.0
+    # After an association is released with a geometrically complete series, start this soon (0: at once; a job
+    # whose series grows while it runs is never sent, and runs again with the new slices).
+    release_grace_seconds: Annotated[float, Field(ge=0)] = 0.0
 
 
 class DeliverySection(_Section):
@@ -174,6 +175,12 @@ class FeedbackSection(_Section):
     surface_tolerance_mm: Annotated[float, Field(gt=0)] = 2.0
     # A case counts as "edited by less than the threshold" when its surface Dice is at least this.
     minor_edit_surface_dice: Annotated[float, Field(gt=0, le=1)] = 0.95
+
+
+class ConfidenceSection(_Section):
+    # A job any of whose structures has a lower confidence is held back, not sent, until an admin releases or
+    # discards it (rtnode release / rtnode discard). 0: everything is sent.
+    min_to_send: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
 class WebSection(_Section):
@@ -237,6 +244,30 @@ class WebSection(_Section):
         )
 
 
+class PacsEntry(_Section):
+    """One `[[pacs]]`: an archive `rtnode commission` queries (C-FIND) and retrieves past studies from, by C-GET on
+    the association it opened or by C-MOVE to the `[commissioning]` listener, never to the clinical port."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
+    ae_title: AETitle
+    host: str
+    port: Port
+    retrieve: Literal["c-get", "c-move"] = "c-get"
+    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0  # association negotiation (and the TLS handshake)
+    dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0  # waiting for a C-FIND/C-GET/C-MOVE response
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0  # silence on the connection
+    tls: bool = False  # associate over TLS, checking the PACS against [tls] ca_certificates, as a destination does
+
+
+class CommissioningSection(_Section):
+    """`[commissioning]`: the listener a C-MOVE retrieval sends to, under its own AE title and port (the PACS must
+    know it as a move destination); it takes only what was asked for, and is never the clinical receiving port."""
+
+    ae_title: AETitle = "RTNODE_QA"
+    host: str = "127.0.0.1"  # loopback unless the admin names the address a PACS elsewhere moves to
+    port: Port = 11114
+
+
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]  # cuda:N: one GPU of several
 
 
@@ -246,6 +277,8 @@ class ModelSection(_Section):
     roi_name: Annotated[str, Field(min_length=1, max_length=64)] = "CTV"
     # A series with more slices is refused with a sentence before loading, not by running out of memory.
     max_slices: Annotated[int, Field(ge=2)] = 2000
+    # The built-in network's arithmetic: auto = bf16 on a CPU with native bf16, fp16 on a GPU, else fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 # RT ROI Interpreted Type (3006,00A4): the Defined Terms of DICOM PS3.3 C.8.8.8.1. Planning systems sort
@@ -324,6 +357,72 @@ def _distinct(models: list[ModelEntry]) -> list[ModelEntry]:
     return models
 
 
+def _ordered(pair: tuple[float, float]) -> tuple[float, float]:
+    if pair[0] > pair[1]:
+        raise ValueError(f"[{pair[0]:g}, {pair[1]:g}]: the minimum is above the maximum")
+    return pair
+
+
+Range = Annotated[tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0)]], AfterValidator(_ordered)]
+
+
+def _pattern(value: str | None) -> str | None:
+    return None if value is None else _patterns([value])[0]
+
+
+Pattern = Annotated[str | None, AfterValidator(_pattern)]
+
+
+class RouteMatch(_Section):
+    """`[routes.match]`: every criterion given must hold. Lists are any-of and case-insensitive; the
+    descriptions are regular expressions searched case-insensitively; ranges are [min, max], inclusive."""
+
+    modality: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+    body_part_examined: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+    series_description: Pattern = None
+    protocol_name: Pattern = None
+    study_description: Pattern = None
+    calling_ae_title: Annotated[list[AETitle], Field(min_length=1)] | None = None
+    slice_thickness_mm: Range | None = None
+    slices: Range | None = None
+    patient_sex: Literal["M", "F", "O"] | None = None
+    contrast: bool | None = None  # true: ContrastBolusAgent present; false: absent
+
+
+class RouteEntry(_Section):
+    """One `[[routes]]`: the series it takes go to its models (one RT Structure Set of all their structures)
+    and its destinations; `shadow` contours and keeps them, and sends nothing."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$", max_length=64)]
+    models: Annotated[list[str], Field(min_length=1)] | None = None  # names of [[models]]; none: every model
+    destinations: list[str] | None = None  # names of [[destinations]]; none: every destination
+    mode: Literal["live", "shadow"] = "live"
+    match: RouteMatch = RouteMatch()
+
+
+def _routes_name_what_exists(config: Config) -> None:
+    names = [route.name for route in config.routes]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"two routes are named {repeated[0]!r}: each name must be unique")
+    models = [model.name for model in config.models]
+    destinations = [destination.name for destination in config.destinations]
+    for route in config.routes:
+        if route.models is not None and not config.models:
+            raise ValueError(
+                f"route {route.name} names models {route.models}, but no [[models]] are configured: leave `models` out"
+                " to run the built-in model of [model]"
+            )
+        for model in route.models or ():
+            if model not in models:
+                raise ValueError(f"route {route.name}: no [[models]] entry is named {model!r} (models: {models})")
+        for destination in route.destinations or ():
+            if destination not in destinations:
+                raise ValueError(
+                    f"route {route.name}: no [[destinations]] entry is named {destination!r} (destinations: {destinations})"
+                )
+
+
 class Config(_Section):
     node: NodeSection = NodeSection()
     security: SecuritySection = SecuritySection()
@@ -333,10 +432,17 @@ class Config(_Section):
     delivery: DeliverySection = DeliverySection()
     retention: RetentionSection = RetentionSection()
     feedback: FeedbackSection = FeedbackSection()
+    confidence: ConfidenceSection = ConfidenceSection()
     web: WebSection = WebSection()
     destinations: list[Destination] = []  # each table validated as the type it names (node.destinations)
     # The models every eligible CT series goes to; none: the built-in model of [model] alone, as before.
     models: Annotated[list[ModelEntry], AfterValidator(_distinct)] = []
+    # Tried in order; the first whose [routes.match] holds takes a series. None: every eligible CT series goes to
+    # every model and destination; with routes, a series no route takes is kept and not contoured.
+    routes: list[RouteEntry] = []
+    # Archives `rtnode commission` evaluates models on; and its C-MOVE listener.
+    pacs: list[PacsEntry] = []
+    commissioning: CommissioningSection = CommissioningSection()
 
     @model_validator(mode="after")
     def _pinned_callers_need_client_certificates(self) -> Config:
@@ -345,9 +451,38 @@ class Config(_Section):
             raise ValueError(f"callers {pinned} are pinned to a certificate subject, which needs [tls] ca_certificates")
         return self
 
+    @model_validator(mode="after")
+    def _pacs_apart_from_the_clinical_path(self) -> Config:
+        names = [entry.name for entry in self.pacs]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"two [[pacs]] entries are named {repeated[0]!r}: each name must be unique")
+        clinical = {self.node.port, *([self.tls.port] if self.tls.enabled else [])}
+        if self.pacs and self.commissioning.port in clinical:
+            raise ValueError(
+                f"commissioning.port {self.commissioning.port} is a clinical receiving port: what a C-MOVE retrieves for"
+                " commissioning must never enter the clinical path; give it a port of its own"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _routes_are_known(self) -> Config:
+        _routes_name_what_exists(self)
+        return self
+
+    @property
+    def live_routes(self) -> frozenset[str]:
+        """The routes whose jobs may be sent: a job made in shadow is sent by hand once its route is live."""
+        return frozenset(route.name for route in self.routes if route.mode == "live")
+
     @property
     def incoming_dir(self) -> Path:
         return self.node.data_dir / "incoming"
+
+    @property
+    def wake_dir(self) -> Path:
+        """Where this machine's workers say which loopback port wakes them (node.wakeup)."""
+        return self.node.data_dir / "wake"
 
     @property
     def jobs_dir(self) -> Path:
@@ -390,7 +525,7 @@ def _describe(error: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         elif isinstance(item["input"], dict | list):  # a whole section or list: not echoed, it may hold a password
-            lines.append(f"  {key}: {item['msg']}")
+            lines.append(f"  {key}: {item['msg']}" if key else f"  {item['msg']}")
         else:
             lines.append(f"  {key} = {item['input']!r}: {item['msg']}")
     return "\n".join(lines)

@@ -15,7 +15,9 @@ from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
 
 from node import __version__
-from node.config import DeliverySection, NodeSection, SecuritySection, TlsSection
+from node.commission.pacs import QUERY_RETRIEVE_MODELS, STORAGE_CLASSES
+from node.commission.pacs import TRANSFER_SYNTAXES as RETRIEVED_TRANSFER_SYNTAXES
+from node.config import CommissioningSection, DeliverySection, NodeSection, SecuritySection, TlsSection
 from node.destinations.cstore import PROPOSED_TRANSFER_SYNTAXES, SOP_CLASSES, CStoreDestination
 from node.destinations.stowrs import StowRsDestination
 from node.imaging.dicomfile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -90,6 +92,7 @@ def _placeholders() -> dict[str, str]:
         **_defaults("delivery", DeliverySection),
         **_defaults("cstore", CStoreDestination),
         **_defaults("stowrs", StowRsDestination),
+        **_defaults("commissioning", CommissioningSection),
         "version": __version__,
         "implementation_class_uid": IMPLEMENTATION_CLASS_UID,
         "implementation_version_name": IMPLEMENTATION_VERSION_NAME,
@@ -111,6 +114,13 @@ def _placeholders() -> dict[str, str]:
             ]
             + [("C-ECHO of `rtnode doctor`", *_uid_rows([Verification])[0], proposed)],
         ),
+        "qr_sop_classes": _table(
+            ("SOP Class", "UID", "Role"), [(*row, "SCU") for row in _uid_rows(list(QUERY_RETRIEVE_MODELS))]
+        ),
+        "qr_storage_sop_classes": _table(
+            ("SOP Class", "UID", "Role"), [(*row, "SCP (sub-operations)") for row in _uid_rows(list(STORAGE_CLASSES))]
+        ),
+        "qr_transfer_syntaxes": _table(("Transfer Syntax", "UID"), _uid_rows(RETRIEVED_TRANSFER_SYNTAXES)),
         "store_statuses": _table(
             ("Status", "Code", "When"), [(status.meaning, f"`{status.code:04X}H`", status.when) for status in STORE_STATUSES]
         ),

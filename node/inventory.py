@@ -34,6 +34,8 @@ class SeriesSummary:
     last_received_at: datetime | None
     removed_at: datetime | None  # when retention removed its instances (the last of them); None while any is held
     conflicts: list[ConflictSummary]
+    route: str | None  # the route its latest job was given; None: no route took it, no [[routes]], or not decided yet
+    route_reason: str  # why no earlier route (or none at all) took it, one sentence per route
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ def list_studies(engine: Engine) -> list[StudySummary]:
                 last_received_at=last_received_at,
                 removed_at=last_removed_at if count and removed == count else None,
                 conflicts=conflicts.get(series.series_instance_uid, []),
+                route=series.route,
+                route_reason=series.route_reason,
             )
         )
     return list(studies.values())
@@ -138,6 +142,9 @@ def study_lines(studies: list[StudySummary]) -> list[str]:
                 f"  {series.description!r}{received}"
                 + (f"  removed on {series.removed_at:%Y-%m-%d} by retention" if series.removed_at else "")
             )
+            if series.route or series.route_reason:
+                why = f": {series.route_reason}" if series.route_reason else ""
+                lines.append(f"    route {series.route or '(none)'}{why}")
             for conflict in series.conflicts:
                 lines.append(
                     f"    conflict {conflict.sop_instance_uid} from {conflict.calling_ae_title}"

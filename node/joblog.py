@@ -10,7 +10,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, object_session, selectinload
 
 from node.db.models import Job, Review
-from node.vocabulary import DeliveryStatus, JobStatus, ReviewKind
+from node.vocabulary import DeliveryStatus, JobStatus, ReviewKind, RouteMode
 
 
 def _iso(value) -> str | None:
@@ -40,6 +40,10 @@ def job_json(job: Job, *, events: bool = False) -> dict:
         "instances": len(job.input_uids),
         "input_fingerprint": job.input_fingerprint,
         "model": {"name": job.model_name, "version": job.model_version} if job.model_name else None,
+        "route": job.route,
+        "mode": job.mode,
+        "models": job.models,
+        "destinations": job.destinations,
         "timings": job.timings,
         "outputs": job.outputs,
         "structures": job.structures,
@@ -85,6 +89,8 @@ def summary_line(job: dict) -> str:
     timings = " ".join(f"{k}={v:.2f}s" for k, v in job["timings"].items())
     deliveries = ", ".join(f"{d['destination']}:{d['status']}({d['attempts']})" for d in job["deliveries"]) or "-"
     line = f"#{job['id']:<5} {job['status']:<9} v{job['version']} series ...{job['series_instance_uid'][-24:]}"
+    if job["route"]:
+        line += f"  route {job['route']}" + (" (shadow)" if job["mode"] == RouteMode.SHADOW else "")
     line += f"  {job['instances']:>4} slices"
     line += f"  {timings or '-'}  deliveries {deliveries}"
     if job["error"]:
@@ -101,6 +107,7 @@ def detail_lines(job: dict) -> list[str]:
     fields = {key: job[key] for key in ("id", "status", "version", "series_instance_uid", "patient_id", "instances",
                                         "input_fingerprint")}
     fields["model"] = f"{job['model']['name']} {job['model']['version']}" if job["model"] else None
+    fields["route"] = f"{job['route']} ({job['mode']})" if job["route"] else None
     fields |= {key: job[key] for key in ("error", "created_at", "started_at", "finished_at", "superseded_by")}
     fields["timings"] = ", ".join(f"{k} {v:.2f}s" for k, v in job["timings"].items())
     lines = [f"{key:<20} {value}" for key, value in fields.items() if value not in (None, "")]
@@ -123,7 +130,22 @@ def structure_line(structure: dict) -> str:
     return (
         f"{structure['roi_name']} ({structure['interpreted_type']}) by {model['name']} {model['version']}:"
         f" {structure['volume_cm3']:.1f} cm3, slices {structure['first_slice']}-{structure['last_slice']}"
+        + confidence_words(structure)
     )
+
+
+def confidence_words(structure: dict) -> str:
+    """`, confidence 0.82, review slices 31-40, 52` ("" for a job recorded before confidences were)."""
+    if structure.get("confidence") is None:
+        return ""
+    runs: list[list[int]] = []
+    for index in sorted(structure.get("flagged_slices") or []):
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    flagged = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+    return f", confidence {structure['confidence']:.2f}" + (f", review slices {flagged}" if flagged else "")
 
 
 REVIEW_FIGURES = ("dice", "hd95_mm", "surface_dice", "surface_tolerance_mm", "auto_volume_cm3", "reviewed_volume_cm3",
@@ -167,11 +189,27 @@ class ModelSummary:
     median_dice: float
     median_surface_dice: float
     minor_edits: int  # cases whose surface Dice reaches feedback.minor_edit_surface_dice
+    # How well the confidence foretold the edits, over the reviewed structures that recorded one: the rank
+    # correlation of confidence with surface Dice (None: fewer than 3 such structures, or no spread), and of the
+    # slices the reviewer edited, how many were flagged (None: none edited).
+    rated_structures: int = 0
+    confidence_rank_correlation: float | None = None
+    edited_slices: int = 0
+    edited_slices_flagged: int = 0
 
     def line(self) -> str:
         share = f"{self.minor_edits} of {self.cases} ({100 * self.minor_edits / self.cases:.0f}%)"
-        return (f"{self.model}: {self.cases} reviewed case{'s' if self.cases != 1 else ''}, median Dice {self.median_dice:.3f}, "
+        line = (f"{self.model}: {self.cases} reviewed case{'s' if self.cases != 1 else ''}, median Dice {self.median_dice:.3f}, "
                 f"median surface Dice {self.median_surface_dice:.3f}, edited little {share}")
+        if self.rated_structures:
+            rho = self.confidence_rank_correlation
+            plural = "s" if self.rated_structures != 1 else ""
+            line += (f"; confidence vs surface Dice over {self.rated_structures} structure{plural}: Spearman "
+                     + (f"{rho:+.2f}" if rho is not None else "n/a (too few, or no spread)"))
+            if self.edited_slices:
+                flagged = f"{self.edited_slices_flagged} of {self.edited_slices}"
+                line += f", edited slices flagged {flagged} ({100 * self.edited_slices_flagged / self.edited_slices:.0f}%)"
+        return line
 
 
 def _model(review: dict) -> str:
@@ -188,13 +226,44 @@ def model_summaries(reviews: list[dict], minor_edit_surface_dice: float) -> list
     by_model: dict[str, list[dict]] = {}
     for review in latest_reviews(reviews).values():
         by_model.setdefault(_model(review), []).append(review)
-    return [
-        ModelSummary(
+    summaries = []
+    for model, cases in by_model.items():
+        rated = [s for r in cases for s in r["structures"] if s.get("confidence") is not None]
+        edited = sum(len(s.get("edited_slices") or []) for s in rated)
+        flagged = sum(len(set(s.get("edited_slices") or []) & set(s.get("flagged_slices") or [])) for s in rated)
+        summaries.append(ModelSummary(
             model, len(cases), median(r["dice"] for r in cases), median(r["surface_dice"] for r in cases),
             sum(r["surface_dice"] >= minor_edit_surface_dice for r in cases),
-        )
-        for model, cases in by_model.items()
-    ]
+            len(rated), spearman([s["confidence"] for s in rated], [s["surface_dice"] for s in rated]), edited, flagged,
+        ))
+    return summaries
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's on the ranks, ties averaged); None for fewer than 3 pairs or a
+    constant side."""
+    if len(x) < 3:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else sxy / (sxx * syy) ** 0.5
 
 
 def structure_figures_line(structure: dict) -> str:

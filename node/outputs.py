@@ -16,6 +16,7 @@ from node.imaging.dicomfile import save_dataset
 from node.imaging.nifti import write_mask
 from node.imaging.qa import Outlined, write_montage
 from node.imaging.volume import Volume
+from node.pipeline.confidence import StructureConfidence
 from node.pipeline.registry import BUILT_IN_COLOR, BUILT_IN_LABEL
 from node.pipeline.structures import LabelMap, Structure
 from node.rtstruct.builder import Algorithm, Roi, SeriesInfo, build_rtstruct
@@ -67,6 +68,7 @@ class WrittenStructure:
     volume_cm3: float
     first_slice: int  # slice indices in the CT's order along its normal, from 0, as the viewer counts them
     last_slice: int
+    confidence: StructureConfidence | None = None  # None: the model gave none
 
     @classmethod
     def measured(cls, volume: Volume, found: FoundStructure, mask: np.ndarray) -> WrittenStructure:
@@ -75,9 +77,11 @@ class WrittenStructure:
         return cls(
             structure.roi_name, structure.interpreted_type, structure.color, found.algorithm.name, found.algorithm.version,
             round(float(mask_volume_cm3(volume, mask)), 3), int(occupied[0]), int(occupied[-1]),
+            found.label_map.confidence.get(structure.label),
         )
 
     def to_json(self) -> dict:
+        confidence = self.confidence.to_json() if self.confidence is not None else {"confidence": None, "flagged_slices": []}
         return {
             "roi_name": self.roi_name,
             "interpreted_type": self.interpreted_type,
@@ -86,6 +90,7 @@ class WrittenStructure:
             "volume_cm3": self.volume_cm3,
             "first_slice": self.first_slice,
             "last_slice": self.last_slice,
+            **confidence,
         }
 
 
@@ -136,8 +141,12 @@ def write_structure_set(
             )
             continue
         contours = contours_from_mask(volume, mask)
-        rois.append(Roi(structure.roi_name, contours, structure.color, structure.interpreted_type, item.algorithm))
-        written.append(WrittenStructure.measured(volume, item, mask))
+        measured = WrittenStructure.measured(volume, item, mask)
+        rois.append(
+            Roi(structure.roi_name, contours, structure.color, structure.interpreted_type, item.algorithm,
+                observation_description(volume, measured.confidence))
+        )
+        written.append(measured)
         kept.append(item)
     if not rois:
         several = f"the masks of all {len(found)} structures are empty" if len(found) > 1 else "the mask is empty"
@@ -177,12 +186,39 @@ def write_outputs(
     algorithm: Algorithm,
     roi_name: str = "CTV",
     series: SeriesInfo = SeriesInfo(),
+    confidence: StructureConfidence | None = None,
 ) -> Outputs:
-    """One mask as one CTV (`rtnode rtstruct`, `rtnode contour`). Raises EmptyMaskError (nothing is
-    written) when the mask holds no voxel."""
+    """One mask as one CTV (`rtnode rtstruct`, `rtnode contour`), with its confidence where the model gave one.
+    Raises EmptyMaskError (nothing is written) when the mask holds no voxel."""
     structure = Structure(BUILT_IN_LABEL, roi_name, "CTV", BUILT_IN_COLOR)
-    labels = LabelMap(np.asarray(mask, dtype=bool).view(np.uint8))
+    assessed = {BUILT_IN_LABEL: confidence} if confidence is not None else {}
+    labels = LabelMap(np.asarray(mask, dtype=bool).view(np.uint8), {}, assessed)
     return write_structure_set(volume, [FoundStructure(structure, algorithm, labels)], paths, series)
+
+
+def slice_ranges(slices: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted slice indices as runs: [3, 4, 5, 9] -> [(3, 5), (9, 9)]."""
+    runs: list[tuple[int, int]] = []
+    for index in sorted(slices):
+        if runs and index == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], index)
+        else:
+            runs.append((index, index))
+    return runs
+
+
+def observation_description(volume: Volume, confidence: StructureConfidence | None) -> str | None:
+    """The ROI observation's description (ROIObservationDescription, ST): the confidence and the slices to review,
+    by their index from 0 along the series and their position along it (mm), as a planning system shows them."""
+    if confidence is None:
+        return None
+    text = f"rtnode confidence {confidence.confidence:.2f} (0-1; not a probability)"
+    runs = slice_ranges(confidence.flagged_slices)
+    if not runs:
+        return text + "; no slice flagged"
+    offsets = volume.slice_offsets
+    words = [f"{a}-{b} ({offsets[a]:.1f} to {offsets[b]:.1f} mm)" if a != b else f"{a} ({offsets[a]:.1f} mm)" for a, b in runs]
+    return (text + "; review slices " + ", ".join(words) + " (slice index from 0 along the series)")[:1024]
 
 
 def mask_volume_cm3(volume: Volume, mask: np.ndarray) -> float:

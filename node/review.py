@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from node.config import Config, FeedbackSection
 from node.db.models import Delivery, Job, Review, Series
-from node.imaging.metrics import dice, hd95, surface_dice
+from node.imaging.metrics import dice, edited_slices, hd95, surface_dice
 from node.imaging.volume import SeriesError, Volume, load_volume, read_datasets
 from node.lifecycle.jobs import job_inputs
 from node.lifecycle.reviews import ReviewFigures, ReviewFinding, StructureFigures, next_pending_review, record_review
@@ -191,6 +191,7 @@ def _measure(engine: Engine, job_id: int, ds: Dataset, target: TargetRoi, feedba
     with Session(engine) as session:
         job = session.get(Job, job_id)
         auto_path, removed_at, version = Path(job.outputs[OutputKind.RTSTRUCT]), job.outputs_removed_at, job.version
+        recorded = {_same_name(s["roi_name"]): s for s in job.structures or []}
     if removed_at is not None:
         return unreadable(f"the auto-contour of job {job_id} was removed on {removed_at:%Y-%m-%d} by retention")
     try:
@@ -206,14 +207,15 @@ def _measure(engine: Engine, job_id: int, ds: Dataset, target: TargetRoi, feedba
     structures, not_measured = [], []
     for auto, number in _same_names(auto_structures, ds):
         if auto is edited and number == target.number:
-            found = figures  # the target, measured above
+            found, reviewed_mask = figures, reviewed  # the target, measured above
         else:
-            mask = _reviewed_mask(ds, number, auto.name, volume, job_id)
-            if isinstance(mask, str):
-                not_measured.append(f"not measured: {mask}")
+            reviewed_mask = _reviewed_mask(ds, number, auto.name, volume, job_id)
+            if isinstance(reviewed_mask, str):
+                not_measured.append(f"not measured: {reviewed_mask}")
                 continue
-            found = _figures(auto.mask, mask, volume, feedback.surface_tolerance_mm)
-        structures.append(StructureFigures.of(auto.name, found))
+            found = _figures(auto.mask, reviewed_mask, volume, feedback.surface_tolerance_mm)
+        moved = edited_slices(auto.mask, reviewed_mask, volume.spacing, feedback.surface_tolerance_mm)
+        structures.append(StructureFigures.of(auto.name, found, moved, recorded.get(_same_name(auto.name))))
     reason = "; ".join([
         f"ROI {target.name!r} against the auto-contour {edited.name!r} of job {job_id} (v{version})",
         f"structures measured by name: {', '.join(repr(s.roi_name) for s in structures) or 'none'}",

@@ -53,9 +53,11 @@ class Sender:
         self._policy = RetryPolicy.from_config(config.delivery)
         log_destination_warnings(config)
 
-    def run_forever(self, stop: threading.Event, poll_seconds: float = 0.25) -> None:
-        """Until asked to stop; while the database is away it waits for it."""
+    def run_forever(self, stop: threading.Event, poll_seconds: float = 0.25, woken: threading.Event | None = None) -> None:
+        """Until asked to stop; while the database is away it waits for it. Between polls it sleeps until
+        `woken` is set (this process's worker has just queued deliveries) or the poll is due."""
         outage = Outage(f"sender of {self._identity.name}")
+        woken = woken or threading.Event()
         while not stop.is_set():
             try:
                 due = self.send_due(outage, stop)
@@ -63,8 +65,8 @@ class Sender:
             except DATABASE_AWAY as error:
                 outage.wait(error, stop)
                 continue
-            if not due:
-                stop.wait(poll_seconds)
+            if not due and woken.wait(poll_seconds):
+                woken.clear()
 
     def send_due(self, outage: Outage, stop: threading.Event) -> int:
         """Attempt every delivery whose time has come; returns how many were due. An attempt's outcome is

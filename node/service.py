@@ -319,9 +319,13 @@ def run_worker(config: Config, device: str | None = None) -> int:
     log.info("worker %s on %s", identity.name, identity.device)
     beat = threading.Thread(target=_beat, args=(engine, identity, lease, stop), name="heartbeat", daemon=True)
     beat.start()
-    sender = threading.Thread(target=Sender(config, engine, identity).run_forever, args=(stop,), name="sender", daemon=True)
+    deliveries_queued = threading.Event()  # the worker wakes the sender as soon as a job's deliveries are queued
+    sender = threading.Thread(
+        target=Sender(config, engine, identity).run_forever, args=(stop,), kwargs={"woken": deliveries_queued},
+        name="sender", daemon=True,
+    )
     sender.start()
-    worker = Worker(config, engine, identity)
+    worker = Worker(config, engine, identity, deliveries_queued)
     try:
         worker.load_models()
         usable = True

@@ -13,6 +13,12 @@ class JobStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
     REJECTED = "rejected"  # not a series rtnode contours (not CT, a localizer, too few slices)
+    HELD = "held"  # contoured, but a structure's confidence is below confidence.min_to_send: an admin releases or discards it
+
+
+class RouteMode(StrEnum):
+    LIVE = "live"  # contoured and sent to the route's destinations
+    SHADOW = "shadow"  # contoured and kept; nothing sent until the route is live
 
 
 class DeliveryStatus(StrEnum):
@@ -43,6 +49,9 @@ class EventKind(StrEnum):
     FAILED = "failed"
     REVIEW_RECEIVED = "review received"  # a structure set came back for this job (a review, or why not)
     OUTPUTS_REMOVED = "outputs removed"  # retention marked the job's output files removed (then deleted them)
+    HELD = "held"  # contoured below confidence.min_to_send: nothing sent until an admin releases it
+    RELEASED = "released"  # a held job let go by an admin: sent
+    DISCARDED = "discarded"  # a held job an admin will not send
 
 
 class OutputKind(StrEnum):

@@ -29,6 +29,7 @@ from node.outputs import FoundStructure, OutputPaths, auto_contour_series, write
 from node.pipeline.loading import LoadedModel, load_models
 from node.rtstruct.builder import Algorithm
 from node.rtstruct.contours import EmptyMaskError
+from node.wakeup import WakeListener
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,13 @@ def _remove_other_attempts(folder: Path) -> None:
 
 
 class Worker:
-    def __init__(self, config: Config, engine: Engine, identity: WorkerIdentity) -> None:
+    def __init__(
+        self, config: Config, engine: Engine, identity: WorkerIdentity, deliveries_queued: threading.Event | None = None
+    ) -> None:
         self._config = config
         self._engine = engine
         self._identity = identity
+        self._deliveries_queued = deliveries_queued or threading.Event()  # wakes this process's sender
         self._models: list[LoadedModel] | None = None
 
     def load_models(self) -> list[LoadedModel]:
@@ -63,8 +67,16 @@ class Worker:
     def run_forever(self, stop: threading.Event, poll_seconds: float = 0.2, take_jobs: bool = True) -> None:
         """Jobs first (a patient may be waiting for the contour); between them, one pending review at a time.
         Without a usable model (`take_jobs` false) jobs wait in the queue and reviews go on. While the
-        database is away the worker waits for it; a job it held then goes back to the queue."""
+        database is away the worker waits for it; a job it held then goes back to the queue. Between polls
+        it sleeps until the receiving process says a job was queued (node.wakeup) or the poll is due."""
         outage = Outage(f"worker {self._identity.name}")
+        listener = WakeListener(self._config.wake_dir)
+        try:
+            self._run(stop, poll_seconds, take_jobs, outage, listener)
+        finally:
+            listener.close()
+
+    def _run(self, stop: threading.Event, poll_seconds: float, take_jobs: bool, outage: Outage, listener: WakeListener) -> None:
         while not stop.is_set():
             job_id = None
             try:
@@ -73,7 +85,7 @@ class Worker:
                 if job_id is not None:
                     self.run_job(job_id)
                 elif not review.measure_next(self._engine, self._config):
-                    stop.wait(poll_seconds)
+                    listener.wait(poll_seconds)
                 outage.over()
             except DATABASE_AWAY as error:
                 outage.wait(error, stop)
@@ -127,7 +139,7 @@ class Worker:
             jobs.fail_job(self._engine, job_id, f"internal error: {exc!r}", timings, held_by=me)
             return
         timings.update(outputs.timings)
-        jobs.record_outputs(
+        recorded = jobs.record_outputs(
             self._engine,
             job_id,
             outputs.paths,
@@ -138,7 +150,13 @@ class Worker:
             simplified=outputs.simplified,
             structures=[structure.to_json() for structure in outputs.structures],
             not_found=outputs.not_found,
+            hold=_hold(outputs.structures, self._config.confidence.min_to_send, job_id),
+            computed_from=inputs.fingerprint,
         )
+        if not recorded:  # the series grew while it ran: it runs again, and this attempt's files are not needed
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            self._deliveries_queued.set()
 
     def _compute(self, inputs: jobs.JobInputs, folder: Path, timings: dict[str, float]):
         job_id = inputs.job_id
@@ -152,7 +170,7 @@ class Worker:
         timings["load"] = time.perf_counter() - start
 
         try:
-            models = self.load_models()
+            models = _of_route(self.load_models(), inputs.models)
         except UserError as exc:
             raise JobFailed(f"the model cannot be used: {exc}") from exc
         algorithms = [Algorithm(model.name, model.version) for model in models]
@@ -173,6 +191,30 @@ class Worker:
                 f"{_nothing(found)} found in series {inputs.series_instance_uid} by"
                 f" {', '.join(a.label for a in algorithms)}: nothing sent"
             ) from exc
+
+
+def _of_route(models: list[LoadedModel], named: tuple[str, ...] | None) -> list[LoadedModel]:
+    """The loaded models a job's route names, in the route's order; None: all of them. A route naming a model
+    this node no longer configures fails the job with both lists (rtnode rerun routes it again)."""
+    if named is None:
+        return models
+    by_name = {model.name: model for model in models}
+    missing = [name for name in named if name not in by_name]
+    if missing:
+        raise UserError(f"the job's route names {missing}, not among the configured models {sorted(by_name)}")
+    return [by_name[name] for name in named]
+
+
+def _hold(structures, min_to_send: float, job_id: int) -> str | None:
+    """Why the job is held back instead of sent (confidence.min_to_send), or None."""
+    low = [s for s in structures if s.confidence is not None and s.confidence.confidence < min_to_send]
+    if not low:
+        return None
+    named = ", ".join(f"{s.roi_name} {s.confidence.confidence:.2f}" for s in low)
+    return (
+        f"confidence below confidence.min_to_send {min_to_send:g} ({named}): not sent until an admin releases it"
+        f" (rtnode release {job_id}) or discards it (rtnode discard {job_id})"
+    )
 
 
 def _stage_timings(model: LoadedModel, timings: dict[str, float], *, several: bool) -> dict[str, float]:

@@ -32,6 +32,7 @@ from node.destinations import DeliveryOrder, Destination
 from node.harness import LOOPBACK, free_port
 from node.imaging.volume import load_series_dir
 from node.outputs import OutputPaths, write_outputs
+from node.pipeline.confidence import StructureConfidence
 from node.rtstruct.builder import Algorithm
 from node.scp import StorageSCP
 from node.sender import send
@@ -139,7 +140,8 @@ def outputs(tmp_path_factory) -> dict[OutputKind, Path]:
     mask = np.zeros(volume.shape, dtype=bool)
     mask[1:3, 4:10, 4:10] = True
     paths = OutputPaths(rtstruct=folder / "rtstruct.dcm", seg=folder / "seg.dcm")
-    write_outputs(volume, mask, paths, Algorithm("test", "1"))
+    # with a confidence, as the worker and `rtnode contour` write it: the ROI observation's description
+    write_outputs(volume, mask, paths, Algorithm("test", "1"), confidence=StructureConfidence(0.9, (1,)))
     return {OutputKind.RTSTRUCT: paths.rtstruct, OutputKind.SEG: paths.seg}
 
 

@@ -19,7 +19,7 @@ from tests.conftest import new_postgres_database
 from tests.test_loop import Receiver
 from tests.test_stow import PASSWORD, USER, pacs  # noqa: F401 (a fixture)
 
-NEWEST_MIGRATION = "0011"
+NEWEST_MIGRATION = "0012"
 OLDER_MIGRATION = "0010"
 
 

@@ -11,17 +11,24 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy.orm import Session
 
-from node.completion import eligibility, looks_complete
+from node.completion import looks_complete
 from node.db.models import Job
+from node.destinations import Destination
 from node.errors import UserError
-from node.lifecycle.jobs import claim_next, fingerprint, rerun, series_needing_jobs, submit_series
+from node.lifecycle.jobs import claim_next, fingerprint, job_inputs, record_outputs, rerun, series_needing_jobs, submit_series
 from node.lifecycle.workers import recover_after_restart, requeue_after_worker_death
+from node.routing import eligibility
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import write_cylinder_ct
-from node.vocabulary import JobStatus
+from node.vocabulary import JobStatus, OutputKind
 from tests.conftest import GONE_WORKER
 
 SENDER = CallingPeer("SCANNER", "127.0.0.1")
+TPS = Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=11112)
+
+
+def five_slices_or_more(series, instances):
+    return eligibility(series, instances, min_slices=5)
 
 
 def store_files(engine, tmp_path: Path, files: list[Path]) -> None:
@@ -33,7 +40,7 @@ def store_files(engine, tmp_path: Path, files: list[Path]) -> None:
 
 
 def submit(engine, uid: str) -> Job | None:
-    return submit_series(engine, uid, lambda s, i: eligibility(s, i, min_slices=5))
+    return submit_series(engine, uid, five_slices_or_more)
 
 
 def set_status(engine, job_id: int, status: str) -> None:
@@ -66,24 +73,38 @@ def test_versions_follow_arrivals(engine, tmp_path):
         assert session.get(Job, first.id).events[-1].event == "repeat"
     assert series_needing_jobs(engine) == []  # recorded once, not again at the next start
 
-    second = rerun(engine, first.id)  # on purpose
+    second = rerun(engine, first.id, five_slices_or_more)  # on purpose
     assert (second.version, second.status, second.input_fingerprint) == (2, JobStatus.QUEUED, same.input_fingerprint)
     with pytest.raises(UserError, match=f"job {second.id} of the same series is queued"):
-        rerun(engine, first.id)
+        rerun(engine, first.id, five_slices_or_more)
 
 
-def test_never_two_running_jobs_of_one_series(engine, tmp_path):
+def test_late_slices_join_a_running_job_which_runs_again_and_never_records_the_shorter_series(engine, tmp_path):
     files = write_cylinder_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
     uid = dcmread(files[0]).SeriesInstanceUID
     store_files(engine, tmp_path, files[:5])
     first = submit(engine, uid)
     assert claim_next(engine, GONE_WORKER, 60) == first.id
-    store_files(engine, tmp_path, files[5:])  # a late slice while version 1 runs
-    second = submit(engine, uid)
-    assert second.version == 2
-    assert claim_next(engine, GONE_WORKER, 60) is None  # version 1 still runs
-    set_status(engine, first.id, JobStatus.DONE)
-    assert claim_next(engine, GONE_WORKER, 60) == second.id
+    read = job_inputs(engine, first.id, held_by=GONE_WORKER.name)
+    assert len(read.paths) == 5
+    store_files(engine, tmp_path, files[5:])  # a late slice while the job runs on five
+    shorter = {OutputKind.RTSTRUCT: tmp_path / "rs.dcm"}
+    held = record_outputs(engine, first.id, shorter, {OutputKind.RTSTRUCT: "2.25.1"}, {}, [TPS], held_by=GONE_WORKER.name,
+                          computed_from=read.fingerprint)
+    assert held is False  # what it made of five is not recorded, and nothing is sent
+    with Session(engine) as session:
+        job = session.get(Job, first.id)
+        assert (job.status, job.outputs, job.deliveries, job.starts) == (JobStatus.QUEUED, {}, [], 0)
+    assert claim_next(engine, GONE_WORKER, 60) is None  # not while the series is arriving
+    assert submit(engine, uid).id == first.id  # quiet again: the same job takes all six
+    assert claim_next(engine, GONE_WORKER, 60) == first.id
+    again = job_inputs(engine, first.id, held_by=GONE_WORKER.name)
+    assert len(again.paths) == 6
+
+    store_files(engine, tmp_path, files[5:])  # the same slice again, while it runs: quiet, it joins; the inputs are
+    assert submit(engine, uid).id == first.id  # unchanged, so the run's result stands
+    assert record_outputs(engine, first.id, shorter, {OutputKind.RTSTRUCT: "2.25.1"}, {}, [TPS], held_by=GONE_WORKER.name,
+                          computed_from=again.fingerprint)
 
 
 def test_node_restarts_requeue_without_counting_but_worker_deaths_count(engine, tmp_path):

@@ -31,17 +31,22 @@ LAYERS: dict[str, int] = {
     "node": -1,  # node/__init__.py, only __version__: anyone may import it; it imports nothing
     **dict.fromkeys(["errors", "vocabulary", "addresses"], 0),  # addresses: AE title, port, loopback, as settings name them
     # Volume, NIfTI, file meta, metrics, QA picture; models, engine; transport: sockets and TLS, for the SCP and the sender
-    **dict.fromkeys(["imaging", "db", "transport"], 1),
+    # wakeup: a datagram on loopback that a job was queued, from the receiving process to this machine's workers
+    **dict.fromkeys(["imaging", "db", "transport", "wakeup"], 1),
     # pipeline: the model (network, preprocess, weights, inference); destinations: one module per type, its settings and
     # its send; config: the validated TOML, over the destination types it lists (a cycle, were they to import it)
     **dict.fromkeys(["rtstruct", "pipeline", "destinations", "config"], 2),
     "outputs": 3,  # the one writer of a job's outputs
+    "routing": 3,  # a quiet series' header and the [[routes]]: contoured or not, which models, which destinations
     "synth": 4,  # phantoms
     "training": 5,
     # every job, delivery and review transition; what may be removed, and removing it; matching and measuring reviews
     **dict.fromkeys(["lifecycle", "retention", "review"], 6),
     # instance_check: an incoming instance's bytes; backup: the database, configuration and model digests, and restoring them
-    **dict.fromkeys(["instance_check", "store", "completion", "scp", "worker", "sender", "joblog", "inventory", "backup"], 7),
+    # commission: models measured on past patients from a PACS (query/retrieve, reference, measuring, report)
+    **dict.fromkeys(
+        ["instance_check", "store", "completion", "scp", "worker", "sender", "joblog", "inventory", "backup", "commission"], 7
+    ),
     # doctor: checks every part of a configured node; conformance: the statement, from the SCP's and the sender's lists
     **dict.fromkeys(["service", "harness", "demo", "doctor", "conformance"], 8),
     **dict.fromkeys(["cli", "web"], 9),  # web: the web app, run in its own process by `rtnode serve`

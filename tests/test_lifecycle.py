@@ -42,6 +42,10 @@ CREATED = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 # --- the backoff schedule ---------------------------------------------------------------
 
 
+def any_series(series, instances) -> Eligibility:
+    return Eligibility(True)
+
+
 def test_backoff_starts_at_the_first_retry_and_doubles_up_to_the_cap():
     policy = RetryPolicy(first_retry_seconds=5, max_retry_seconds=60, max_age_seconds=3600)
     assert [policy.backoff(attempts) for attempts in range(1, 8)] == [5, 10, 20, 40, 60, 60, 60]
@@ -269,7 +273,7 @@ def test_a_second_version_supersedes_the_first(engine, series, tmp_path):
     uid, files = series
     first = running_job(engine, uid)
     contoured(engine, tmp_path, first)
-    second = rerun(engine, first).id  # a new version (an unchanged re-send would be a repeat)
+    second = rerun(engine, first, any_series).id  # a new version (an unchanged re-send would be a repeat)
     assert claim_next(engine, GONE_WORKER, 60) == second
     assert job_row(engine, second).version == 2
     contoured(engine, tmp_path, second)
@@ -291,7 +295,7 @@ def test_a_new_version_supersedes_only_a_version_that_was_delivered(engine, seri
     model = Algorithm("ctv-unet3d", "0.1.0")
     first = running_job(engine, series[0])
     fail_job(engine, first, "no CTV found", {})
-    second = rerun(engine, first).id
+    second = rerun(engine, first, any_series).id
     assert claim_next(engine, GONE_WORKER, 60) == second
     nothing_sent = job_inputs(engine, second).supersedes
     assert nothing_sent is None
@@ -299,7 +303,7 @@ def test_a_new_version_supersedes_only_a_version_that_was_delivered(engine, seri
     contoured(engine, tmp_path, second)
     (delivery,) = due_deliveries(engine)
     record_attempt(engine, delivery, classify_store_status(0x0000, "tps"), 0.1, POLICY)
-    third = rerun(engine, second).id
+    third = rerun(engine, second, any_series).id
     assert claim_next(engine, GONE_WORKER, 60) == third
     delivered = job_inputs(engine, third).supersedes
     assert delivered == 2
@@ -388,9 +392,9 @@ def test_a_send_cut_off_by_a_restart_counts_as_an_attempt(engine, series, tmp_pa
 def test_rerun_refuses_what_cannot_be_rerun(engine, series):
     job_id = running_job(engine, series[0])
     with pytest.raises(UserError, match=f"job {job_id} of the same series is running"):
-        rerun(engine, job_id)
+        rerun(engine, job_id, any_series)
     with pytest.raises(UserError, match="no job 999"):
-        rerun(engine, 999)
+        rerun(engine, 999, any_series)
 
 
 WORKER_A = WorkerIdentity("gpu-a", 101, "cuda:0")

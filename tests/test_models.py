@@ -376,3 +376,9 @@ def test_a_node_with_two_models_sends_one_structure_set_with_both_rois(node_fact
     assert a["volume_cm3"] == b["volume_cm3"] > 0 and (a["first_slice"], a["last_slice"]) == (b["first_slice"], b["last_slice"])
     text = node.rtnode("job", str(job["id"])).stdout
     assert f"structure            CTV_A (CTV) by ctv-a 1.0: {a['volume_cm3']:.1f} cm3, slices {a['first_slice']}-" in text
+    # the same network on the same CT: the same confidence, high on a phantom; flagged slices on the series
+    assert 0.85 <= a["confidence"] == b["confidence"] <= 1 and a["flagged_slices"] == b["flagged_slices"]
+    assert all(0 <= index < job["instances"] for index in a["flagged_slices"])
+    assert f"cm3, slices {a['first_slice']}-{a['last_slice']}, confidence {a['confidence']:.2f}" in text
+    described = [item.ROIObservationDescription for item in rs.RTROIObservationsSequence]
+    assert described[0] == described[1] and described[0].startswith(f"rtnode confidence {a['confidence']:.2f} (0-1; ")

@@ -241,6 +241,15 @@ def test_structure_set_read_back_holds_what_nnunet_predicts(
         name = structure.roi_name
         assert_same_mask(read_back[name], theirs == structure.label, name)
         assert_same_mask(on_volume_grid(rasterised[name], volume) > 0, theirs == structure.label, f"{name} (plastimatch)")
+        # its confidence from nnU-Net's probabilities, its unsure slices along it as the series counts them (the
+        # preprocessed grid's transposed, cropped and resampled axes mapped back)
+        assessed = label_map.confidence[structure.label]
+        occupied = np.flatnonzero((theirs == structure.label).any(axis=(1, 2)))
+        assert 0 < assessed.confidence <= 1 and assessed.signals["margin"] > 0.5, assessed.signals
+        assert set(assessed.slice_scores) <= set(range(occupied[0] - 2, occupied[-1] + 3)), (occupied, assessed.slice_scores)
+        assert set(assessed.flagged_slices) <= set(assessed.slice_scores)
+        if structure == CTV:  # soft-edged: unsure voxels along its outline on every slice it is on
+            assert set(range(occupied[0], occupied[-1] + 1)) <= set(assessed.slice_scores), (occupied, assessed.slice_scores)
 
 
 def test_node_sends_the_built_in_ctv_and_nnunets_bone_in_one_structure_set(

@@ -42,6 +42,10 @@ POLICY = RetryPolicy(first_retry_seconds=30, max_retry_seconds=300, max_age_seco
 SENDER = CallingPeer("SCANNER", "127.0.0.1")
 
 
+def any_series(series, instances) -> Eligibility:
+    return Eligibility(True)
+
+
 def write_config(tmp_path: Path, database_url: str, retention: str = "") -> Path:
     """The data directory under tmp_path/data, the database outside it (sizes stay exact)."""
     path = tmp_path / "node.toml"
@@ -196,7 +200,7 @@ def test_series_with_a_job_queued_running_or_sending_stays(make_node):
     _, series, files = node.receive()
     first = node.job(series)
     node.age(first, 100)
-    second = rerun(node.engine, first).id  # queued
+    second = rerun(node.engine, first, any_series).id  # queued
     assert purge(node.engine, node.config).series == [] and not removed(node, series, files)
     assert claim_next(node.engine, GONE_WORKER, 60) == second  # running
     assert purge(node.engine, node.config).series == [] and not removed(node, series, files)

@@ -23,7 +23,6 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 from sqlalchemy.orm import Session
 
-from node.completion import eligibility
 from node.config import Config
 from node.db.models import Instance
 from node.destinations import Destination
@@ -33,8 +32,10 @@ from node.joblog import describe_job, list_reviews, review_lines
 from node.lifecycle.jobs import claim_next, record_outputs, series_needing_jobs, set_model, submit_series
 from node.lifecycle.reviews import submit_reviews
 from node.outputs import FoundStructure, OutputPaths, auto_contour_series, write_outputs, write_structure_set
+from node.pipeline.confidence import StructureConfidence
 from node.pipeline.structures import LabelMap, Structure
 from node.review import export_training, measure_next
+from node.routing import eligibility
 from node.rtstruct.builder import Algorithm, Roi, SeriesInfo, build_rtstruct
 from node.rtstruct.contour_data import format_ds
 from node.rtstruct.contours import contours_from_mask
@@ -306,6 +307,8 @@ STRUCTURES = (  # the first is no CTV: the target must be compared with the stru
     Structure(3, "Rectum", "ORGAN", (128, 64, 0)),
 )
 FIGURE_KEYS = {"roi_name", "dice", "hd95_mm", "surface_dice", "added_cm3", "removed_cm3"}
+# what a review adds of each structure: where the outline moved, and what the job said of it beforehand
+FORESIGHT_KEYS = {"edited_slices", "confidence", "flagged_slices"}
 
 
 def job_of_three_structures(engine, tmp_path: Path) -> tuple[int, Volume, Path]:
@@ -321,13 +324,17 @@ def job_of_three_structures(engine, tmp_path: Path) -> tuple[int, Volume, Path]:
     labels[ellipsoid(shape, (5, 7, 10), (12, 17, 32))] = 1
     labels[ellipsoid(shape, (7, 8, 12), (12, 35, 32))] = 2
     labels[ellipsoid(shape, (6, 5, 5), (12, 51, 32))] = 3
-    volume, label_map = load_volume(datasets), LabelMap(labels)
+    # each structure's confidence as a model gives it, its cranial slice flagged
+    assessed = {label: StructureConfidence(0.5 + label / 10, (int(np.flatnonzero((labels == label).any(axis=(1, 2)))[-1]),))
+                for label in (1, 2, 3)}
+    volume, label_map = load_volume(datasets), LabelMap(labels, {}, assessed)
     paths = OutputPaths.in_directory(tmp_path / "jobs" / str(job.id), seg=False)
     outputs = write_structure_set(
         volume, [FoundStructure(s, ORGANS, label_map) for s in STRUCTURES], paths, auto_contour_series(1, [ORGANS])
     )
     set_model(engine, job.id, ORGANS.name, ORGANS.version)
-    record_outputs(engine, job.id, outputs.paths, outputs.sop_instance_uids, {}, [TPS])
+    record_outputs(engine, job.id, outputs.paths, outputs.sop_instance_uids, {}, [TPS],
+                   structures=[s.to_json() for s in outputs.structures])
     return job.id, volume, paths.rtstruct
 
 
@@ -369,6 +376,7 @@ def test_every_auto_structure_is_measured_against_the_reviewed_roi_of_its_name(e
     job_id, volume, own_path = job_of_three_structures(engine, tmp_path)
     auto_set = dcmread(own_path)
     auto_ctv = read_mask(auto_set, volume, "CTV")
+    bladder_top = int(np.flatnonzero(read_mask(auto_set, volume, "Bladder").any(axis=(1, 2)))[-1])
     cranial = int(np.flatnonzero(auto_ctv.any(axis=(1, 2)))[-1])
     reviewed_ctv = auto_ctv.copy()
     reviewed_ctv[cranial] = False
@@ -399,8 +407,12 @@ def test_every_auto_structure_is_measured_against_the_reviewed_roi_of_its_name(e
 
     structures = measured["structures"]
     assert [s["roi_name"] for s in structures] == ["Bladder", "CTV"]  # the auto set's names, in its order
-    assert all(set(s) == FIGURE_KEYS for s in structures)
+    assert all(set(s) == FIGURE_KEYS | FORESIGHT_KEYS for s in structures)
     bladder, ctv = structures
+    # the reviewer took the CTV's cranial slice away (and so moved the top of the slice below it): those are the
+    # edited slices, and the cranial one was flagged; the bladder was left alone
+    assert (bladder["edited_slices"], bladder["confidence"], bladder["flagged_slices"]) == ([], 0.6, [bladder_top])
+    assert ctv["edited_slices"] == [cranial - 1, cranial] and (ctv["confidence"], ctv["flagged_slices"]) == (0.7, [cranial])
     assert (bladder["dice"], bladder["hd95_mm"], bladder["surface_dice"]) == (1.0, 0.0, 1.0)
     assert (bladder["added_cm3"], bladder["removed_cm3"]) == (0.0, 0.0)
     cm3 = np.prod(volume.spacing) / 1000
@@ -412,6 +424,10 @@ def test_every_auto_structure_is_measured_against_the_reviewed_roi_of_its_name(e
     assert ctv["added_cm3"] == 0.0
     # The target's fields as before: the reviewed CTV against the auto CTV.
     assert {key: measured[key] for key in FIGURE_KEYS - {"roi_name"}} == {key: ctv[key] for key in FIGURE_KEYS - {"roi_name"}}
+    text = "\n".join(review_lines(list(reviews.values()), 0.95))
+    # the latest review of the job (the re-save) measured the bladder alone, unedited
+    assert "pelvis-oars 2.0: 1 reviewed case" in text
+    assert text.endswith("; confidence vs surface Dice over 1 structure: Spearman n/a (too few, or no spread)")
     assert measured["auto_volume_cm3"] == pytest.approx(auto_ctv.sum() * cm3)
     assert measured["reviewed_volume_cm3"] == pytest.approx(reviewed_ctv.sum() * cm3)
 

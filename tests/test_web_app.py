@@ -477,8 +477,13 @@ def html_page_routes(app) -> set[str]:
             and route.response_class is HTMLResponse}
 
 
+# The first route passes the series over, quoting its description; the second takes it.
+ROUTES = '[[routes]]\nname = "pelvis"\n[routes.match]\nseries_description = "^pelvis"\n[[routes]]\nname = "any-ct"\n'
+PASSED_OVER = f"pelvis: SeriesDescription '{XSS_SERIES}' does not match /^pelvis/."
+
+
 def test_every_page_shows_dicom_text_as_text_and_holds_no_inline_script(tmp_path):
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, destinations=ROUTES)
     engine = open_database(config.node.database_url, fsync=False)
     add_user(engine, "ada", Role.ADMIN, PASSWORD)
     add_user(engine, "vic", Role.VIEWER, PASSWORD)
@@ -498,11 +503,13 @@ def test_every_page_shows_dicom_text_as_text_and_holds_no_inline_script(tmp_path
         ("/", admin.get("/", params={"text": XSS_QUERY, "patient": XSS_QUERY}), ()),
         ("/jobs/{job_id}", admin.get(f"/jobs/{job_id}"), (XSS_PATIENT, XSS_SERIES)),
         ("/jobs/{job_id}/viewer", admin.get(f"/jobs/{job_id}/viewer"), ()),
-        ("/studies", admin.get("/studies"), (XSS_PATIENT, XSS_SERIES)),
+        ("/studies", admin.get("/studies"), (XSS_PATIENT, XSS_SERIES, "any-ct", PASSED_OVER)),
         ("/upload", admin.get("/upload"), ()),
         ("/upload", admin.post("/upload", files=[("files", (XSS_FILE, b"not DICOM"))], data={"csrf_token": csrf}),
          (XSS_FILE,)),
         ("/audit", admin.get("/audit"), (XSS_USER,)),
+        ("/commissioning", admin.get("/commissioning"), ()),
+        ("/commissioning/reports/{report_id}", admin.get("/commissioning/reports/0123456789abcdef"), ()),
         ("/api/", admin.get("/api/"), ()),
         ("an error page", admin.get("/jobs/999999"), ()),
         ("an error page", viewer.get("/audit"), ()),
@@ -748,7 +755,7 @@ def test_uploads_over_the_size_limit_are_refused(tmp_path):
 # The keys of `rtnode jobs --json` and GET /api/jobs (README, "The job log"); `rtnode job ID --json` adds "events".
 JOB_KEYS = {"id", "series_instance_uid", "study_instance_uid", "patient_id", "version", "status", "error", "created_at",
             "started_at", "finished_at", "instances", "input_fingerprint", "model", "timings", "outputs", "outputs_removed_at",
-            "superseded_by", "deliveries", "reviews", "worker", "structures"}
+            "superseded_by", "deliveries", "reviews", "worker", "structures", "route", "mode", "models", "destinations"}
 DELIVERY_KEYS = {"destination", "kind", "status", "attempts", "last_error", "next_attempt_at", "delivered_at", "sop_instance_uid"}
 EVENT_KEYS = {"at", "event", "detail"}
 
@@ -765,7 +772,8 @@ def add_finished_job(engine) -> int:
         job = Job(series=series, version=2, status="done", error="", input_uids=["1.2.3.1", "1.2.3.2", "1.2.3.3"],
                   input_fingerprint="ab" * 32, inputs_at=at(0), model_name="ctv-unet", model_version="2026.1",
                   timings={"load": 0.5, "pass_1": 2.25}, outputs={"rtstruct": "/data/jobs/7/rtstruct.dcm"}, superseded_by=None,
-                  worker="host-a:4242", outputs_removed_at=at(9), created_at=at(1), started_at=at(2), finished_at=at(3))
+                  worker="host-a:4242", outputs_removed_at=at(9), created_at=at(1), started_at=at(2), finished_at=at(3),
+                  route="gyn", mode="live", models=["ctv-unet"], destinations=["tps-done", "tps-pending"])
         session.add(job)
         for status, attempts, error, next_at, delivered in (("done", 1, "", at(4), at(4)),
                                                            ("pending", 2, "association rejected", at(6), None)):
@@ -809,7 +817,7 @@ def test_the_job_log_json_is_the_jobs_as_made_with_the_documented_keys(site, tmp
         "started_at": None, "finished_at": None, "worker": None, "instances": len(paths),
         "input_fingerprint": hashlib.sha256(f"{len(uids)}\n{chr(10).join(uids)}".encode()).hexdigest(), "model": None,
         "timings": {}, "outputs": {}, "outputs_removed_at": None, "superseded_by": None, "deliveries": [], "reviews": [],
-        "structures": [],
+        "structures": [], "route": None, "mode": "live", "models": None, "destinations": None,
     }
     assert finished == {
         "id": finished_id, "series_instance_uid": "1.2.826.0.1.3680043.10.7.1", "study_instance_uid": "1.2.826.0.1.3680043.10.7",
@@ -818,6 +826,7 @@ def test_the_job_log_json_is_the_jobs_as_made_with_the_documented_keys(site, tmp
         "input_fingerprint": "ab" * 32, "model": {"name": "ctv-unet", "version": "2026.1"},
         "timings": {"load": 0.5, "pass_1": 2.25}, "outputs": {"rtstruct": "/data/jobs/7/rtstruct.dcm"},
         "outputs_removed_at": at(9).isoformat(), "superseded_by": None, "reviews": [], "structures": [],
+        "route": "gyn", "mode": "live", "models": ["ctv-unet"], "destinations": ["tps-done", "tps-pending"],
         "deliveries": [
             {"destination": "tps-done", "kind": "rtstruct", "status": "done", "attempts": 1, "last_error": None,
              "next_attempt_at": None, "delivered_at": at(4).isoformat(), "sop_instance_uid": "1.2.3.99"},

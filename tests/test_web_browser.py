@@ -41,7 +41,7 @@ XSS_SERIES = "<img src=x onerror=alert(2)>"
 XSS_USER = '"><svg onload=alert(3)>'
 SETTLED = ("done", "failed", "rejected")
 # The shared phantom with the XSS names, and the one the dashboard's test pushes when the shared one exists already.
-SHARED_SEED, DASHBOARD_SEED = 60_001, 60_004
+SHARED_SEED, DASHBOARD_SEED = 60_004, 60_001  # the shared one has slices flagged for review (viewer test)
 # What in a page could run script: a <script> without src, an on* attribute, a javascript: URL (the live DOM, so
 # whatever the page's own scripts added counts too).
 RUNNABLE_MARKUP = r"""() => {
@@ -315,7 +315,22 @@ def test_viewer_pages_slices_by_keyboard_autoplay_and_presets(browser, site):
     assert shown() == stopped_at  # autoplay stopped
     page.keyboard.press("End")
     expect(image).to_have_attribute("data-index", str(int(page.text_content("#slice-count")) - 1))
+    # the slices flagged for review: a mark each on the strip beside the slider, and F (or the button) goes to the
+    # next one, from the last slice round to the first
+    flagged = sorted({i for s in site.api(f"/api/jobs/{job_id}").json()["structures"] for i in s["flagged_slices"]})
+    marks = [int(mark.get_attribute("data-slice")) for mark in page.locator("#flagged-strip .flag-mark").all()]
+    assert marks == flagged
+    if flagged:
+        page.keyboard.press("f")
+        expect(image).to_have_attribute("data-index", str(flagged[0]))
+        page.click("#next-flagged")
+        expect(image).to_have_attribute("data-index", str(flagged[1] if len(flagged) > 1 else flagged[0]))
+    else:
+        assert page.locator("#next-flagged").is_disabled()
     assert runnable_markup(page) == []
+    page.goto(f"/jobs/{job_id}/viewer?slice=5")  # the job page links each structure's first flagged slice so
+    page.wait_for_selector("#viewer[data-ready=true]", timeout=60_000)
+    expect(image).to_have_attribute("data-index", "5")
     page.context.close()
 
 

@@ -21,6 +21,7 @@ from node import __version__
 from node.cli import (
     accounts,
     backup,
+    commission,
     configuration,
     conformance,
     doctor,
@@ -29,6 +30,7 @@ from node.cli import (
     processes,
     retention,
     reviews,
+    routes,
     structure_sets,
     training,
 )
@@ -49,9 +51,12 @@ PRIVATE_UMASK = 0o077
 COMMANDS = (
     processes.add_serve, processes.add_demo, processes.add_receive, processes.add_worker,
     job_log.add_studies, job_log.add_jobs, job_log.add_job, job_log.add_resend, job_log.add_rerun,
+    job_log.add_release, job_log.add_discard,
+    routes.add_route,
     retention.add_purge, retention.add_protect,
     accounts.add_user, accounts.add_token, processes.add_web,
     reviews.add_reviews, reviews.add_export_training,
+    commission.add_commission,
     structure_sets.add_rtstruct, training.add_synth, training.add_train, training.add_evaluate,
     structure_sets.add_contour, structure_sets.add_mask, configuration.add_config, models.add_models,
     doctor.add_doctor,

@@ -28,7 +28,7 @@ def add_user(commands: Commands) -> None:
         "--json", action="store_true", help="machine-readable output")
     add = action("add", "add a user with a role")
     add.add_argument("name", metavar="NAME")
-    add.add_argument("--role", required=True, metavar="ROLE", help="admin, dosimetrist or viewer")
+    add.add_argument("--role", required=True, metavar="ROLE", help="admin, dosimetrist, viewer or physicist")
     action("passwd", "set a new password (also lifts a lockout, ends the user's sessions); a disabled user stays "
                      "disabled").add_argument("name", metavar="NAME")
     action("disable", "no more logins; ends the user's sessions and API tokens").add_argument("name", metavar="NAME")

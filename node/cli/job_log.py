@@ -81,7 +81,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
     def sop_instance_uid_of(path: str) -> str:
         return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
-    queued = resend(recorded_database(args), args.job_id, destinations, sop_instance_uid_of)
+    queued = resend(recorded_database(args), args.job_id, destinations, sop_instance_uid_of, config.live_routes)
     print(f"queued {queued} delivery(ies) of job {args.job_id}; the running node sends them")
     return 0
 
@@ -95,7 +95,47 @@ def add_rerun(commands: Commands) -> None:
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     from node.lifecycle.jobs import rerun
+    from node.routing import configured_rule
 
-    job = rerun(recorded_database(args), args.job_id)
+    job = rerun(recorded_database(args), args.job_id, configured_rule(node_config(args)))
     print(f"queued job {job.id} (v{job.version}) with the instances of job {args.job_id}; the running node contours it")
+    return 0
+
+
+def add_release(commands: Commands) -> None:
+    release = add_command(
+        commands, "release", cmd_release, "send a job held back for low confidence (confidence.min_to_send) after all"
+    )
+    release.add_argument("job_id", type=int, metavar="JOB")
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    import getpass
+
+    from pydicom import dcmread
+
+    from node.lifecycle.jobs import release
+
+    def sop_instance_uid_of(path: str) -> str:
+        return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+    config = node_config(args)
+    queued = release(recorded_database(args), args.job_id, config.destinations, sop_instance_uid_of, getpass.getuser())
+    print(f"released job {args.job_id}: {queued} delivery(ies) queued; the running node sends them")
+    return 0
+
+
+def add_discard(commands: Commands) -> None:
+    discard = add_command(commands, "discard", cmd_discard, "never send a job held back for low confidence")
+    discard.add_argument("job_id", type=int, metavar="JOB")
+    discard.add_argument("--reason", default="", help="why, for the job log")
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    import getpass
+
+    from node.lifecycle.jobs import discard
+
+    discard(recorded_database(args), args.job_id, getpass.getuser(), args.reason)
+    print(f"discarded job {args.job_id}: nothing of it is sent")
     return 0

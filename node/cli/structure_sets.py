@@ -107,6 +107,8 @@ def cmd_contour(args: argparse.Namespace) -> int:
         print(f"rtnode: {report.nothing_found(args.ct_dir)}", file=sys.stderr)
         return EXIT_NOTHING_FOUND
     paths = OutputPaths(rtstruct=args.out, mask=args.mask_out, seg=args.seg_out)
-    write_outputs(volume, prediction.mask, paths, Algorithm(card.name, card.version), args.roi_name)
+    write_outputs(
+        volume, prediction.mask, paths, Algorithm(card.name, card.version), args.roi_name, confidence=prediction.confidence
+    )
     print(report.written(args.out, args.roi_name, volume, prediction.mask))
     return 0

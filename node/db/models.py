@@ -75,6 +75,9 @@ class Series(Base):
     series_number: Mapped[int | None] = mapped_column(Integer)
     series_description: Mapped[str] = mapped_column(String(64), default="")
     frame_of_reference_uid: Mapped[str] = mapped_column(UID, default="")
+    # The route its latest job was given (None: no route took it, or no [[routes]]), and why the others did not.
+    route: Mapped[str | None] = mapped_column(String(64))
+    route_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
@@ -123,6 +126,12 @@ class Job(Base):
     outputs: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> path
     # The structure set's ROIs: name, type, colour, model and version, volume in cm3, first and last slice.
     structures: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
+    # The route that took its series, and what it named: models and destinations (None: every one configured);
+    # a shadow job is contoured and kept, and sends nothing.
+    route: Mapped[str | None] = mapped_column(String(64))
+    models: Mapped[list | None] = mapped_column(JSON)
+    destinations: Mapped[list | None] = mapped_column(JSON)
+    mode: Mapped[str] = mapped_column(String(8), default="live", server_default="live")
     starts: Mapped[int] = mapped_column(Integer, default=0)  # how often a worker took it up
     superseded_by: Mapped[int | None] = mapped_column(Integer)
     # The worker that holds (or last held) this job, and until when its lease runs without a heartbeat.

@@ -29,6 +29,24 @@ def _surface_distances(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float
     return to_b, to_a
 
 
+def edited_slices(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float, float], tolerance_mm: float) -> list[int]:
+    """The slices (axis 0, from 0) holding a surface voxel of either mask farther than `tolerance_mm` from the
+    other's surface: where a reviewer moved the outline beyond the surface Dice's tolerance. Every slice of the
+    other when one mask is empty."""
+    if not a.any() or not b.any():
+        return [int(i) for i in np.flatnonzero((a | b).any(axis=(1, 2)))]
+    start = max(min(int(np.nonzero(a)[0].min()), int(np.nonzero(b)[0].min())) - 2, 0)
+    box = tuple(
+        slice(max(min(i.min(), j.min()) - 2, 0), max(i.max(), j.max()) + 3)
+        for i, j in zip(np.nonzero(a), np.nonzero(b), strict=True)
+    )
+    surface_a, surface_b = _surface(a[box]), _surface(b[box])
+    within = tolerance_mm + 1e-6
+    far_a = surface_a & (ndimage.distance_transform_edt(~surface_b, sampling=spacing) > within)
+    far_b = surface_b & (ndimage.distance_transform_edt(~surface_a, sampling=spacing) > within)
+    return [start + int(i) for i in np.flatnonzero((far_a | far_b).any(axis=(1, 2)))]
+
+
 def hd95(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float, float]) -> float:
     """95th percentile of the symmetric surface distance in mm (inf when one mask is empty)."""
     if not a.any() or not b.any():

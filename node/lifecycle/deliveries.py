@@ -3,7 +3,7 @@ the sending job that ends when its last live delivery does."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -12,12 +12,12 @@ from sqlalchemy import ColumnElement, Engine, exists, select, update
 from sqlalchemy.orm import Session
 
 from node.config import DeliverySection
-from node.db.models import Delivery, Job, utcnow
+from node.db.models import Delivery, Instance, Job, utcnow
 from node.destinations import DeliveryOrder, Destination, SendOutcome
 from node.errors import UserError
 from node.lifecycle.events import add_event, finish_job
 from node.lifecycle.workers import WorkerIdentity
-from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind
+from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind, RouteMode
 
 DELIVERABLE = (OutputKind.RTSTRUCT, OutputKind.SEG)  # the outputs that go to destinations
 
@@ -71,8 +71,13 @@ def settle_sending_job(session: Session, job: Job) -> None:
         finish_job(session, job, JobStatus.DONE, "superseded by a newer version before delivery")
 
 
-def resend(engine: Engine, job_id: int, destinations: Sequence[Destination], sop_instance_uid_of: Callable[[str], str]) -> int:
-    """Queue new deliveries of a job's outputs by hand; returns how many.
+def resend(
+    engine: Engine, job_id: int, destinations: Sequence[Destination], sop_instance_uid_of: Callable[[str], str],
+    live_routes: Collection[str] = (),
+) -> int:
+    """Queue new deliveries of a job's outputs by hand, to those of `destinations` its route sends to; returns
+    how many. A shadow job's outputs are sent only once its route is among `live_routes` (an admin switched it
+    to live).
 
     `sop_instance_uid_of(path)` reads an output file's SOP Instance UID.
     """
@@ -80,19 +85,36 @@ def resend(engine: Engine, job_id: int, destinations: Sequence[Destination], sop
         job = session.get(Job, job_id)
         if job is None:
             raise UserError(f"no job {job_id}")
+        if job.mode == RouteMode.SHADOW and job.route not in live_routes:
+            raise UserError(
+                f"job {job_id} ran in shadow on route {job.route}: nothing of it is sent until the route is live"
+                " (mode = \"live\" in its [[routes]] entry)"
+            )
+        named = job.destinations
+        destinations = [d for d in destinations if named is None or d.name in named]
+        if not destinations:
+            raise UserError(f"job {job_id}'s route {job.route} sends to {named}, none of the destinations asked for")
         if OutputKind.RTSTRUCT not in job.outputs:
             raise UserError(f"job {job_id} has no RT Structure Set to send (status {job.status})")
         if job.outputs_removed_at is not None:
             removed = f"removed on {job.outputs_removed_at:%Y-%m-%d} by retention"
             raise UserError(f"job {job_id}'s outputs were {removed}: nothing to send")
-        kinds = [kind for kind in DELIVERABLE if kind in job.outputs]
-        for destination in destinations:
-            for kind in kinds:
-                path = job.outputs[kind]
-                session.add(new_delivery(job, destination, kind, path, sop_instance_uid_of(path)))
+        queued = queue_outputs(session, job, destinations, sop_instance_uid_of)
         job.status, job.finished_at = JobStatus.SENDING, None
         add_event(session, job, EventKind.RESEND, f"queued by hand to {', '.join(d.name for d in destinations)}")
-        return len(kinds) * len(destinations)
+        return queued
+
+
+def queue_outputs(
+    session: Session, job: Job, destinations: Sequence[Destination], sop_instance_uid_of: Callable[[str], str]
+) -> int:
+    """A new delivery of each deliverable output the job made to each destination; how many."""
+    kinds = [kind for kind in DELIVERABLE if kind in job.outputs]
+    for destination in destinations:
+        for kind in kinds:
+            path = job.outputs[kind]
+            session.add(new_delivery(job, destination, kind, path, sop_instance_uid_of(path)))
+    return len(kinds) * len(destinations)
 
 
 @dataclass(frozen=True)
@@ -118,12 +140,22 @@ class RetryPolicy:
         return now + timedelta(seconds=self.backoff(attempts))
 
 
+def arrived_after_inputs() -> ColumnElement[bool]:
+    """A job whose series received instances after its inputs were taken: it is not started, and what it made is
+    not sent, until the series is quiet again and its inputs are taken anew (or a newer version supersedes it).
+    So a job started as soon as a series looked complete never sends the structure set of a shorter series."""
+    return exists().where(
+        Instance.series_id == Job.series_id, Instance.last_received_at > Job.inputs_at, Instance.removed_at.is_(None)
+    )
+
+
 def due_deliveries(engine: Engine) -> list[int]:
     with Session(engine) as session:
         return list(
             session.scalars(
                 select(Delivery.id)
-                .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= utcnow())
+                .join(Job, Job.id == Delivery.job_id)
+                .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= utcnow(), ~arrived_after_inputs())
                 .order_by(Delivery.id)
             ).all()
         )

@@ -16,13 +16,21 @@ from sqlalchemy.orm import Session
 from node.db.models import Delivery, Instance, Job, Review, Series, UTCDateTime, utcnow
 from node.destinations import Destination
 from node.errors import UserError
-from node.lifecycle.deliveries import delivery_pending, new_delivery, settle_sending_job
+from node.lifecycle.deliveries import (
+    arrived_after_inputs,
+    delivery_pending,
+    new_delivery,
+    queue_outputs,
+    settle_sending_job,
+)
 from node.lifecycle.events import add_event, finish_job
 from node.lifecycle.reviews import submit_reviews
 from node.lifecycle.workers import MAX_STARTS, WorkerIdentity
-from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind
+from node.routing import Eligibility, EligibilityRule
+from node.vocabulary import DeliveryStatus, EventKind, JobStatus, OutputKind, RouteMode
 
-ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SENDING)  # work in flight: its inputs and outputs are needed
+# work in flight (a held job waits for an admin): its inputs and outputs are needed
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SENDING, JobStatus.HELD)
 
 
 def fingerprint(sop_instance_uids: Sequence[str]) -> str:
@@ -30,19 +38,11 @@ def fingerprint(sop_instance_uids: Sequence[str]) -> str:
     return hashlib.sha256(f"{len(ordered)}\n{chr(10).join(ordered)}".encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class Eligibility:
-    eligible: bool
-    reason: str = ""
-
-
-EligibilityRule = Callable[[Series, Sequence[Instance]], Eligibility]
-
-
 def submit_series(engine: Engine, series_instance_uid: str, eligibility_of: EligibilityRule) -> Job | None:
     """Queue (or reject) a new job version for a quiet series, if anything arrived since its last job.
 
-    Slices that arrive while the latest job is still queued join it instead.
+    Slices that arrive while the latest job is still queued join it instead; while it runs, it runs again
+    with them (what it made of fewer is never sent).
     """
     with Session(engine, expire_on_commit=False) as session, session.begin():
         series = session.scalars(select(Series).where(Series.series_instance_uid == series_instance_uid)).one_or_none()
@@ -55,10 +55,13 @@ def submit_series(engine: Engine, series_instance_uid: str, eligibility_of: Elig
         latest = session.scalars(select(Job).where(Job.series_id == series.id).order_by(Job.version.desc()).limit(1)).first()
         newest_arrival = max(i.last_received_at for i in instances)
         uids = sorted(i.sop_instance_uid for i in instances)
-        if latest is not None and latest.status == JobStatus.QUEUED:
+        if latest is not None and latest.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             if latest.input_fingerprint != fingerprint(uids):
-                latest.input_uids, latest.input_fingerprint, latest.inputs_at = uids, fingerprint(uids), utcnow()
-                add_event(session, latest, EventKind.INPUTS_UPDATED, f"{len(uids)} instances before the job started")
+                latest.input_uids, latest.input_fingerprint = uids, fingerprint(uids)
+                when = "while it ran: it runs again with them, and what it made so far is not sent" \
+                    if latest.status == JobStatus.RUNNING else "before the job started"
+                add_event(session, latest, EventKind.INPUTS_UPDATED, f"{len(uids)} instances {when}")
+            latest.inputs_at = utcnow()  # the series is quiet: the job may start (again)
             return latest
         if latest is not None and newest_arrival <= latest.inputs_at:
             return None
@@ -79,13 +82,31 @@ def submit_series(engine: Engine, series_instance_uid: str, eligibility_of: Elig
             created_at=utcnow(),
             finished_at=None if verdict.eligible else utcnow(),
         )
+        _route(series, job, verdict)
         session.add(job)
         session.flush()
         if verdict.eligible:
-            add_event(session, job, EventKind.QUEUED, f"{len(uids)} instances of series {series_instance_uid}")
+            add_event(session, job, EventKind.QUEUED, f"{len(uids)} instances of series {series_instance_uid}{_routed(job)}")
         else:
             add_event(session, job, EventKind.REJECTED, verdict.reason)
         return job
+
+
+def _route(series: Series, job: Job, verdict: Eligibility) -> None:
+    """The series and its new job take the decision's route: its name, and what it names."""
+    series.route, series.route_reason = (verdict.route.route if verdict.route else None), verdict.route_reason
+    if verdict.eligible and verdict.route is not None:
+        decision = verdict.route
+        job.route, job.mode = decision.route, decision.mode
+        job.models = list(decision.models) if decision.models is not None else None
+        job.destinations = list(decision.destinations) if decision.destinations is not None else None
+
+
+def _routed(job: Job) -> str:
+    """The route of a queued job, for its log."""
+    if job.route is None:
+        return ""
+    return f", route {job.route}" + (" (shadow: nothing will be sent)" if job.mode == RouteMode.SHADOW else "")
 
 
 @dataclass(frozen=True)
@@ -106,14 +127,14 @@ def settle_quiet_series(engine: Engine, series_instance_uid: str, eligibility_of
 
 
 def claim_next(engine: Engine, worker: WorkerIdentity, lease_seconds: float) -> int | None:
-    """Take the oldest queued job whose series has none running, under a lease. Rows another
+    """Take the oldest queued job whose series has none running and is not arriving still, under a lease. Rows another
     worker is claiming are skipped (FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite has one writer),
     and the conditional update makes a lost race a miss, never a double run. Returns its id."""
     with Session(engine) as session, session.begin():
         running_series = select(Job.series_id).where(Job.status == JobStatus.RUNNING)
         candidates = session.scalars(
             select(Job)
-            .where(Job.status == JobStatus.QUEUED, Job.series_id.not_in(running_series))
+            .where(Job.status == JobStatus.QUEUED, Job.series_id.not_in(running_series), ~arrived_after_inputs())
             .order_by(Job.id)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -144,15 +165,14 @@ def claim_next(engine: Engine, worker: WorkerIdentity, lease_seconds: float) -> 
     return None
 
 
-def rerun(engine: Engine, job_id: int) -> Job:
+def rerun(engine: Engine, job_id: int, eligibility_of: EligibilityRule) -> Job:
     """A new version of a job's series from the same instances, on purpose (a fixed model, a lost
-    structure set); the usual supersede rules apply when it is contoured."""
+    structure set, changed routes): decided again as a quiet series is, so today's routes choose its
+    models and destinations; the usual supersede rules apply when it is contoured."""
     with Session(engine, expire_on_commit=False) as session, session.begin():
         job = session.get(Job, job_id)
         if job is None:
             raise UserError(f"no job {job_id}")
-        if job.status == JobStatus.REJECTED:
-            raise UserError(f"job {job_id} was rejected ({job.error}); a rerun would be rejected again")
         busy = session.scalars(
             select(Job).where(Job.series_id == job.series_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
         ).first()
@@ -163,10 +183,13 @@ def rerun(engine: Engine, job_id: int) -> Job:
         if removed_at is not None:
             removed = f"removed on {removed_at:%Y-%m-%d} by retention"
             raise UserError(f"job {job_id}'s input instances were {removed}: it cannot be re-run")
-        held = session.scalars(select(func.count(Instance.id)).where(inputs)).one()
-        if held != len(job.input_uids):
-            missing = len(job.input_uids) - held
+        instances = session.scalars(select(Instance).where(inputs)).all()
+        if len(instances) != len(job.input_uids):
+            missing = len(job.input_uids) - len(instances)
             raise UserError(f"{missing} of job {job_id}'s input instances are no longer held: it cannot be re-run")
+        verdict = eligibility_of(job.series, instances)
+        if not verdict.eligible:
+            raise UserError(f"job {job_id} would be rejected again: {verdict.reason}")
         latest = session.scalars(select(func.max(Job.version)).where(Job.series_id == job.series_id)).one()
         now = utcnow()
         new = Job(
@@ -179,9 +202,10 @@ def rerun(engine: Engine, job_id: int) -> Job:
             inputs_at=now,
             created_at=now,
         )
+        _route(job.series, new, verdict)
         session.add(new)
         session.flush()
-        detail = f"asked for by hand: the {len(job.input_uids)} instances of job {job_id} (v{job.version})"
+        detail = f"asked for by hand: the {len(job.input_uids)} instances of job {job_id} (v{job.version}){_routed(new)}"
         add_event(session, new, EventKind.RERUN, detail)
         return new
 
@@ -231,6 +255,8 @@ class JobInputs:
     paths: list[Path]
     missing: int  # input instances no longer in the database, or removed by retention
     supersedes: int | None  # the version of the series' latest earlier RT Structure Set a destination received
+    models: tuple[str, ...] | None = None  # the route's models; None: every configured model
+    fingerprint: str = ""  # of the inputs read: the job's own may change while it runs (more slices)
 
 
 def _latest_delivered_version(session: Session, job: Job) -> int | None:
@@ -262,6 +288,8 @@ def job_inputs(engine: Engine, job_id: int, held_by: str | None = None) -> JobIn
             [Path(p) for p in paths],
             len(job.input_uids) - len(paths),
             _latest_delivered_version(session, job),
+            tuple(job.models) if job.models is not None else None,
+            job.input_fingerprint,
         )
 
 
@@ -309,14 +337,28 @@ def record_outputs(
     simplified: Sequence[str] = (),
     structures: Sequence[dict] = (),
     not_found: Sequence[str] = (),
-) -> None:
+    hold: str | None = None,
+    computed_from: str | None = None,
+) -> bool:
     """A contoured job: its files, one delivery per deliverable output and destination, and older
     versions of its series superseded (their pending sends cancelled). `simplified` names each contour
     written with fewer points than traced, for the reviewer; `structures` are the structure set's ROIs as
-    `rtnode job --json` shows them; `not_found` names each structure a model found nothing of."""
+    `rtnode job --json` shows them; `not_found` names each structure a model found nothing of. `hold` (why, a
+    sentence) holds a job that would be sent back as `held`, with no delivery, until `release` or `discard`.
+
+    False, and nothing recorded, when the series grew while the job ran (its inputs are no longer
+    `computed_from`, or instances arrived after them): the job is queued again, to run when the series is quiet.
+    """
     with Session(engine) as session, session.begin():
         job = session.get(Job, job_id)
         _require_holder(job, held_by)
+        grew = computed_from is not None and computed_from != job.input_fingerprint
+        if grew or session.scalar(select(arrived_after_inputs().where(Job.id == job.id))):
+            job.status, job.starts = JobStatus.QUEUED, max(job.starts - 1, 0)
+            detail = "more instances of the series arrived while it ran: nothing of this run is sent; it runs again with them"
+            add_event(session, job, EventKind.REQUEUED, detail)
+            return False
+        destinations = routed_destinations(job, destinations)
         job.outputs = {kind.value: str(path) for kind, path in outputs.items()}
         job.timings = _rounded(timings)
         job.structures = list(structures)
@@ -325,15 +367,64 @@ def record_outputs(
             add_event(session, job, EventKind.STRUCTURE_NOT_FOUND, sentence)
         for sentence in simplified:
             add_event(session, job, EventKind.CONTOUR_SIMPLIFIED, sentence)
-        for destination in destinations:
+        for destination in destinations if not hold else ():
             for kind, sop_instance_uid in sop_instance_uids.items():
                 session.add(new_delivery(job, destination, kind, str(outputs[kind]), sop_instance_uid))
         _supersede_older(session, job)
-        if destinations:
+        if destinations and hold:
+            job.status = JobStatus.HELD
+            add_event(session, job, EventKind.HELD, hold)
+        elif destinations:
             job.status = JobStatus.SENDING
             add_event(session, job, EventKind.SENDING, ", ".join(d.name for d in destinations))
+        elif job.mode == RouteMode.SHADOW:
+            finish_job(session, job, JobStatus.DONE, f"shadow route {job.route}: contoured and kept, nothing sent")
         else:
             finish_job(session, job, JobStatus.DONE, "no destinations configured")
+        return True
+
+
+def _held(session: Session, job_id: int, *, releasing: bool) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise UserError(f"no job {job_id}")
+    if job.status != JobStatus.HELD:
+        raise UserError(f"job {job_id} is {job.status}, not held: only a held job is released or discarded")
+    if releasing and job.superseded_by is not None:
+        raise UserError(f"job {job_id} is superseded by job {job.superseded_by}: discard it, or release that one")
+    return job
+
+
+def release(
+    engine: Engine, job_id: int, destinations: Sequence[Destination], sop_instance_uid_of: Callable[[str], str], who: str
+) -> int:
+    """A held job is sent after all, by an admin's decision: its deliveries queued as contouring would have;
+    returns how many. `sop_instance_uid_of(path)` reads an output file's SOP Instance UID."""
+    with Session(engine) as session, session.begin():
+        job = _held(session, job_id, releasing=True)
+        destinations = routed_destinations(job, destinations)
+        if not destinations:
+            raise UserError(f"job {job_id}: none of the destinations it would go to is configured")
+        queued = queue_outputs(session, job, destinations, sop_instance_uid_of)
+        job.status = JobStatus.SENDING
+        add_event(session, job, EventKind.RELEASED, f"by {who}: sent to {', '.join(d.name for d in destinations)}")
+        return queued
+
+
+def discard(engine: Engine, job_id: int, who: str, reason: str = "") -> None:
+    """A held job is not sent: it ends failed, saying who discarded it and why."""
+    with Session(engine) as session, session.begin():
+        job = _held(session, job_id, releasing=False)
+        sentence = f"held back for low confidence and discarded by {who}" + (f": {reason}" if reason else "") + "; nothing sent"
+        add_event(session, job, EventKind.DISCARDED, f"by {who}")
+        finish_job(session, job, JobStatus.FAILED, sentence)
+
+
+def routed_destinations(job: Job, destinations: Sequence[Destination]) -> list[Destination]:
+    """Of the configured destinations, those the job's route sends to: none for a shadow job."""
+    if job.mode == RouteMode.SHADOW:
+        return []
+    return [d for d in destinations if job.destinations is None or d.name in job.destinations]
 
 
 def _supersede_older(session: Session, job: Job) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from pydicom.uid import RTStructureSetStorage
 from sqlalchemy import Engine, select
@@ -80,10 +80,18 @@ class StructureFigures:
     surface_dice: float
     added_cm3: float
     removed_cm3: float
+    # Slices (from 0 along the CT) where the outline moved beyond the surface tolerance; and what the job said of
+    # the auto structure beforehand (None, []: nothing recorded), to see how well the confidence foretold the edit.
+    edited_slices: list[int] = field(default_factory=list)
+    confidence: float | None = None
+    flagged_slices: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, roi_name: str, figures: ReviewFigures) -> StructureFigures:
-        return cls(roi_name, figures.dice, figures.hd95_mm, figures.surface_dice, figures.added_cm3, figures.removed_cm3)
+    def of(cls, roi_name: str, figures: ReviewFigures, edited_slices: list[int] = (), recorded: dict | None = None
+           ) -> StructureFigures:
+        recorded = recorded or {}
+        return cls(roi_name, figures.dice, figures.hd95_mm, figures.surface_dice, figures.added_cm3, figures.removed_cm3,
+                   list(edited_slices), recorded.get("confidence"), list(recorded.get("flagged_slices") or []))
 
 
 @dataclass(frozen=True)

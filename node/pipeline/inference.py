@@ -17,6 +17,7 @@ import torch
 
 from node.errors import UserError
 from node.imaging.volume import Volume
+from node.pipeline.confidence import StructureConfidence, assess, ct_slices_of, out_of_distribution
 from node.pipeline.model import ResSEUNet3D
 from node.pipeline.preprocess import keep_largest_component, mask_on_grid, sliding_window, to_model_grid
 from node.pipeline.weights import ModelCard, load_weights
@@ -57,18 +58,27 @@ def check_precision(device: torch.device, precision: Precision) -> None:
         )
 
 
+def resolve_precision(device: torch.device, precision: Precision) -> Precision:
+    """`auto`: fp16 on a GPU, bf16 on a CPU whose oneDNN runs it natively (AVX-512 BF16 or AMX), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 @dataclass
 class Prediction:
     mask: np.ndarray  # bool, the Volume's grid
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    confidence: StructureConfidence | None = None  # None: not asked for
 
 
 class Segmenter:
     def __init__(self, model: ResSEUNet3D, card: ModelCard, device: torch.device, precision: Precision = "auto") -> None:
         self.card = card
         self.device = device
-        if precision == "auto":
-            precision = "fp16" if device.type == "cuda" else "fp32"
+        precision = resolve_precision(device, precision)
         check_precision(device, precision)
         self.precision = precision
         self.model = model.to(device).eval()
@@ -98,7 +108,9 @@ class Segmenter:
         with self._autocast():
             return torch.sigmoid(self.model.single_pass(ct, previous, step))
 
-    def predict(self, volume: Volume) -> Prediction:
+    def predict(self, volume: Volume, *, confidence: bool = True) -> Prediction:
+        """The mask, and unless told not to, its confidence (node.pipeline.confidence): the last pass's
+        probability margin, its agreement with the pass before, and the input against the card's statistics."""
         prep = self.card.preprocessing
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -108,8 +120,10 @@ class Segmenter:
             timings["preprocess"] = time.perf_counter() - start
 
             probability = torch.zeros_like(image)
+            earlier = None
             for index in range(self.card.architecture.passes):
                 start = time.perf_counter()
+                earlier = probability if index else None
                 run = functools.partial(self._pass, step=index)
                 probability = sliding_window(run, image, probability, prep.shape, prep.window_overlap)
                 self._sync()
@@ -118,8 +132,21 @@ class Segmenter:
             start = time.perf_counter()
             # Thresholded straight onto the CT grid, a band at a time: no float map at CT resolution.
             mask = mask_on_grid(probability, volume.shape, prep.threshold)
-        del image, probability
-        if prep.keep_largest_component:
-            mask = keep_largest_component(mask)
-        timings["postprocess"] = time.perf_counter() - start
-        return Prediction(mask=mask, timings=timings)
+            if prep.keep_largest_component:
+                mask = keep_largest_component(mask)
+            timings["postprocess"] = time.perf_counter() - start
+            assessed = None
+            if confidence:
+                start = time.perf_counter()
+                assessed = self._assess(volume, probability, earlier)
+                timings["confidence"] = time.perf_counter() - start
+        del image, probability, earlier
+        return Prediction(mask=mask, timings=timings, confidence=assessed)
+
+    def _assess(self, volume: Volume, probability: torch.Tensor, earlier: torch.Tensor | None) -> StructureConfidence:
+        factor, distance = out_of_distribution(volume.hu, volume.spacing, self.card.input_statistics)
+        return assess(
+            probability.float().cpu().numpy(), self.card.preprocessing.threshold,
+            ct_slices_of(probability.shape[0], volume.shape[0]),
+            earlier_pass=None if earlier is None else earlier.float().cpu().numpy(), ood_factor=factor, ood=distance,
+        )

@@ -11,9 +11,9 @@ import numpy as np
 
 from node.config import Config, ModelEntry
 from node.imaging.volume import Volume
-from node.pipeline.inference import Segmenter, resolve_device
+from node.pipeline.inference import Precision, Segmenter, resolve_device
 from node.pipeline.model_files import ModelFileError
-from node.pipeline.registry import built_in_structure, structures_of, verify_model_files
+from node.pipeline.registry import BUILT_IN_LABEL, built_in_structure, structures_of, verify_model_files
 from node.pipeline.structures import LabelMap, Structure
 
 
@@ -30,7 +30,8 @@ class BuiltInPredictor:
 
     def predict(self, volume: Volume) -> LabelMap:
         prediction = self.segmenter.predict(volume)
-        return LabelMap(prediction.mask.view(np.uint8), prediction.timings)
+        confidence = {BUILT_IN_LABEL: prediction.confidence} if prediction.confidence is not None else {}
+        return LabelMap(prediction.mask.view(np.uint8), prediction.timings, confidence)
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,13 @@ class LoadedModel:
         return self.predictor.predict(volume)
 
 
-def _rtnode(entry: ModelEntry, device: str) -> LoadedModel:
+def _rtnode(entry: ModelEntry, device: str, precision: Precision = "auto") -> LoadedModel:
     verify_model_files(entry)
-    segmenter = Segmenter.from_weights(entry.path, device)
+    segmenter = Segmenter.from_weights(entry.path, device, precision)
     return LoadedModel(entry.name, entry.version, structures_of(entry), BuiltInPredictor(segmenter), str(segmenter.device))
 
 
-def _nnunet(entry: ModelEntry, device: str) -> LoadedModel:
+def _nnunet(entry: ModelEntry, device: str, precision: Precision = "auto") -> LoadedModel:
     from node.pipeline.nnunet import NnUNetModel
 
     resolved = str(resolve_device(device))
@@ -66,6 +67,7 @@ def _nnunet(entry: ModelEntry, device: str) -> LoadedModel:
         checkpoint=entry.checkpoint, mirroring=entry.mirroring, device=resolved, reorient_to_ras=entry.reorient_to_ras,
     )
     structures = structures_of(entry)
+    model.confidence_labels = tuple(structure.label for structure in structures)
     outputs = sorted(model.labels.values())
     for structure in structures:
         if structure.label not in outputs:
@@ -76,18 +78,19 @@ def _nnunet(entry: ModelEntry, device: str) -> LoadedModel:
     return LoadedModel(entry.name, entry.version, structures, model, resolved)
 
 
-def load_model(entry: ModelEntry, device: str) -> LoadedModel:
-    """One [[models]] entry on its own device, else `device`; its files verified before anything is loaded."""
+def load_model(entry: ModelEntry, device: str, precision: Precision = "auto") -> LoadedModel:
+    """One [[models]] entry on its own device, else `device`; its files verified before anything is loaded.
+    `precision` (model.precision) applies to the built-in network; nnU-Net runs as nnU-Net does."""
     load = _nnunet if entry.type == "nnunetv2" else _rtnode
-    return load(entry, entry.device or device)
+    return load(entry, entry.device or device, precision)
 
 
 def load_models(config: Config, device: str) -> list[LoadedModel]:
     """Every configured model; without [[models]], the built-in one of [model], named by its card.
     Raises a UserError (WeightsError, DeviceError, ModelFileError) for the first that cannot be used."""
     if not config.models:
-        segmenter = Segmenter.from_weights(config.model.weights, device)
+        segmenter = Segmenter.from_weights(config.model.weights, device, config.model.precision)
         card = segmenter.card
         structure = built_in_structure(config)
         return [LoadedModel(card.name, card.version, (structure,), BuiltInPredictor(segmenter), str(segmenter.device))]
-    return [load_model(entry, device) for entry in config.models]
+    return [load_model(entry, device, config.model.precision) for entry in config.models]

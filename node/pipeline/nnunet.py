@@ -96,6 +96,8 @@ class NnUNetModel:
     reorients_to_ras: bool
     _predictor: Any  # nnunetv2's nnUNetPredictor
     _preprocessor: Any  # the plans' preprocessor (DefaultPreprocessor)
+    # The labels whose confidence is assessed (those the node writes); None: every label.
+    confidence_labels: tuple[int, ...] | None = None
 
     @classmethod
     def load(
@@ -234,6 +236,10 @@ class NnUNetModel:
         timings["predict"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        confidence = self._assess(logits, properties, layout, volume.shape[0])
+        timings["confidence"] = time.perf_counter() - start
+
+        start = time.perf_counter()
         labels = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, properties,
             num_threads_torch=torch.get_num_threads(),
@@ -241,7 +247,54 @@ class NnUNetModel:
         del logits
         labels = layout.from_nnunet(labels)
         timings["postprocess"] = time.perf_counter() - start
-        return LabelMap(labels=labels, timings=timings)
+        return LabelMap(labels=labels, timings=timings, confidence=confidence)
+
+    def _assess(self, logits: torch.Tensor, properties: dict, layout: ArrayLayout, ct_slices: int) -> dict:
+        """Each label's confidence from nnU-Net's probabilities (the folds' average), on its preprocessed grid: the
+        probability margin of the label's mask and the slices whose contour band is unsure. A channel at a time:
+        no second copy of the logits. (No out-of-distribution check: an nnU-Net folder records only the
+        foreground's intensities.)"""
+        import torch
+
+        from node.pipeline.confidence import assess
+
+        label_manager = self._predictor.label_manager
+        axis = list(self._predictor.plans_manager.transpose_forward).index(layout.axes.index(0))  # the series' axis
+        slice_map = _slice_map(properties, axis, logits.shape[1 + axis], ct_slices, layout.flips[layout.axes.index(0)])
+        wanted = set(self.confidence_labels) if self.confidence_labels is not None else set(self.labels.values())
+        if label_manager.has_regions:
+            channels = {int(label): i for i, label in enumerate(label_manager.regions_class_order) if label in wanted}
+            winner, total = None, None
+        else:
+            channels = {label: label for label in sorted(wanted)}
+            winner, total = logits.argmax(0), torch.logsumexp(logits.float(), 0)
+        assessed = {}
+        for label, channel in channels.items():
+            if winner is None:
+                probability = torch.sigmoid(logits[channel].float())
+                mask = probability >= 0.5
+            else:
+                probability = torch.exp(logits[channel].float() - total)
+                mask = winner == channel
+            if not bool(mask.any()):
+                continue
+            assessed[label] = assess(
+                np.moveaxis(probability.numpy(), axis, 0), 0.5, slice_map, mask=np.moveaxis(mask.numpy(), axis, 0)
+            )
+        return assessed
+
+
+def _slice_map(properties: dict, axis: int, resampled: int, ct_slices: int, flipped: bool) -> np.ndarray:
+    """For each CT slice, its slice along `axis` of nnU-Net's preprocessed grid (cropped to the body, then
+    resampled), or -1 where the crop left it out."""
+    start = int(properties["bbox_used_for_cropping"][axis][0])
+    cropped = int(properties["shape_after_cropping_and_before_resampling"][axis])
+    index = np.arange(ct_slices)
+    if flipped:
+        index = ct_slices - 1 - index
+    within = index - start
+    mapped = np.clip(np.rint((within + 0.5) * resampled / cropped - 0.5), 0, resampled - 1).astype(int)
+    return np.where((within >= 0) & (within < cropped), mapped, -1)
 
 
 def _trainer_class(trainer_name: str, model_name: str) -> type:

@@ -4,8 +4,12 @@ the label value it outputs, and its label map on the CT's own grid."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from node.pipeline.confidence import StructureConfidence
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class LabelMap:
 
     labels: np.ndarray  # unsigned integers
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    confidence: dict[int, StructureConfidence] = field(default_factory=dict)  # label -> its confidence, where known
 
     def mask(self, structure: Structure) -> np.ndarray:
         return self.labels == structure.label

@@ -36,6 +36,9 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)
     intended_use: str = "Demonstration and testing of rtnode only. Not for clinical use."
     sha256: str = ""
+    # The training CTs' intensity and geometry (node.pipeline.confidence.training_statistics), against which
+    # each input is checked; {} in cards written before it (no out-of-distribution check then).
+    input_statistics: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -51,7 +54,7 @@ class ModelCard:
             "training": self.training,
             "metrics": self.metrics,
             "sha256": self.sha256,
-        }
+        } | ({"input_statistics": self.input_statistics} if self.input_statistics else {})
 
     @classmethod
     def from_json(cls, data: dict) -> ModelCard:
@@ -65,6 +68,7 @@ class ModelCard:
                 training=data.get("training", {}),
                 metrics=data.get("metrics", {}),
                 sha256=data["sha256"],
+                input_statistics=data.get("input_statistics", {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"model card is incomplete or malformed: {exc!r}") from exc

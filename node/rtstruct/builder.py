@@ -91,10 +91,15 @@ class Roi:
     color: tuple[int, int, int] = (255, 0, 128)
     interpreted_type: str = "CTV"
     algorithm: Algorithm | None = None
+    # ROIObservationDescription (ST, up to 1024 characters): the node writes the confidence and the slices to review
+    observation_description: str | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]{1,64}", self.name) or not self.name.strip():
             raise StructureSetInputError(f"ROI name {self.name!r} must be 1-64 printable ASCII characters without backslash")
+        described = self.observation_description
+        if described is not None and not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]{0,1024}", described):
+            raise StructureSetInputError("an ROI observation description is up to 1024 printable ASCII characters, no backslash")
         if len(self.color) != 3 or not all(0 <= int(v) <= 255 for v in self.color):
             raise StructureSetInputError(f"ROI colour {self.color} must be three integers 0-255")
 
@@ -247,6 +252,8 @@ def build_rtstruct(
         observation.ObservationNumber = number
         observation.ReferencedROINumber = number
         observation.ROIObservationLabel = roi.name[:16]
+        if roi.observation_description:
+            observation.ROIObservationDescription = roi.observation_description[:1024]
         observation.RTROIInterpretedType = roi.interpreted_type
         observation.ROIInterpreter = ""
         observation_items.append(observation)

@@ -44,6 +44,7 @@ class Role(StrEnum):
     ADMIN = "admin"  # everything, the audit trail included
     DOSIMETRIST = "dosimetrist"  # reviews, resends, uploads
     VIEWER = "viewer"  # reads only
+    PHYSICIST = "physicist"  # reads, and the commissioning reports
 
 
 # Who may change something: resend a job's outputs, upload a CT.
@@ -57,6 +58,8 @@ class AuditAction(StrEnum):
     VIEW = "view"
     DOWNLOAD = "download"
     RESEND = "resend"
+    RELEASE = "release"  # a job held back for low confidence, sent after all
+    DISCARD = "discard"  # a held job, never sent
     UPLOAD = "upload"
     REFUSED = "refused"  # a request the role or the CSRF check refused
 

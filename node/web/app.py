@@ -22,12 +22,15 @@ from node.db.models import utcnow
 from node.web.accounts import Clock
 from node.web.dependencies import WebState
 from node.web.exception_handlers import EXCEPTION_HANDLERS
-from node.web.routes import api, monitoring, pages, resend, sessions, upload, viewer
+from node.web.routes import api, commissioning, hold, monitoring, pages, resend, sessions, upload, viewer
 from node.web.security import SecurityHeaders
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The order of the paths in the OpenAPI document, and so on the /api/ page.
-ROUTERS = (monitoring.router, sessions.router, pages.router, viewer.router, resend.router, upload.router, api.router)
+ROUTERS = (
+    monitoring.router, sessions.router, pages.router, viewer.router, resend.router, hold.router, upload.router,
+    commissioning.router, api.router,
+)
 
 
 class WebApp(FastAPI):

@@ -30,10 +30,22 @@ class JobFilter:
     patient: str = ""  # part of the patient's ID or name
     date: str = ""  # YYYY-MM-DD: jobs created that day (UTC)
     text: str = ""  # part of the patient, study or series description, a UID, or the error
+    confidence_below: str = ""  # a number 0-1: jobs with a structure of lower confidence
 
     def __post_init__(self) -> None:
         if self.status and self.status not in set(JobStatus):
             raise UserError(f"status {self.status!r}: one of {', '.join(JobStatus)}")
+        if self.confidence_below:
+            self.below()
+
+    def below(self) -> float:
+        try:
+            value = float(self.confidence_below)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= 1:
+            raise UserError(f"confidence below {self.confidence_below!r}: expected a number from 0 to 1")
+        return value
         if self.date:
             self.day()
 
@@ -58,12 +70,33 @@ class JobRow:
     created_at: str
     finished_at: str | None
     error: str
+    mode: str  # shadow: contoured and kept, nothing sent
+    confidence: float | None  # the lowest of its structures' (None: none recorded)
 
 
 @dataclass(frozen=True)
 class JobPage:
     rows: list[JobRow]
     next_before: int | None  # the cursor of the next (older) page; None on the last page
+
+
+def lowest_confidence(structures: list[dict] | None) -> float | None:
+    known = [s["confidence"] for s in structures or () if s.get("confidence") is not None]
+    return min(known) if known else None
+
+
+def _low_confidence(session: Session, query, job_filter: JobFilter, size: int) -> list:
+    """The rows of `query` (newest first, `size + 1` at a time) whose lowest confidence is below the filter's: the
+    structures are a JSON column, read batch by batch until the page is full or the jobs run out."""
+    below, found, last = job_filter.below(), [], None
+    while len(found) <= size:
+        batch = session.execute(query if last is None else query.where(Job.id < last)).all()
+        lowest = [(row, lowest_confidence(row[0].structures)) for row in batch]
+        found += [row for row, value in lowest if value is not None and value < below]
+        if len(batch) <= size:
+            break
+        last = batch[-1][0].id
+    return found[: size + 1]
 
 
 def _like(text: str) -> str:
@@ -96,13 +129,14 @@ def job_page(engine: Engine, job_filter: JobFilter, before: int | None = None, s
                    Series.series_instance_uid, Study.study_instance_uid, Job.error)
         query = query.where(or_(*(column.ilike(pattern, escape="\\") for column in columns)))
     with Session(engine) as session:
-        found = session.execute(query).all()
+        found = _low_confidence(session, query, job_filter, size) if job_filter.confidence_below else session.execute(query).all()
     rows = [
         JobRow(
             id=job.id, status=job.status, version=job.version, patient_id=study.patient_id, patient_name=study.patient_name,
             study_date=study.study_date, series_description=series.series_description, modality=series.modality,
             instances=len(job.input_uids), created_at=job.created_at.isoformat(),
-            finished_at=job.finished_at.isoformat() if job.finished_at else None, error=job.error,
+            finished_at=job.finished_at.isoformat() if job.finished_at else None, error=job.error, mode=job.mode,
+            confidence=lowest_confidence(job.structures),
         )
         for job, series, study in found[:size]
     ]

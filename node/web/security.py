@@ -23,6 +23,13 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+# A commissioning report (node/commission/report.py) is one self-contained page: inline styles, PNG data URIs, no
+# script and nothing fetched; sandboxed, so that no text in it could act even if its escaping failed.
+REPORT_CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'; sandbox"
+)
+REPORT_PATH_PREFIX = "/commissioning/reports/"
 
 
 class LoginRequired(Exception):
@@ -163,7 +170,8 @@ class SecurityHeaders:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
-                headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+                report = scope["path"].startswith(REPORT_PATH_PREFIX)
+                headers["Content-Security-Policy"] = REPORT_CONTENT_SECURITY_POLICY if report else CONTENT_SECURITY_POLICY
                 headers["X-Frame-Options"] = "DENY"
                 headers["X-Content-Type-Options"] = "nosniff"
                 headers["Referrer-Policy"] = "same-origin"  # no-referrer would make a browser send Origin: null

@@ -2,7 +2,7 @@
 
 Each file goes through `InstanceStore.save`, the C-STORE path's own durable store (same repeats,
 same conflicts, same refusals), and each series that got new instances is then submitted as a
-quiet series would be (`node.completion`'s eligibility, `node.lifecycle`). Archives are checked
+quiet series would be (`node.routing`'s eligibility and routes, `node.lifecycle`). Archives are checked
 whole before anything is stored: a corrupt or oversized zip stores nothing.
 """
 
@@ -21,11 +21,11 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine
 
-from node.completion import eligibility
 from node.config import Config
 from node.errors import UserError
 from node.instance_check import StoreRefused
 from node.lifecycle.jobs import settle_quiet_series
+from node.routing import configured_rule
 from node.store import CallingPeer, InstanceStore
 
 # The calling AE title recorded for uploaded instances (instances.calling_ae_title).
@@ -193,7 +193,7 @@ def _store_entry(
 
 def _submit(engine: Engine, config: Config, series_instance_uid: str) -> SeriesSubmitted:
     """What the completion timer does when a series falls quiet: reviews for structure sets sent back, else a job."""
-    settled = settle_quiet_series(engine, series_instance_uid, lambda s, i: eligibility(s, i, config.completion.min_slices))
+    settled = settle_quiet_series(engine, series_instance_uid, configured_rule(config))
     if settled.reviews is not None:
         return SeriesSubmitted(series_instance_uid, None, "structure sets: reviews pending")
     if settled.job is None:

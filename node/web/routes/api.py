@@ -70,8 +70,8 @@ def api_studies(request: Request, web: Web, identity: User) -> list[dict]:
 
 @router.get("/api/dashboard")
 def api_dashboard(web: Web, identity: Poller, status: str = "", patient: str = "", date: str = "", text: str = "",
-                  before: Before = None) -> dict:
+                  before: Before = None, confidence_below: str = "") -> dict:
     """The dashboard's figures and a page of jobs (the page polls this; it is audited when the page is viewed)."""
-    page = job_page(web.engine, JobFilter(status, patient, date, text), before)
+    page = job_page(web.engine, JobFilter(status, patient, date, text, confidence_below), before)
     return {"overview": asdict(overview(web.engine, web.config)), "jobs": [asdict(row) for row in page.rows],
             "next_before": page.next_before}

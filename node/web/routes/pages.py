@@ -19,8 +19,8 @@ router = APIRouter()
 
 @router.get("/", response_class=HTMLResponse)
 def dashboard(request: Request, web: Web, identity: User, status: str = "", patient: str = "", date: str = "", text: str = "",
-              before: Before = None) -> HTMLResponse:
-    job_filter = JobFilter(status, patient, date, text)
+              before: Before = None, confidence_below: str = "") -> HTMLResponse:
+    job_filter = JobFilter(status, patient, date, text, confidence_below)
     page = job_page(web.engine, job_filter, before)
     audit_request(request, identity, AuditAction.VIEW, "dashboard" + (f" {request.url.query}" if request.url.query else ""))
     next_query = urlencode({**asdict(job_filter), "before": page.next_before}) if page.next_before else ""
@@ -34,7 +34,8 @@ def job_page_view(request: Request, web: Web, identity: User, job_id: RowId) -> 
     detail = viewed_job(request, identity, job_id, f"job {job_id}")
     downloads = [] if detail.job["outputs_removed_at"] else [k for k in OutputKind if k in detail.job["outputs"]]
     return render(request, "job.html", identity, detail=detail, job=detail.job, downloads=downloads,
-                  may_resend=identity.may_act() and bool(web.config.destinations) and "rtstruct" in downloads)
+                  may_resend=identity.may_act() and bool(web.config.destinations) and "rtstruct" in downloads,
+                  may_release=identity.role == Role.ADMIN and detail.job["status"] == JobStatus.HELD)
 
 
 @router.get("/studies", response_class=HTMLResponse)

@@ -32,7 +32,7 @@ async def _resend(request: Request, web: WebState, identity: Identity, job_id: i
     destinations = web.config.destinations
     if not destinations:
         raise UserError("no destinations configured")
-    count = await run_in_threadpool(resend, web.engine, job_id, destinations, _sop_instance_uid_of)
+    count = await run_in_threadpool(resend, web.engine, job_id, destinations, _sop_instance_uid_of, web.config.live_routes)
     await run_in_threadpool(audit_request, request, identity, AuditAction.RESEND, f"job {job_id}", patient,
                             f"{count} delivery(ies) queued to {', '.join(d.name for d in destinations)}")
     return count

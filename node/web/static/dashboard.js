@@ -26,10 +26,18 @@ function jobRow(job) {
   badge.className = "status status-" + job.status;
   badge.textContent = job.status;
   status.appendChild(badge);
+  if (job.mode === "shadow") {
+    const shadow = document.createElement("span");
+    shadow.className = "shadow";
+    shadow.textContent = "shadow";
+    status.append(" ", shadow);
+  }
   cell(tr, job.patient_id);
   cell(tr, job.patient_name);
   cell(tr, job.modality + " " + job.series_description);
   cell(tr, String(job.instances));
+  cell(tr, job.confidence === null ? "" : job.confidence.toFixed(2),
+    "confidence" + (job.confidence !== null && job.confidence < 0.5 ? " low" : ""));
   cell(tr, job.created_at.slice(0, 19).replace("T", " "));
   cell(tr, job.error, "error-text");
   return tr;
@@ -51,7 +59,7 @@ function draw(data) {
   if (!data.jobs.length) {
     const tr = document.createElement("tr");
     tr.className = "empty";
-    cell(tr, "no jobs").colSpan = 8;
+    cell(tr, "no jobs").colSpan = 9;
     body.appendChild(tr);
   }
   const overview = data.overview;

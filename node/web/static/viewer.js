@@ -32,6 +32,7 @@
     timer: null,
     outline: null, // the outlines of the slice on screen
     hidden: new Set(), // the indices of the structures not drawn
+    flagged: [], // the slices flagged for review, ascending
   };
   const slices = new Map(); // `${preset}/${index}` -> Promise<{url, outline}>, oldest use first
 
@@ -240,6 +241,7 @@
     Home: () => go(0),
     End: () => go(state.info.slice_count - 1),
     " ": toggleAutoplay,
+    f: () => nextFlagged(),
   };
 
   function typingIn(target) {
@@ -299,6 +301,16 @@
     }
     const slider = el("slice-slider");
     slider.max = String(info.slice_count - 1);
+    // The slices flagged for review (the job's structures' flagged_slices, indices from 0): a mark each on a strip
+    // beside the slider, at the slider's own position for that slice.
+    const strip = el("flagged-strip");
+    for (const index of state.flagged) {
+      const mark = document.createElement("span");
+      mark.className = "flag-mark";
+      mark.dataset.slice = String(index);
+      mark.style.left = `${info.slice_count > 1 ? (100 * index) / (info.slice_count - 1) : 0}%`;
+      strip.append(mark);
+    }
     const hasContour = info.first_contour_slice !== null;
     el("first-contour").disabled = !hasContour;
     el("last-contour").disabled = !hasContour;
@@ -345,8 +357,16 @@
     return item;
   }
 
+  // The next flagged slice after the one shown (after the last, the first again).
+  function nextFlagged() {
+    if (!state.flagged.length) return;
+    stopAutoplay();
+    go(state.flagged.find((index) => index > state.index) ?? state.flagged[0]);
+  }
+
   function wire() {
     const info = state.info;
+    el("next-flagged").addEventListener("click", nextFlagged);
     for (const button of document.querySelectorAll("[data-preset]")) {
       button.addEventListener("click", () => setPreset(button.dataset.preset));
     }
@@ -379,10 +399,12 @@
       return;
     }
     const info = state.info;
+    state.flagged = JSON.parse(root.dataset.flagged || "[]").filter((index) => index < info.slice_count);
     layout(info);
     wire();
+    const asked = Number.parseInt(new URLSearchParams(window.location.search).get("slice") ?? "", 10);
     const centre = info.ctv_centre ? info.ctv_centre.slice : Math.floor(info.slice_count / 2);
-    state.index = centre;
+    state.index = Number.isInteger(asked) && asked >= 0 && asked < info.slice_count ? asked : centre;
     setPreset(info.default_preset);
     root.dataset.ready = "true";
   }
