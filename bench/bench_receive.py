@@ -3,16 +3,20 @@
     .venv/bin/python bench/bench_receive.py [--slices 200] [--repeats 3] [--senders 4] [--no-fsync]
         [--postgresql postgresql+psycopg://USER@HOST:PORT --receivers N]
 
-Two figures, each as a ratio to storescp measured in the same run (median of repeats):
+Three receivers, in one run: DCMTK storescp; a bare pynetdicom SCP that only writes each received
+dataset to disk with rtnode's fsync policy (the file, then its folder; none with --no-fsync), the
+floor for any pynetdicom node; and rtnode. Two figures each (median of repeats, a fresh receiver
+for every push), printed as ratios to rtnode's own library (the bare pynetdicom SCP) and to storescp:
 - one sender: seconds for one storescu push of one series;
 - several senders: that many storescu processes push a series each at once; the aggregate
   slices/s is compared with one sender's slices/s on the same receiver (the scaling).
-A bare pynetdicom SCP that only writes the bytes is measured too: the floor for any pynetdicom node.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import shutil
 import statistics
 import subprocess
@@ -68,17 +72,25 @@ def storescp(work: Path) -> Iterator[int]:
 
 
 @contextmanager
-def bare_pynetdicom(work: Path) -> Iterator[int]:
-    """The floor under any pynetdicom node: a handler that only writes the received bytes."""
+def bare_pynetdicom(work: Path, fsync: bool) -> Iterator[int]:
+    """The floor under any pynetdicom node: a handler that only writes the received bytes (as
+    pynetdicom's documentation shows), with rtnode's fsync policy: the file, then its folder."""
     out = work / "bare-out"
     out.mkdir()
+    folder = os.open(out, os.O_RDONLY) if fsync else None
 
     def handle_store(event) -> int:
-        (out / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(event.encoded_dataset())
+        with (out / f"{event.request.AffectedSOPInstanceUID}.dcm").open("wb") as handle:
+            handle.write(event.encoded_dataset())
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        if fsync:
+            os.fsync(folder)
         return 0x0000
 
     ae = AE(ae_title="RTNODE")
-    ae.maximum_pdu_size = 1_048_576
+    ae.maximum_pdu_size = 1_048_576  # rtnode's node.max_pdu_bytes
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     port = free_port()
@@ -87,6 +99,8 @@ def bare_pynetdicom(work: Path) -> Iterator[int]:
         yield port
     finally:
         ae.shutdown()
+        if folder is not None:
+            os.close(folder)
         shutil.rmtree(out)
 
 
@@ -120,13 +134,15 @@ def rtnode(fsync: bool, receivers: int, postgresql: str | None) -> Callable[[Pat
     return receiver
 
 
-def timed(receiver, work: Path, series_dirs: list[Path], repeats: int) -> float:
-    """Median seconds of `repeats` pushes, each into a fresh receiver (nothing held from before)."""
-    times = []
+def timed(receivers: dict, work: Path, series_dirs: list[Path], repeats: int) -> dict[str, float]:
+    """Median seconds of `repeats` pushes per receiver, each into a fresh receiver (nothing held from
+    before); the receivers take turns within each repeat, so a neighbour's load falls on all alike."""
+    times: dict[str, list[float]] = {name: [] for name in receivers}
     for _ in range(repeats):
-        with receiver(work) as port:
-            times.append(push_all(port, series_dirs))
-    return statistics.median(times)
+        for name, receiver in receivers.items():
+            with receiver(work) as port:
+                times[name].append(push_all(port, series_dirs))
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def main() -> None:
@@ -141,7 +157,7 @@ def main() -> None:
 
     receivers = {
         "DCMTK storescp": storescp,
-        "bare pynetdicom": bare_pynetdicom,
+        "bare pynetdicom": functools.partial(bare_pynetdicom, fsync=not args.no_fsync),
         f"rtnode ({args.receivers} receiving)": rtnode(not args.no_fsync, args.receivers, args.postgresql),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,26 +166,30 @@ def main() -> None:
         for folder in series_dirs:
             write_cylinder_ct(folder, slices=args.slices, rows=512, columns=512, pixel_spacing=(0.9765625, 0.9765625))
         megabytes = sum(p.stat().st_size for p in series_dirs[0].iterdir()) / 1e6
-        one = {name: timed(receiver, work, series_dirs[:1], args.repeats) for name, receiver in receivers.items()}
-        many = {name: timed(receiver, work, series_dirs, args.repeats) for name, receiver in receivers.items()}
+        one = timed(receivers, work, series_dirs[:1], args.repeats)
+        many = timed(receivers, work, series_dirs, args.repeats)
 
     print(f"cpu: {cpu_description()}")
     print(f"series: {args.slices} slices 512x512, {megabytes:.0f} MB; storescu pushes, median of {args.repeats}")
     database = "PostgreSQL" if args.postgresql else "SQLite"
-    print(f"rtnode: fsync {'off' if args.no_fsync else 'on'}, {database}, node.receivers = {args.receivers}")
+    fsync = "off (nor in the bare SCP)" if args.no_fsync else "on (the bare SCP fsyncs each file and its folder too)"
+    print(f"rtnode: fsync {fsync}, {database}, node.receivers = {args.receivers}")
     print(
-        f"{'receiver':24} {'1 sender':>9} {'slices/s':>9} {'vs storescp':>12}   "
-        f"{args.senders} senders {'slices/s':>9} {'vs storescp':>12} {'scaling':>8}"
+        f"{'receiver':24} {'1 sender':>9} {'slices/s':>9} {'vs bare':>8} {'vs storescp':>12}   "
+        f"{args.senders} senders {'slices/s':>9} {'vs bare':>8} {'vs storescp':>12} {'scaling':>8}"
     )
+    bare_one, bare_many = one["bare pynetdicom"], many["bare pynetdicom"]
     reference_one, reference_many = one["DCMTK storescp"], many["DCMTK storescp"]
     for name in receivers:
         rate_one = args.slices / one[name]
         rate_many = args.slices * args.senders / many[name]
         print(
-            f"{name:24} {one[name]:8.2f}s {rate_one:9.1f} {one[name] / reference_one:11.2f}x   "
-            f"{many[name]:8.2f}s {rate_many:9.1f} {many[name] / reference_many:11.2f}x {rate_many / rate_one:7.2f}x"
+            f"{name:24} {one[name]:8.2f}s {rate_one:9.1f} {one[name] / bare_one:7.2f}x {one[name] / reference_one:11.2f}x   "
+            f"{many[name]:8.2f}s {rate_many:9.1f} {many[name] / bare_many:7.2f}x {many[name] / reference_many:11.2f}x"
+            f" {rate_many / rate_one:7.2f}x"
         )
-    print("vs storescp: seconds over storescp's seconds (goal for rtnode, one sender: at most 3);")
+    print("vs bare: seconds over the bare pynetdicom SCP's (goal for rtnode, one sender: at most 1.5, issue #26);")
+    print("vs storescp: seconds over storescp's seconds (issue #12's goal for rtnode, one sender: at most 3);")
     print(f"scaling: {args.senders} senders' aggregate slices/s over one sender's (goal for rtnode: at least 1.5)")
 
 

@@ -112,11 +112,11 @@ class CompletionTracker:
                 paths = session.scalars(select(Instance.path).join(Series).where(Series.series_instance_uid == uid)).all()
             if looks_complete(list(paths), self._config.completion.min_slices):
                 log.info(
-                    "series %s looks complete after association release: starting in %.1f s",
+                    "series %s looks complete after association release: starting now, sent once quiet for %.1f s",
                     uid,
                     self._config.completion.release_grace_seconds,
                 )
-                self.arm(uid, self._config.completion.release_grace_seconds)
+                self.arm(uid, 0.0)
 
     def _quiet_left(self, series_uid: str, armed_at: datetime) -> float:
         """Seconds of quiet time still owed to slices of the series stored after this timer was set,

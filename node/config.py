@@ -136,9 +136,10 @@ class TlsSection(_Section):
 class CompletionSection(_Section):
     quiet_seconds: Annotated[float, Field(gt=0)] = 10.0
     min_slices: Annotated[int, Field(ge=2)] = 20
-    # After an association is released with a geometrically complete series, start this soon (0: at once; a job
-    # whose series grows while it runs is never sent, and runs again with the new slices).
-    release_grace_seconds: Annotated[float, Field(ge=0)] = 0.0
+    # A series that looks complete when its association is released starts at once; what its job makes is sent
+    # only once no slice of it came for this long (a sender going on with it on another association meanwhile makes
+    # the job run again with every slice, and nothing of the shorter series is sent).
+    release_grace_seconds: Annotated[float, Field(ge=0)] = 1.0
 
 
 class DeliverySection(_Section):

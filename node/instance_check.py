@@ -19,6 +19,7 @@ from io import BytesIO
 from pydicom import dcmread
 from pydicom.charset import decode_bytes
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -62,6 +63,7 @@ _HEADER_TAGS = [
     "InstanceNumber",
 ]
 _IMAGE_TAGS = ["Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames"]
+_UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 # What a decoder may raise on hostile bytes, deep nesting and corrupt deflate streams included.
 _UNDECODABLE = (
     InvalidDicomError,
@@ -169,13 +171,12 @@ def _complete_fragments(data: bytes) -> int:
     return items - 1
 
 
-def _pixel_data_as_stored(encoded: bytes) -> tuple[bytes, int] | None:
-    """(the bytes present, the length the element declares) of the top-level pixel data, None when there
-    is none. Read apart from the header: pydicom drops every element of a dataset that ends inside an
-    undefined length. pydicom hands back the element raw (its declared length kept, the bytes present
-    maybe fewer) or decoded: an empty value (nothing declared beyond its bytes), or one sent as SQ or as
-    UN of undefined length, which it reads as a sequence of items (refused: pixel data is bytes)."""
-    element = dcmread(BytesIO(encoded), specific_tags=["PixelData"]).get_item(0x7FE00010)
+def _pixel_data_as_stored(read: Dataset) -> tuple[bytes, int] | None:
+    """(the bytes present, the length the element declares) of the top-level pixel data of `read` (a dataset
+    read with its pixel data), None when there is none. pydicom hands back the element raw (its declared length
+    kept, the bytes present maybe fewer) or decoded: an empty value (nothing declared beyond its bytes), or one
+    sent as SQ or as UN of undefined length, which it reads as a sequence of items (refused: pixel data is bytes)."""
+    element = read.get_item(0x7FE00010)
     if element is None:
         return None
     data = element.value or b""
@@ -185,11 +186,30 @@ def _pixel_data_as_stored(encoded: bytes) -> tuple[bytes, int] | None:
     return data, element.length if isinstance(element, RawDataElement) else len(data)
 
 
-def _check_pixel_data(encoded: bytes, ds, encapsulated: bool) -> None:
+def _read_once(encoded: bytes) -> Dataset | None:
+    """The header's elements and the pixel data in one parse, when that parse is plainly whole: every UID there
+    and pixel data of bytes, as many as declared. None otherwise (a dataset that ends inside an undefined length,
+    of which pydicom drops elements, included): the header is then read apart, without its pixels, and the pixel
+    data apart, each as pydicom can."""
+    try:
+        read = dcmread(BytesIO(encoded), specific_tags=[*_HEADER_TAGS, *_IMAGE_TAGS, "PixelData"])
+        element = read.get_item(0x7FE00010)
+    except (*_UNDECODABLE, RecursionError):
+        return None
+    if any(keyword not in read for keyword in _UID_KEYWORDS) or element is None or not isinstance(element.value, bytes):
+        return None
+    declared = element.length if isinstance(element, RawDataElement) else len(element.value)
+    return read if declared in (_UNDEFINED_LENGTH, len(element.value)) else None
+
+
+def _check_pixel_data(encoded: bytes, ds: Dataset, encapsulated: bool, whole: Dataset | None) -> None:
     """Refuse pixel data that cannot be whole, read as stored and never decoded: the sender hears it
     now, where a job failing later would tell it nothing. Any instance's pixel data must hold the
-    bytes it declares; an image's must be there, and hold its frames."""
-    pixel_data, is_image = _pixel_data_as_stored(encoded), "Rows" in ds
+    bytes it declares; an image's must be there, and hold its frames. `whole`: the dataset read with its
+    pixel data (`_read_once`), or None: the pixel data is read here, apart from the header."""
+    if whole is None:
+        whole = dcmread(BytesIO(encoded), specific_tags=["PixelData"])
+    pixel_data, is_image = _pixel_data_as_stored(whole), "Rows" in ds
     if pixel_data is None:
         if is_image:
             raise StoreRefused(Status.INCOMPLETE_PIXEL_DATA, "the image's pixel data is missing or cut short")
@@ -229,11 +249,9 @@ def read_header(encoded: bytes, max_decoded_bytes: int) -> InstanceHeader:
         if not transfer_syntax:  # without it pydicom would guess, and read garbage as a dataset that merely lacks UIDs
             raise StoreRefused(Status.CANNOT_DECODE, "dataset cannot be decoded: its file meta names no Transfer Syntax UID")
         _check_decoded_size(encoded, transfer_syntax, offset, max_decoded_bytes)
-        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS + _IMAGE_TAGS)
-        uids = {
-            keyword: _text(ds, keyword, 1024)
-            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        }
+        whole = _read_once(encoded)
+        ds = whole or dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS + _IMAGE_TAGS)
+        uids = {keyword: _text(ds, keyword, 1024) for keyword in _UID_KEYWORDS}
         header_fields = {
             "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
             "modality": _text(ds, "Modality", 16),
@@ -252,7 +270,7 @@ def read_header(encoded: bytes, max_decoded_bytes: int) -> InstanceHeader:
         invalid = [f"{keyword}={value!r}" for keyword, value in uids.items() if len(value) > 64 or not _UID.match(value)]
         if invalid:
             raise StoreRefused(Status.INVALID_UID, f"dataset has malformed UIDs: {', '.join(invalid)}")
-        _check_pixel_data(encoded, ds, UID(transfer_syntax).is_encapsulated)
+        _check_pixel_data(encoded, ds, UID(transfer_syntax).is_encapsulated, whole)
     except RecursionError as exc:
         raise StoreRefused(Status.CANNOT_DECODE, "dataset cannot be decoded: sequences nested too deeply") from exc
     except _UNDECODABLE as exc:

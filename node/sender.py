@@ -71,7 +71,7 @@ class Sender:
     def send_due(self, outage: Outage, stop: threading.Event) -> int:
         """Attempt every delivery whose time has come; returns how many were due. An attempt's outcome is
         recorded even when the database went away during the send: it is waited for, not dropped."""
-        due = deliveries.due_deliveries(self._engine)
+        due = deliveries.due_deliveries(self._engine, self._config.completion.release_grace_seconds)
         for delivery_id in due:
             order = deliveries.take_delivery(self._engine, delivery_id, self._identity, self._config.node.worker_lease_seconds)
             if order is None:

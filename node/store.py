@@ -1,8 +1,9 @@
 """Durable storage of received instances: bytes on disk first, then a committed row.
 
 The SCP answers Success only after `InstanceStore.save` returns, so everything it
-acknowledged survives a SIGKILL the next instant: the file was written under a
-temporary name, fsynced and renamed into place, and its row committed.
+acknowledged survives a SIGKILL (or a power cut) the next instant: the file was written
+whole under a temporary name and renamed into place, the file and its folder fsynced (at
+once: overlapping fsyncs share one flush of the disk), and only then its row committed.
 
 Whatever `save` refuses, it refuses before answering, with a failure status the sender
 sees, and leaves nothing behind (no file, no row): what `node.instance_check` finds unusable
@@ -16,6 +17,7 @@ import logging
 import os
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +81,8 @@ def _temporary_beside(path: Path) -> tuple[int, str]:
         return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
 
 
-def write_durably(path: Path, data: bytes, *, fsync: bool, sync_folder: bool = True) -> None:
-    """Write-to-temporary then rename: readers never see a half-written file under `path`. With
-    `sync_folder` false the caller fsyncs the folder itself (once for several files)."""
+def write_durably(path: Path, data: bytes, *, fsync: bool) -> None:
+    """Write-to-temporary then rename: readers never see a half-written file under `path`."""
     fd, temporary = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -93,19 +94,37 @@ def write_durably(path: Path, data: bytes, *, fsync: bool, sync_folder: bool = T
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    if fsync and sync_folder:
+    if fsync:
         fsync_path(path.parent)
+
+
+def write_in_place(path: Path, data: bytes) -> int:
+    """Write-to-temporary then rename, fsyncing nothing: returns the file's descriptor, open, for the
+    caller to fsync together with the folder (both at once, so they can share one flush of the disk)
+    and to close. Readers never see a half-written file under `path`."""
+    fd, temporary = _temporary_beside(path)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        os.close(fd)
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return fd
 
 
 @dataclass(eq=False)
 class _Arrival:
-    """A new instance whose file is written and fsynced, waiting for its folder entry and its row."""
+    """A new instance whose file is written and renamed into place (`fd`: the file, open), waiting
+    for the fsyncs of the file and its folder and for its row."""
 
     header: InstanceHeader
     path: Path
     size: int
     transfer_syntax_uid: str
     peer: CallingPeer
+    fd: int
     committed: bool = False
     error: BaseException | None = None
 
@@ -131,6 +150,8 @@ class InstanceStore:
         self._arrived = threading.Condition()
         self._arrivals: list[_Arrival] = []
         self._committing = False
+        # The committing thread's helpers: a group's fsyncs (its files and their folders) run at once.
+        self._syncer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
 
     @property
     def engine(self) -> Engine:
@@ -167,25 +188,28 @@ class InstanceStore:
                         kept = str(path)
                     self._count_repeat(held.id, kept, header, peer)
                     return StoredInstance(header, Path(kept), duplicate=True)
-                write_durably(path, encoded, fsync=self._fsync, sync_folder=False)
+                fd = write_in_place(path, encoded)
             except OSError as exc:
                 raise StoreRefused(Status.OUT_OF_RESOURCES, f"cannot write {path}: {exc.strerror or exc}") from exc
             except SQLAlchemyError as exc:
                 raise StoreRefused(Status.OUT_OF_RESOURCES, f"database error: {exc}") from exc
             try:
-                self._commit(_Arrival(header, path, len(encoded), transfer_syntax_uid, peer))
+                self._commit(_Arrival(header, path, len(encoded), transfer_syntax_uid, peer, fd))
             except OSError as exc:
                 path.unlink(missing_ok=True)
                 raise StoreRefused(Status.OUT_OF_RESOURCES, f"cannot write {path}: {exc.strerror or exc}") from exc
             except SQLAlchemyError as exc:
                 path.unlink(missing_ok=True)
                 raise StoreRefused(Status.OUT_OF_RESOURCES, f"database error: {exc}") from exc
+            finally:
+                os.close(fd)
         return StoredInstance(header, path, duplicate=False)
 
     def _commit(self, arrival: _Arrival) -> None:
-        """Makes the arrival's folder entry and row durable together with those of the instances that
-        arrived meanwhile on other associations: one fsync per folder and one database commit for the
-        group instead of one each (group commit). Returns once its row is committed; else raises why."""
+        """Makes the arrival's file, folder entry and row durable together with those of the instances
+        that arrived meanwhile on other associations: the fsyncs of their files and folders at once, one
+        fsync per folder and one database commit for the group instead of one each (group commit).
+        Returns once its row is committed; else raises why."""
         with self._arrived:
             self._arrivals.append(arrival)
             while not (arrival.committed or arrival.error):
@@ -208,12 +232,13 @@ class InstanceStore:
             raise arrival.error
 
     def _commit_group(self, group: list[_Arrival]) -> None:
-        """Folders first, then rows: a row never names a file whose entry a power loss could undo.
-        A group the database refuses is retried row by row: one bad row fails only its instance, and
-        a row whose new study or series another writer (the web upload) inserted meanwhile finds it."""
+        """Files and folders first, then rows: a row never names a file whose bytes or entry a power
+        loss could undo. A group the database refuses is retried row by row: one bad row fails only
+        its instance, and a row whose new study or series another writer (the web upload) inserted
+        meanwhile finds it."""
         if self._fsync:
-            for folder in {arrival.path.parent for arrival in group}:
-                fsync_path(folder)
+            self._sync(group)
+            group = [arrival for arrival in group if arrival.error is None]
         try:
             self._record(group)
         except SQLAlchemyError:
@@ -222,6 +247,18 @@ class InstanceStore:
                     self._record([arrival])
                 except SQLAlchemyError as row_exc:
                     arrival.error = row_exc
+
+    def _sync(self, group: list[_Arrival]) -> None:
+        """fsync the group's files and their folders, all at once: a filesystem commits its journal and
+        flushes the disk once for fsyncs that overlap, where one after another each costs a flush. Returns
+        when all have returned; a file that cannot be synced fails its own instance, a folder all of them."""
+        files = [self._syncer.submit(os.fsync, arrival.fd) for arrival in group]
+        folders = [self._syncer.submit(fsync_path, folder) for folder in {arrival.path.parent for arrival in group}]
+        for arrival, done in zip(group, files, strict=True):
+            if (error := done.exception()) is not None:
+                arrival.error = error
+        for done in folders:
+            done.result()
 
     def _held(self, sop_instance_uid: str) -> Row | None:
         """The row of the instance held under this UID, with its study and series UIDs, or None."""
@@ -320,6 +357,8 @@ class InstanceStore:
 
     def _record(self, group: list[_Arrival]) -> None:
         """The rows of `group`, in one transaction; each arrival is marked committed after it."""
+        if not group:
+            return
         now = utcnow()
         series_ids: dict[str, int] = {}
         with self._db_lock:

@@ -117,6 +117,7 @@ class Worker:
         never writes over the files of the worker that took the job over, and removes its own."""
         inputs = jobs.job_inputs(self._engine, job_id, held_by=self._identity.name)
         folder = self._config.jobs_dir / str(job_id) / f"attempt-{inputs.attempt}"
+        shutil.rmtree(folder, ignore_errors=True)  # a run of this number whose series grew before it was sent
         try:
             self._attempt(inputs, folder)
         except (jobs.LeaseLost, *DATABASE_AWAY):

@@ -456,7 +456,8 @@ def test_reused_uid_answers_duplicate_and_shows_in_studies(node, tmp_path, monke
     first, claimed = listing
     series, claimed_series = first["series"][0], claimed["series"][0]
     kept_keys = {"series_instance_uid", "modality", "series_number", "description", "instances"}
-    assert set(series) == kept_keys | {"first_received_at", "last_received_at", "conflicts", "removed_at"}
+    listed_keys = {"first_received_at", "last_received_at", "conflicts", "removed_at", "route", "route_reason"}
+    assert set(series) == kept_keys | listed_keys
     assert series["instances"] == 2 and [c["kept_at"] for c in series["conflicts"]] == [str(kept / "2.dcm")]
     assert claimed["study_instance_uid"] == other_study.StudyInstanceUID
     assert claimed_series["instances"] == 0 and claimed_series["first_received_at"] is None

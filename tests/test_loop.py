@@ -172,15 +172,15 @@ def test_pushed_series_comes_back_as_rtstruct(loop_node, tps, tmp_path):
 
 
 def test_series_over_three_associations_makes_one_job_and_sends_one_structure_set_of_all_its_slices(loop_node, tps, tmp_path):
-    """Each third looks complete when its association is released, so a job starts at once (no grace): a start
-    on fewer slices is never sent; the one job runs again with all of them."""
-    node = loop_node(release_grace_seconds=0.0).start()
+    """Each third looks complete when its association is released, so a job starts at once; what it makes of fewer
+    slices is never sent (it waits for the series to be quiet for the grace); the one job runs again with all."""
+    node = loop_node(release_grace_seconds=2.0).start()
     tps.start()
     files = phantom_series(tmp_path / "ct", seed=40002)
     thirds = np.array_split(np.array(files, dtype=object), 3)
     for part in thirds:
         push(node, list(part))
-        time.sleep(1.0)  # shorter than the quiet time (3 s)
+        time.sleep(1.0)  # shorter than the quiet time (3 s) and the grace (2 s)
     wait_for(node, settled, what="the job to finish")
     current = jobs(node)
     assert len(current) == 1 and current[0]["instances"] == len(files) and current[0]["status"] == "done"

@@ -146,7 +146,7 @@ def test_label_map_is_the_one_nnunet_predicts(unmirrored_model, series, unmirror
     prediction = unmirrored_model.predict(volume)
 
     assert prediction.labels.shape == volume.shape
-    assert set(prediction.timings) == {"preprocess", "predict", "postprocess"}
+    assert set(prediction.timings) == {"preprocess", "predict", "postprocess", "confidence"}
     assert_same_labels(prediction.labels, on_volume_grid(unmirrored_reference[case], volume), unmirrored_model.labels)
 
 

@@ -149,13 +149,22 @@ def arrived_after_inputs() -> ColumnElement[bool]:
     )
 
 
-def due_deliveries(engine: Engine) -> list[int]:
+def due_deliveries(engine: Engine, quiet_seconds: float = 0.0) -> list[int]:
+    """Pending deliveries whose time has come, of jobs whose series has received nothing for `quiet_seconds`
+    (completion.release_grace_seconds: a job started as soon as a series looked complete is sent only once
+    no further slice of it came within that time) and nothing since the job took its inputs."""
+    now = utcnow()
+    still_arriving = exists().where(
+        Instance.series_id == Job.series_id, Instance.last_received_at > now - timedelta(seconds=quiet_seconds),
+        Instance.removed_at.is_(None),
+    )
     with Session(engine) as session:
         return list(
             session.scalars(
                 select(Delivery.id)
                 .join(Job, Job.id == Delivery.job_id)
-                .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= utcnow(), ~arrived_after_inputs())
+                .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now, ~arrived_after_inputs(),
+                       ~still_arriving)
                 .order_by(Delivery.id)
             ).all()
         )

@@ -63,6 +63,12 @@ def submit_series(engine: Engine, series_instance_uid: str, eligibility_of: Elig
                 add_event(session, latest, EventKind.INPUTS_UPDATED, f"{len(uids)} instances {when}")
             latest.inputs_at = utcnow()  # the series is quiet: the job may start (again)
             return latest
+        if latest is not None and latest.status == JobStatus.SENDING and _unsent_cancelled(session, latest):
+            latest.input_uids, latest.input_fingerprint, latest.inputs_at = uids, fingerprint(uids), utcnow()
+            latest.status, latest.starts = JobStatus.QUEUED, max(latest.starts - 1, 0)
+            detail = f"{len(uids)} instances before its structure set was sent: nothing sent; it runs again with them"
+            add_event(session, latest, EventKind.INPUTS_UPDATED, detail)
+            return latest
         if latest is not None and newest_arrival <= latest.inputs_at:
             return None
         if latest is not None and latest.input_fingerprint == fingerprint(uids):
@@ -90,6 +96,27 @@ def submit_series(engine: Engine, series_instance_uid: str, eligibility_of: Elig
         else:
             add_event(session, job, EventKind.REJECTED, verdict.reason)
         return job
+
+
+def _unsent_cancelled(session: Session, job: Job) -> bool:
+    """A contoured job none of whose deliveries was ever attempted (they waited for its series to be quiet): they
+    are cancelled, and True. False, with nothing changed, once any went out or is on the wire."""
+    attempted = session.scalar(
+        select(func.count(Delivery.id)).where(
+            Delivery.job_id == job.id,
+            Delivery.status.in_([DeliveryStatus.DONE, DeliveryStatus.FAILED]) | (Delivery.attempts > 0)
+            | Delivery.attempt_started_at.is_not(None),
+        )
+    )
+    if attempted:
+        return False
+    session.execute(
+        update(Delivery)
+        .where(Delivery.job_id == job.id, Delivery.status == DeliveryStatus.PENDING, Delivery.attempt_started_at.is_(None))
+        .values(status=DeliveryStatus.SUPERSEDED)
+        .execution_options(synchronize_session=False)
+    )
+    return True
 
 
 def _route(series: Series, job: Job, verdict: Eligibility) -> None:
