@@ -8,10 +8,10 @@ another receiving process stored). When the quiet time is over, the series gets 
 of RT Structure Sets sent back (a reviewed auto-contour, say), a pending review per structure
 set for the worker to match and measure: nothing is read here but the database. When an
 association is released and the series it carried is geometrically complete
-(contiguous, evenly spaced, enough slices), the timer is cut to
-`completion.release_grace_seconds`: a sender that continues the series on another
-association within that grace pushes back the full quiet time, so one series still makes
-one job.
+(contiguous, evenly spaced, enough slices), its job is queued at once rather than after the quiet
+time: slices that still come (on another association, or to another receiving process) join that job,
+no worker takes it while they arrive, and its structure set is sent only once the series has been
+quiet for `completion.release_grace_seconds`, so one series still makes one job and one send.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from node.completion import CompletionTracker
 from node.config import parse_config
 from node.db.models import Job
 from node.harness import NodeProcess
+from node.lifecycle.jobs import claim_next
+from node.lifecycle.workers import WorkerIdentity
 from node.store import CallingPeer, InstanceStore
 from node.synth.ct_series import write_cylinder_ct
 from tests.conftest import new_postgres_database, wait_until
@@ -73,8 +75,8 @@ def test_several_receiving_processes_need_postgresql(node_factory):
 
 def test_a_process_times_the_slices_other_processes_store(engine, database_url, tmp_path):
     """Two receiving processes' completion trackers on one database: the first saw half a series and
-    its association end; while the second still stores the rest, the first's timer must not start a
-    job. Before it does, it looks for slices stored since it was set, wherever they came from."""
+    its association end, so it queues a job at once; while the second still stores the rest, no worker
+    may take that job. When the series is quiet, the one job holds every slice, wherever they came from."""
     config = parse_config(
         f'[node]\ndata_dir = "{tmp_path / "data"}"\ndatabase_url = "{database_url}"\n'
         "[completion]\nquiet_seconds = 1.5\nmin_slices = 10\nrelease_grace_seconds = 0.5\n"
@@ -82,6 +84,7 @@ def test_a_process_times_the_slices_other_processes_store(engine, database_url, 
     store = InstanceStore(engine, tmp_path / "incoming", fsync=False)
     files = write_cylinder_ct(tmp_path / "ct", slices=30, rows=16, columns=16)
     uid = dcmread(files[0]).SeriesInstanceUID
+    worker = WorkerIdentity("host", 1, "cpu")
     first, second = CompletionTracker(config, engine), CompletionTracker(config, engine)
     first.start([])
     second.start([])
@@ -89,14 +92,15 @@ def test_a_process_times_the_slices_other_processes_store(engine, database_url, 
         for path in files[:15]:
             store.save(encoded(path), ExplicitVRLittleEndian, SENDER)
             first.instance_stored(1, uid)
-        first.association_released(1)  # 15 contiguous slices look complete: its timer is cut to 0.5 s
+        first.association_released(1)  # 15 contiguous slices look complete: a job is queued at once
+        wait_until(lambda: job_count(engine) == 1, timeout=10)
         for path in files[15:]:
-            time.sleep(0.1)
-            assert job_count(engine) == 0, "a job started while the series still arrived"
             store.save(encoded(path), ExplicitVRLittleEndian, SENDER)
             second.instance_stored(2, uid)
+            assert claim_next(engine, worker, 60) is None, "a worker took the job while its series still arrived"
+            time.sleep(0.1)
         second.association_released(2)
-        wait_until(lambda: job_count(engine) == 1, timeout=10)
+        wait_until(lambda: claim_next(engine, worker, 60) is not None, timeout=10)
         time.sleep(2.0)  # both timers have fired by now
         with Session(engine) as session:
             (job,) = session.scalars(select(Job)).all()
