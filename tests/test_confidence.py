@@ -16,7 +16,7 @@ from node.db.engine import open_database
 from node.db.models import Job
 from node.imaging.metrics import dice
 from node.imaging.volume import load_series_dir, load_volume
-from node.lifecycle.jobs import Eligibility, claim_next, discard, release, submit_series
+from node.lifecycle.jobs import discard, release
 from node.lifecycle.workers import WorkerIdentity
 from node.outputs import FoundStructure, OutputPaths, write_structure_set
 from node.pipeline.confidence import StructureConfidence, out_of_distribution
@@ -30,7 +30,7 @@ from node.synth.phantom import make_phantom
 from node.vocabulary import EventKind, JobStatus
 from node.worker import Worker
 from tests.conftest import SHARED_DATA, require_tool, rtnode
-from tests.test_lifecycle import store_files
+from tests.test_lifecycle import claimed_small_job
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +124,8 @@ def held_job(tmp_path):
     )
     config = load_config(config_file)
     engine = open_database(config.node.database_url)
-    files = write_cylinder_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
-    store_files(engine, tmp_path, files)
-    job = submit_series(engine, dcmread(files[0]).SeriesInstanceUID, lambda series, instances: Eligibility(True))
     identity = WorkerIdentity("host", 1, "cpu")
-    assert claim_next(engine, identity, 60) == job.id
+    job = claimed_small_job(engine, tmp_path, identity)
     labels = np.zeros((6, 16, 16), dtype=np.uint8)
     labels[1:4, 4:9, 4:9] = 1
     model = LoadedModel("ctv", "1.0", (Structure(1, "CTV", "CTV", (255, 0, 128)),), RatedPredictor(labels, 0.4), "cpu")

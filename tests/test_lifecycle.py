@@ -114,6 +114,15 @@ def store_files(engine, tmp_path: Path, files: list[Path]) -> None:
         store.save(buffer.getvalue(), ExplicitVRLittleEndian, CallingPeer("SCANNER", "127.0.0.1"))
 
 
+def claimed_small_job(engine, tmp_path: Path, worker: WorkerIdentity) -> Job:
+    """A job on a stored 6-slice CT of 16x16 pixels, queued and claimed by `worker`."""
+    files = write_cylinder_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
+    store_files(engine, tmp_path, files)
+    job = submit_series(engine, dcmread(files[0]).SeriesInstanceUID, lambda series, instances: Eligibility(True))
+    assert claim_next(engine, worker, 60) == job.id
+    return job
+
+
 def running_job(engine, uid: str) -> int:
     job = submit_series(engine, uid, lambda series, instances: Eligibility(True))
     assert job is not None and job.status == JobStatus.QUEUED

@@ -21,17 +21,15 @@ from node.config import BUNDLED_WEIGHTS, EXAMPLE_CONFIG, ConfigError, parse_conf
 from node.db.engine import open_database
 from node.db.models import Job
 from node.harness import free_port
-from node.lifecycle.jobs import Eligibility, claim_next, submit_series
 from node.lifecycle.workers import WorkerIdentity
 from node.pipeline.loading import LoadedModel, load_models
 from node.pipeline.model_files import ModelFileError, model_digest
 from node.pipeline.registry import refuse_unverified_models
 from node.pipeline.structures import LabelMap, Structure
-from node.synth.ct_series import write_cylinder_ct
 from node.vocabulary import EventKind, JobStatus
 from node.worker import Worker
 from tests.conftest import require_tool, rtnode
-from tests.test_lifecycle import store_files
+from tests.test_lifecycle import claimed_small_job
 from tests.test_loop import QUIET, Receiver, phantom_series, push, settled, wait_for
 
 BUNDLED_SHA256 = model_digest(BUNDLED_WEIGHTS)
@@ -277,11 +275,8 @@ def small_job(tmp_path):
     """A queued job on a small stored CT, claimed by a worker; the engine and a configuration for it."""
     config = parse_config(f'[node]\ndata_dir = "{tmp_path / "data"}"\n')
     engine = open_database(config.node.database_url)
-    files = write_cylinder_ct(tmp_path / "ct", slices=6, rows=16, columns=16)
-    store_files(engine, tmp_path, files)
-    job = submit_series(engine, dcmread(files[0]).SeriesInstanceUID, lambda series, instances: Eligibility(True))
     identity = WorkerIdentity("host", 1, "cpu")
-    assert claim_next(engine, identity, 60) == job.id
+    job = claimed_small_job(engine, tmp_path, identity)
     yield config, engine, identity, job.id
     engine.dispose()
 
