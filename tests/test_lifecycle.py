@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -318,6 +318,85 @@ def test_a_new_version_supersedes_only_a_version_that_was_delivered(engine, seri
     assert delivered == 2
     description = auto_contour_series(3, [model], delivered).series_description
     assert description == "UNAPPROVED auto-contour v3, supersedes v2 (ctv-unet3d 0.1.0)"
+
+
+def store_one_more_slice(engine, tmp_path: Path, files: list[Path]) -> None:
+    """A new instance of the series, one slice past its last: the series grew."""
+    ds = dcmread(files[-1])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.InstanceNumber = len(files) + 1
+    ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + float(ds.SliceThickness)]
+    buffer = BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    InstanceStore(engine, tmp_path / "incoming", fsync=False).save(
+        buffer.getvalue(), ExplicitVRLittleEndian, CallingPeer("SCANNER", "127.0.0.1")
+    )
+
+
+def reject_every_series(series, instances) -> Eligibility:
+    return Eligibility(False, "a route that takes nothing")
+
+
+@pytest.mark.parametrize("rule", [any_series, reject_every_series], ids=["queued", "rejected"])
+def test_a_series_that_grew_after_part_of_its_structure_set_went_out_sends_no_more_of_it(engine, series, tmp_path, rule):
+    """Its first version reached one planning system; before it reached the other, a slice more came. The rest
+    of what the first version made is withdrawn, whether the grown series gets a job or is rejected, and it is
+    never sent again by hand."""
+    uid, files = series
+    first = running_job(engine, uid)
+    contoured(engine, tmp_path, first, destinations=(TPS, OTHER))
+    to_tps, _ = due_deliveries(engine)
+    record_attempt(engine, to_tps, classify_store_status(0x0000, "tps"), 0.1, POLICY)
+    store_one_more_slice(engine, tmp_path, files)
+    assert due_deliveries(engine) == []  # held while the series is arriving again
+    second = submit_series(engine, uid, rule)
+    assert second.version == 2 and len(second.input_uids) == len(files) + 1
+
+    old = job_row(engine, first)
+    statuses = [(d.destination, d.status) for d in old.deliveries]
+    assert statuses == [("tps", DeliveryStatus.DONE), ("pacs", DeliveryStatus.SUPERSEDED)]
+    assert (old.status, old.error) == (JobStatus.DONE, "") and events(old)[-1] == (EventKind.DONE, "delivered to tps")
+    withdrawn = f"the series grew: not sent to pacs; job {second.id} (v2) takes its {len(files) + 1} instances"
+    assert (EventKind.SUPERSEDED, withdrawn) in events(old)
+    assert due_deliveries(engine) == []
+    with pytest.raises(UserError, match=f"job {first} was made from {len(files)} instances of a series that has changed since"):
+        resend(engine, first, [OTHER], lambda path: "2.25.1")
+
+
+def test_a_send_on_the_wire_when_its_series_grew_is_not_retried(engine, series, tmp_path):
+    uid, files = series
+    first = running_job(engine, uid)
+    contoured(engine, tmp_path, first)
+    (delivery,) = due_deliveries(engine)
+    assert take_delivery(engine, delivery, GONE_WORKER, 60) is not None
+    store_one_more_slice(engine, tmp_path, files)
+    second = submit_series(engine, uid, any_series)
+    assert job_row(engine, first).deliveries[0].status == DeliveryStatus.PENDING  # on the wire: left to its sender
+    record_attempt(engine, delivery, classify_store_status(None, "tps"), 0.5, POLICY)
+
+    old = job_row(engine, first)
+    assert old.deliveries[0].status == DeliveryStatus.SUPERSEDED and old.status == JobStatus.DONE
+    assert events(old)[-3:] == [
+        (EventKind.SEND_FAILED, "no C-STORE response from tps; not retried"),
+        (EventKind.SUPERSEDED, f"the series grew: not sent to tps; job {second.id} (v2) takes its {len(files) + 1} instances"),
+        (EventKind.DONE, "superseded by a newer version before delivery"),
+    ]
+    assert due_deliveries(engine) == []
+
+
+def test_the_same_instances_again_let_a_sending_job_send_without_running_it_again(engine, series, tmp_path):
+    uid, files = series
+    first = running_job(engine, uid)
+    contoured(engine, tmp_path, first)
+    (delivery,) = due_deliveries(engine)
+    store_files(engine, tmp_path, files[:1])  # one slice the scanner sent again
+    assert due_deliveries(engine) == []
+    assert submit_series(engine, uid, any_series) is None
+    job = job_row(engine, first)
+    assert (job.status, job.starts, job.version) == (JobStatus.SENDING, 1, 1)
+    repeat = f"the same {len(files)} instances again: no new version (rtnode rerun makes one)"
+    assert events(job)[-1] == (EventKind.REPEAT, repeat)
+    assert due_deliveries(engine) == [delivery]
 
 
 def test_resend_needs_an_rtstruct(engine, series, tmp_path):

@@ -108,13 +108,44 @@ def resend(
 def queue_outputs(
     session: Session, job: Job, destinations: Sequence[Destination], sop_instance_uid_of: Callable[[str], str]
 ) -> int:
-    """A new delivery of each deliverable output the job made to each destination; how many."""
+    """A new delivery of each deliverable output the job made to each destination; how many. Refused for a job
+    whose series grew into a newer version: its structure set is of fewer instances than the series holds."""
+    newer = outgrown_by(session, job)
+    if newer is not None:
+        raise UserError(
+            f"job {job.id} was made from {len(job.input_uids)} instances of a series that has changed since: job"
+            f" {newer.id} (v{newer.version}, {newer.status}) took its {len(newer.input_uids)}; this one is not sent again"
+        )
     kinds = [kind for kind in DELIVERABLE if kind in job.outputs]
     for destination in destinations:
         for kind in kinds:
             path = job.outputs[kind]
             session.add(new_delivery(job, destination, kind, path, sop_instance_uid_of(path)))
     return len(kinds) * len(destinations)
+
+
+def outgrown_by(session: Session, job: Job) -> Job | None:
+    """The newest later version of the job's series made from other instances (the series grew or changed after
+    the job took its inputs), or None. What such a job made is never sent again."""
+    return session.scalars(
+        select(Job)
+        .where(Job.series_id == job.series_id, Job.version > job.version, Job.input_fingerprint != job.input_fingerprint)
+        .order_by(Job.version.desc())
+        .limit(1)
+    ).first()
+
+
+def withdraw_unsent(session: Session, job: Job, newer: Job) -> None:
+    """The series grew after `job` took its inputs and `newer` took the series: the job's deliveries not yet sent
+    (and not on the wire) are withdrawn, so no planning system gets a structure set of the shorter series."""
+    withdrawn = [d for d in job.deliveries if d.status == DeliveryStatus.PENDING and d.attempt_started_at is None]
+    for delivery in withdrawn:
+        delivery.status = DeliveryStatus.SUPERSEDED
+    if withdrawn:
+        to = ", ".join(sorted({d.destination for d in withdrawn}))
+        taken = f"job {newer.id} (v{newer.version}) takes its {len(newer.input_uids)} instances"
+        add_event(session, job, EventKind.SUPERSEDED, f"the series grew: not sent to {to}; {taken}")
+    settle_sending_job(session, job)
 
 
 @dataclass(frozen=True)
@@ -203,7 +234,11 @@ def record_attempt(engine: Engine, delivery_id: int, outcome: SendOutcome, secon
         else:
             delivery.last_error = outcome.detail
             retry_at = policy.next_attempt(delivery.attempts, delivery.created_at, now) if outcome.retry else None
-            if retry_at is not None:
+            newer = outgrown_by(session, job) if retry_at is not None else None
+            if newer is not None:
+                add_event(session, job, EventKind.SEND_FAILED, f"{outcome.detail}; not retried")
+                withdraw_unsent(session, job, newer)
+            elif retry_at is not None:
                 delivery.next_attempt_at = retry_at
                 wait = (retry_at - now).total_seconds()
                 add_event(session, job, EventKind.SEND_FAILED, f"{outcome.detail}; retry {delivery.attempts + 1} in {wait:.0f} s")

@@ -22,6 +22,7 @@ from node.lifecycle.deliveries import (
     new_delivery,
     queue_outputs,
     settle_sending_job,
+    withdraw_unsent,
 )
 from node.lifecycle.events import add_event, finish_job
 from node.lifecycle.reviews import submit_reviews
@@ -63,19 +64,19 @@ def submit_series(engine: Engine, series_instance_uid: str, eligibility_of: Elig
                 add_event(session, latest, EventKind.INPUTS_UPDATED, f"{len(uids)} instances {when}")
             latest.inputs_at = utcnow()  # the series is quiet: the job may start (again)
             return latest
+        if latest is not None and newest_arrival <= latest.inputs_at:
+            return None
+        if latest is not None and latest.input_fingerprint == fingerprint(uids):
+            latest.inputs_at = utcnow()  # what it made is of these very instances: its held sends may go
+            repeat = f"the same {len(uids)} instances again: no new version (rtnode rerun makes one)"
+            add_event(session, latest, EventKind.REPEAT, repeat)
+            return None
         if latest is not None and latest.status == JobStatus.SENDING and _unsent_cancelled(session, latest):
             latest.input_uids, latest.input_fingerprint, latest.inputs_at = uids, fingerprint(uids), utcnow()
             latest.status, latest.starts = JobStatus.QUEUED, max(latest.starts - 1, 0)
             detail = f"{len(uids)} instances before its structure set was sent: nothing sent; it runs again with them"
             add_event(session, latest, EventKind.INPUTS_UPDATED, detail)
             return latest
-        if latest is not None and newest_arrival <= latest.inputs_at:
-            return None
-        if latest is not None and latest.input_fingerprint == fingerprint(uids):
-            latest.inputs_at = utcnow()
-            repeat = f"the same {len(uids)} instances again: no new version (rtnode rerun makes one)"
-            add_event(session, latest, EventKind.REPEAT, repeat)
-            return None
         verdict = eligibility_of(series, instances)
         job = Job(
             series=series,
@@ -91,6 +92,8 @@ def submit_series(engine: Engine, series_instance_uid: str, eligibility_of: Elig
         _route(series, job, verdict)
         session.add(job)
         session.flush()
+        if latest is not None and latest.status == JobStatus.SENDING:
+            withdraw_unsent(session, latest, job)
         if verdict.eligible:
             add_event(session, job, EventKind.QUEUED, f"{len(uids)} instances of series {series_instance_uid}{_routed(job)}")
         else:
