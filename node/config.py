@@ -47,7 +47,7 @@ class _Section(BaseModel):
 
 class NodeSection(_Section):
     ae_title: AETitle = "RTNODE"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback unless the admin names an address scanners elsewhere reach
     port: Port = 11112
     data_dir: Path = Path("data")
     # Default: sqlite:///<data_dir>/rtnode.sqlite3, beside the data it describes.
@@ -79,6 +79,15 @@ class NodeSection(_Section):
     # stores several senders' instances on several cores (pynetdicom runs an association's Python in
     # one process). Limits such as max_associations hold per process. Above 1 only with PostgreSQL.
     receivers: Annotated[int, Field(ge=1)] = 1
+
+    def warning(self) -> str | None:
+        """The warning for plain DICOM beyond this machine (the admin set node.host so), logged at every start."""
+        if is_loopback(self.host):
+            return None
+        return (
+            f"the SCP takes plain DICOM on {self.host}:{self.port} (node.host): images cross the network unencrypted;"
+            " [tls] adds an encrypted port"
+        )
 
 
 class AllowedCaller(_Section):

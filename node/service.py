@@ -198,6 +198,8 @@ def serve(config: Config, config_path: Path) -> int:
         raise UserError(refusal)  # before anything listens
     refuse_unverified_models(config)
     _refuse_ports_in_use(config, config_path)
+    if (warning := config.node.warning()) is not None:
+        log.warning("%s", warning)
     if not config.destinations:
         log.warning("no [[destinations]] in %s: jobs are contoured and end done, but nothing is sent", config_path)
     if config.node.receivers > 1 and not config.node.database_url.startswith("postgresql"):

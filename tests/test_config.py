@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from node.cli import main
 from node.config import BUNDLED_WEIGHTS, EXAMPLE_CONFIG, ConfigError, load_config, parse_config
+from node.harness import free_port
 from tests.conftest import REPO
 
 
@@ -14,6 +19,7 @@ def test_shipped_config_is_valid_and_has_the_documented_keys(monkeypatch):
     config = load_config()
     assert config.node.ae_title == "RTNODE"
     assert config.node.port == 11112
+    assert config.node.host == "127.0.0.1" and config.node.warning() is None  # nothing beyond loopback unless asked
     assert config.node.data_dir == REPO / "data"
     assert config.node.database_url == f"sqlite:///{REPO / 'data' / 'rtnode.sqlite3'}"  # beside the data, not in the source tree
     assert config.model.weights == BUNDLED_WEIGHTS and BUNDLED_WEIGHTS.is_file()
@@ -88,3 +94,31 @@ def test_allow_list_matches_title_and_ipv4_mapped_address():
     assert config.security.admits("CT1", "::ffff:10.0.0.5")
     assert not config.security.admits("CT2", "10.0.0.5")
     assert config.security.admits("PACS", "198.51.100.1")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7"])
+def test_plain_dicom_beyond_loopback_is_warned_about_at_every_start(tmp_path, host):
+    assert parse_config('[node]\nhost = "::1"\n').node.warning() is None
+    port = free_port()
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(
+        f'[node]\nhost = "{host}"\nport = {port}\ndata_dir = "{tmp_path / "data"}"\nlocal_worker = false\n'
+        "[web]\nenabled = false\n"
+    )
+    warning = f"the SCP takes plain DICOM on {host}:{port} (node.host): images cross the network unencrypted"
+    assert parse_config(config_path.read_text()).node.warning().startswith(warning)
+    if host == "192.0.2.7":
+        return  # not this machine's address: the listener could not open
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "node", "--config", str(config_path), "serve"], stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        lines = []
+        for line in serve.stderr:
+            lines.append(line)
+            if warning in line or "listening" in line.lower() or len(lines) > 50:
+                break
+        assert any(warning in line and " WARNING " in line for line in lines), lines
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.communicate(timeout=60)
